@@ -1,0 +1,222 @@
+"""One typed settings object for every deepclick component.
+
+Loaded once at the edge (CLI, API start-up, DAG task) and passed down; no other module reads the
+environment. Sources, strongest first: explicit keyword arguments, ``DEEPCLICK_*`` environment
+variables (nested keys joined by ``__``, e.g. ``DEEPCLICK_SPARK__MASTER``), the YAML file, defaults.
+The defaults work on a fresh machine: all state lives under ``root`` (``./var``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_ENV_VAR = "DEEPCLICK_CONFIG"
+
+
+class _Section(BaseModel):
+    """A settings section: unknown keys are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SparkSettings(_Section):
+    master: str = "local[*]"
+    app_name: str = "deepclick"
+    driver_memory: str = "4g"
+    shuffle_partitions: int = Field(8, ge=1)
+    log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = "WARN"
+    extra_conf: dict[str, str] = Field(default_factory=dict)
+
+
+class SimulateSettings(_Section):
+    """Size and shape of the generated ad marketplace (see pipelines/simulate)."""
+
+    seed: int = 7
+    start_date: str = "2024-01-01"
+    days: int = Field(4, ge=1)
+    impressions_per_day: int = Field(50_000, ge=100)
+    num_users: int = Field(20_000, ge=10)
+    num_placements: int = Field(200, ge=4)
+    num_advertisers: int = Field(300, ge=2)
+    num_ads: int = Field(5_000, ge=10)
+    new_ads_per_day: float = Field(0.03, ge=0, le=1)
+    new_placements_per_day: float = Field(0.03, ge=0, le=1)
+    latent_dim: int = Field(8, ge=2)
+    target_ctr: float = Field(0.03, gt=0, lt=0.5)
+
+
+class FeatureSettings(_Section):
+    min_count: int = Field(2, ge=1, description="vocabulary entries seen fewer times map to OOV")
+    oov_buckets: int = Field(1, ge=1)
+    ctr_prior_strength: float = Field(
+        20.0, gt=0, description="pseudo-impressions of the global CTR added when smoothing"
+    )
+    train_days: int = Field(30, ge=1, description="days before the target day used for training")
+    min_train_days: int = Field(1, ge=1)
+
+
+class TwoTowerSettings(_Section):
+    embedding_dim: int = Field(32, ge=2)
+    hidden_units: list[int] = Field(default_factory=lambda: [64])
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(512, ge=8)
+    learning_rate: float = Field(0.01, gt=0)
+    temperature: float = Field(0.1, gt=0)
+    seed: int = 7
+
+
+class RankerSettings(_Section):
+    architecture: Literal["dcn_v2", "deepfm"] = "dcn_v2"
+    embedding_dim: int = Field(8, ge=2)
+    cross_layers: int = Field(2, ge=0)
+    hidden_units: list[int] = Field(default_factory=lambda: [64, 32])
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(1024, ge=8)
+    learning_rate: float = Field(0.003, gt=0)
+    negative_sampling_rate: float = Field(
+        1.0, gt=0, le=1, description="fraction of negatives kept; corrected after training"
+    )
+    calibration: Literal["platt", "isotonic", "none"] = "platt"
+    seed: int = 7
+
+
+class IndexSettings(_Section):
+    metric: Literal["dot", "angular"] = "dot"
+    n_trees: int = Field(50, ge=1)
+    search_k: int = Field(-1, description="ANNOY search_k; -1 lets ANNOY choose n_trees * k")
+    recall_k: int = Field(100, ge=1)
+    recall_queries: int = Field(200, ge=1)
+    recall_floor: float = Field(0.9, ge=0, le=1, description="builds below this are not published")
+    popular_quota: float = Field(0.1, ge=0, le=1, description="share of candidates from popular ads")
+    seed: int = 7
+
+
+class PredictorSettings(_Section):
+    backend: Literal["in_process", "grpc", "rest"] = "in_process"
+    target: str = Field("localhost:8500", description="host:port (gRPC) or base URL (REST)")
+    model_name: str = "ranker"
+    signature: Literal["rank", "serving_default"] = "rank"
+    timeout_ms: int = Field(50, ge=1)
+
+
+class ServingSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    workers: int = Field(1, ge=1)
+    default_candidates: int = Field(500, ge=1)
+    max_candidates: int = Field(2000, ge=1)
+    reload_interval_s: float = Field(5.0, gt=0)
+
+
+class MlflowSettings(_Section):
+    tracking_uri: str | None = Field(None, description="default: SQLite store under root")
+    experiment: str = "deepclick"
+
+
+class Settings(BaseSettings):
+    """Everything a deepclick process may be configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DEEPCLICK_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    root: Path = Path("var")
+    spark: SparkSettings = Field(default_factory=SparkSettings)
+    simulate: SimulateSettings = Field(default_factory=SimulateSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    two_tower: TwoTowerSettings = Field(default_factory=TwoTowerSettings)
+    ranker: RankerSettings = Field(default_factory=RankerSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    predictor: PredictorSettings = Field(default_factory=PredictorSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+
+    @model_validator(mode="after")
+    def _absolute_root(self) -> Settings:
+        self.root = self.root.expanduser().resolve()
+        return self
+
+    # Derived locations: one root, fixed sub-folders, so nothing else invents paths.
+    @property
+    def raw_dir(self) -> Path:
+        return self.root / "raw"
+
+    @property
+    def warehouse(self) -> Path:
+        return self.root / "warehouse"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def model_repository(self) -> Path:
+        return self.root / "model_repository"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return f"sqlite:///{self.root / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifact_location(self) -> str:
+        return (self.root / "mlflow" / "artifacts").as_uri()
+
+    _yaml_file: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._yaml_file))
+        return tuple(sources)
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names every offending key."""
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the settings from a YAML file (optional), the environment and explicit overrides.
+
+    ``config`` defaults to the file named by ``DEEPCLICK_CONFIG``. A missing file or an invalid
+    value raises :class:`SettingsError` naming the key, so a bad deployment fails at start-up.
+    """
+    path = config if config is not None else os.environ.get(CONFIG_ENV_VAR)
+    yaml_file = Path(path) if path else None
+    if yaml_file is not None and not yaml_file.is_file():
+        raise SettingsError(f"settings file {yaml_file} does not exist")
+    Settings._yaml_file = yaml_file
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        source = f" (from {yaml_file})" if yaml_file else ""
+        raise SettingsError(f"invalid settings{source}: {problems}") from None
+    finally:
+        Settings._yaml_file = None
