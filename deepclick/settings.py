@@ -9,7 +9,6 @@ The defaults work on a fresh machine: all state lives under ``root`` (``./var``)
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -54,6 +53,18 @@ class SimulateSettings(_Section):
     new_placements_per_day: float = Field(0.03, ge=0, le=1)
     latent_dim: int = Field(8, ge=2)
     target_ctr: float = Field(0.03, gt=0, lt=0.5)
+    ads_retired_per_day: float = Field(
+        0.01, ge=0, le=1, description="daily chance that a live ad stops serving (campaign ends)"
+    )
+    signal_strength: float = Field(
+        1.0, ge=0, description="std of the user×context×ad match logit over random triples"
+    )
+    targeted_share: float = Field(
+        0.6, ge=0, le=1, description="share of impressions the logging ad server targets"
+    )
+    targeting_candidates: int = Field(
+        10, ge=1, description="random live ads the targeting policy scores per impression"
+    )
 
 
 class FeatureSettings(_Section):
@@ -64,6 +75,10 @@ class FeatureSettings(_Section):
     )
     train_days: int = Field(30, ge=1, description="days before the target day used for training")
     min_train_days: int = Field(1, ge=1)
+    popularity_top_n: int = Field(200, ge=1, description="ads kept per popularity list")
+    rows_per_file: int = Field(
+        2_000_000, ge=1000, description="target rows per Parquet file of the features tables"
+    )
 
 
 class TwoTowerSettings(_Section):
@@ -98,7 +113,9 @@ class IndexSettings(_Section):
     recall_k: int = Field(100, ge=1)
     recall_queries: int = Field(200, ge=1)
     recall_floor: float = Field(0.9, ge=0, le=1, description="builds below this are not published")
-    popular_quota: float = Field(0.1, ge=0, le=1, description="share of candidates from popular ads")
+    popular_quota: float = Field(
+        0.1, ge=0, le=1, description="share of candidates from popular ads"
+    )
     seed: int = 7
 
 

@@ -1,0 +1,36 @@
+# The whole set-up is two commands: `make demo` and `make test`. Both create or refresh .venv
+# (idempotent: nothing is reinstalled unless pyproject.toml changed).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint format bench clean java
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
+	@touch $(STAMP)
+
+# Spark needs a Java runtime; install Debian's when the machine has none.
+java:
+	@command -v java >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q default-jre-headless)
+
+demo: $(STAMP) java
+	$(BIN)/deepclick demo
+
+test: $(STAMP) java
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP) java
+	$(BIN)/python -m bench.pipeline
+
+clean:
+	rm -rf var bench/results .pytest_cache .ruff_cache

@@ -1,0 +1,170 @@
+"""The ``deepclick`` command line: one sub-command per stage of DESIGN.md's flow.
+
+Settings are loaded once here (``--config`` / ``DEEPCLICK_CONFIG`` / ``DEEPCLICK_*``) and handed to
+the stage runners; heavy imports (Spark, TensorFlow) happen inside the command that needs them, so
+``deepclick --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from deepclick.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    name="deepclick",
+    help="Ad click prediction: Spark pipelines, two-tower candidates, a TF Serving CTR ranker.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="settings YAML (default: $DEEPCLICK_CONFIG, else defaults)"
+    ),
+]
+DateOption = Annotated[str, typer.Option("--date", "-d", help="day to process, YYYY-MM-DD")]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except SettingsError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _date(value: str, option: str = "--date") -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        console.print(f"[red]error:[/red] {option} {value!r} is not a date (YYYY-MM-DD)")
+        raise typer.Exit(2) from None
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(1)
+
+
+def print_counts(title: str, rows: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    for key, value in rows.items():
+        shown = f"{value:,}" if isinstance(value, int) else str(value)
+        table.add_row(key, shown)
+    console.print(table)
+
+
+@app.command()
+def simulate(
+    config: ConfigOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default: <root>/raw/marketplace)")
+    ] = None,
+    days: Annotated[int | None, typer.Option(help="number of days")] = None,
+    impressions_per_day: Annotated[int | None, typer.Option(help="impressions per day")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+) -> None:
+    """Generate marketplace logs with known ground truth (one folder per day)."""
+    settings = _settings(config)
+    changes = {"days": days, "impressions_per_day": impressions_per_day, "seed": seed}
+    sim = settings.simulate.model_copy(update={k: v for k, v in changes.items() if v is not None})
+    from pipelines.simulate import run_simulate
+
+    summary = run_simulate(sim, out or settings.raw_dir / "marketplace")
+    print_counts("simulate", summary.as_rows())
+
+
+@app.command()
+def ingest(
+    dataset: Annotated[str, typer.Option(help="built-in spec name or path to a spec YAML")],
+    source: Annotated[Path, typer.Option(help="folder (or file) holding the raw logs")],
+    date: DateOption,
+    until: Annotated[str | None, typer.Option(help="last day of a range (inclusive)")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Validate raw logs and publish canonical events, quarantine and side snapshots."""
+    settings = _settings(config)
+    from pipelines.ingest.runner import IngestError, run_ingest
+    from pipelines.specs import SpecError, load_spec
+
+    try:
+        spec = load_spec(dataset)
+        end = _date(until, "--until") if until else None
+        report = run_ingest(settings, spec, source, _date(date), end)
+    except (SpecError, IngestError, FileNotFoundError, ValueError) as exc:
+        raise _fail(exc) from None
+    print_ingest_report(report)
+
+
+def print_ingest_report(report: Any) -> None:
+    print_counts(
+        f"ingest {report.dataset} {report.start}..{report.end}",
+        {
+            "rows in": report.rows_in,
+            "written": report.rows_written,
+            "quarantined": report.rows_quarantined,
+            "duplicates dropped": report.duplicates_dropped,
+            "other dates": sum(report.rows_other_dates.values()),
+        },
+    )
+    if report.rows_other_dates:
+        console.print(f"rows of other dates (not ingested): {report.rows_other_dates}")
+    for reason, count in report.quarantine_reasons.items():
+        console.print(f"  quarantined {count:,}: {reason}")
+
+
+@app.command()
+def features(date: DateOption, config: ConfigOption = None) -> None:
+    """Build vocabularies, entity tables and training/evaluation sets from events before D."""
+    settings = _settings(config)
+    from pipelines.features.runner import run_features
+
+    try:
+        folder = run_features(settings, _date(date))
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    manifest = json.loads((folder / "manifest.json").read_text())
+    print_counts(f"features {date} → {folder}", manifest.get("counts", {}))
+
+
+@app.command()
+def specs(show: Annotated[str | None, typer.Argument(help="spec name or path")] = None) -> None:
+    """List the built-in dataset specs, or validate and show one."""
+    from pipelines.specs import SpecError, builtin_specs, load_spec
+
+    if show is None:
+        for name in builtin_specs():
+            console.print(f"{name}: {load_spec(name).description}")
+        return
+    try:
+        spec = load_spec(show)
+    except SpecError as exc:
+        raise _fail(exc) from None
+    console.print_json(spec.model_dump_json())
+
+
+@app.command()
+def demo(
+    config: ConfigOption = None,
+    days: Annotated[int, typer.Option(help="days to generate")] = 4,
+    impressions_per_day: Annotated[int, typer.Option(help="impressions per day")] = 20_000,
+) -> None:
+    """Run everything that exists end to end on freshly generated data, with a summary."""
+    settings = _settings(config)
+    from pipelines.demo import run_demo
+
+    run_demo(settings, days=days, impressions_per_day=impressions_per_day, console=console)
+
+
+def main() -> None:  # pragma: no cover - console-script entry point
+    app()

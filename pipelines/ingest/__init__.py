@@ -1,0 +1,1 @@
+"""Spark ingest: raw logs → validated canonical events (DESIGN.md, first box)."""
