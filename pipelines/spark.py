@@ -1,8 +1,8 @@
 """The one way deepclick builds a SparkSession.
 
 Local mode (``local[*]``) is the embedded default; any ``--master`` (YARN, Kubernetes, standalone)
-runs the same jobs. Python workers must run this very interpreter, or pandas/Arrow UDFs fail to import
-their modules, so ``PYSPARK_PYTHON`` is pinned to ``sys.executable`` for local masters.
+runs the same jobs. Python workers must run this very interpreter, or pandas/Arrow UDFs fail to
+import their modules, so ``PYSPARK_PYTHON`` is pinned to ``sys.executable`` for local masters.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def test_failed_run_leaves_the_published_partition_untouched(spark, settings, ta
     run_ingest(settings, spec, folder, dt.date(2017, 5, 9), spark=spark)
     before = _manifest(settings, "events", "2017-05-09")
     (folder / "user_profile.csv").unlink()  # the spec names a users table: the run must fail
-    with pytest.raises(SpecError, match="no file matches 'user_profile.csv'"):
+    with pytest.raises(SpecError, match=r"no file matches 'user_profile\.csv'"):
         run_ingest(settings, spec, folder, dt.date(2017, 5, 9), spark=spark)
     assert _manifest(settings, "events", "2017-05-09") == before
     assert len(_events(settings, "2017-05-09")) == planted["good"]
