@@ -71,6 +71,18 @@ class Staging:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder to disk before the rename that makes them visible, so a crash
+    right after publishing cannot leave a published version with unwritten pages."""
+    for path in [*sorted(folder.rglob("*"), reverse=True), folder]:
+        flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+        descriptor = os.open(path, flags)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
 def _swap_into_place(staging: Path, target: Path) -> None:
     """Replace ``target`` with ``staging``. Each rename is atomic; the old folder is renamed aside
     (not deleted) before the new one takes its name, so at no moment is a partial folder visible."""
@@ -127,6 +139,7 @@ def publishing(
             "checksums": checksums(staging.path, manifest_name),
         }
         (staging.path / manifest_name).write_text(json.dumps(manifest, indent=2, default=str))
+        _fsync_tree(staging.path)
         _swap_into_place(staging.path, parent / name)
         if update_current:
             set_current(parent, version)

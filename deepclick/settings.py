@@ -89,6 +89,19 @@ class TwoTowerSettings(_Section):
     learning_rate: float = Field(0.01, gt=0)
     temperature: float = Field(0.1, gt=0)
     seed: int = 7
+    feature_embedding_dim: int = Field(
+        16, ge=1, description="size of each categorical feature's embedding inside a tower"
+    )
+    exclude_features: list[str] = Field(
+        default_factory=list, description="spec features the towers must not read (by name)"
+    )
+    id_dropout: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="share of training rows whose id embedding is zeroed, so towers also place "
+        "entities from their features alone (cold-start ads and users)",
+    )
 
 
 class RankerSettings(_Section):
@@ -104,12 +117,33 @@ class RankerSettings(_Section):
     )
     calibration: Literal["platt", "isotonic", "none"] = "platt"
     seed: int = 7
+    cross_low_rank: int = Field(
+        0, ge=0, description="rank of each DCN-v2 cross matrix (U·Vᵀ); 0 keeps it full rank"
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each deep layer")
+    embedding_l2: float = Field(0.0, ge=0, description="L2 penalty on the embedding tables")
+    calibration_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="share of rows held out for calibration when there is one training day only "
+        "(otherwise the whole last training day is held out)",
+    )
+    baseline: bool = Field(
+        True, description="also train the hashed logistic-regression baseline on the same split"
+    )
+    baseline_hash_bits: int = Field(
+        18, ge=8, le=26, description="the baseline hashes features into 2**bits columns"
+    )
 
 
 class IndexSettings(_Section):
     metric: Literal["dot", "angular"] = "dot"
     n_trees: int = Field(50, ge=1)
     search_k: int = Field(-1, description="ANNOY search_k; -1 lets ANNOY choose n_trees * k")
+    tune_search_k: bool = Field(
+        True, description="double search_k at build time until the recall floor is met"
+    )
     recall_k: int = Field(100, ge=1)
     recall_queries: int = Field(200, ge=1)
     recall_floor: float = Field(0.9, ge=0, le=1, description="builds below this are not published")

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.<name>`` measures one DESIGN.md target and records the numbers."""

@@ -1,0 +1,90 @@
+"""What every benchmark shares: latency percentiles, per-process memory from /proc, a rich table
+on the console and a JSON record in ``bench/results/<name>.json`` for later comparison."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def latency_ms(seconds: Sequence[float]) -> dict[str, float]:
+    """p50 / p99 / mean of per-call durations given in seconds, in milliseconds."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+    }
+
+
+def memory_kb(pid: int, path: Path | None = None) -> dict[str, int]:
+    """The kernel's accounting of a process (kB): totals from ``smaps_rollup``, or, given ``path``,
+    the sum over that file's mappings in ``smaps``. PSS splits each shared page between the
+    processes mapping it, so summing PSS over workers gives their real combined footprint."""
+    source = "smaps" if path is not None else "smaps_rollup"
+    totals: dict[str, int] = {}
+    inside = path is None
+    for line in Path(f"/proc/{pid}/{source}").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if not head.endswith(":"):  # a mapping header: "start-end perms offset dev inode path"
+            inside = path is None or line.rstrip().endswith(str(path))
+        elif inside and line.rstrip().endswith(" kB"):
+            totals[head[:-1]] = totals.get(head[:-1], 0) + int(line.split()[1])
+    return totals
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return "" if value is None else str(value)
+
+
+def print_table(
+    title: str, rows: Sequence[Mapping[str, Any]], console: Console | None = None
+) -> None:
+    """One rich table; columns are the union of the rows' keys in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("method", "name") else "right")
+    for row in rows:
+        table.add_row(*(_cell(row.get(column)) for column in columns))
+    if console is None:  # not a terminal (a log file): wide enough that columns are not cut
+        console = Console() if sys.stdout.isatty() else Console(width=220)
+    console.print(table)
+
+
+def write_json(name: str, payload: Mapping[str, Any]) -> Path:
+    """Write ``bench/results/<name>.json`` with the payload, the time and the machine."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    record = {
+        "benchmark": name,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        **payload,
+    }
+    path.write_text(json.dumps(record, indent=2, default=str))
+    return path

@@ -1,0 +1,130 @@
+"""Benchmark the batch pipeline: simulate → ingest → features at several sizes.
+
+    python -m bench.pipeline --impressions 1000000 10000000
+
+For each size it generates ``--days`` days of marketplace logs (entity counts scale with the size),
+ingests every day with Spark, builds the features of the last day, and reports wall time and rows/s
+per stage. The baseline, measured in the same run, is a plain Spark scan of the same CSV files
+(read + count): ``ingest / scan`` says what validation, canonicalisation and publishing cost on top
+of reading the bytes. Results: a table on the console and ``bench/results/pipeline.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import print_table, write_json
+from deepclick.settings import Settings, SimulateSettings, SparkSettings
+from pipelines.features.runner import run_features
+from pipelines.ingest.runner import run_ingest
+from pipelines.simulate import run_simulate
+from pipelines.spark import get_spark
+from pipelines.specs import load_spec
+
+
+def simulate_settings(impressions: int, days: int, seed: int) -> SimulateSettings:
+    """A marketplace whose entity counts grow with the log (10 impressions per user, 100 per ad)."""
+    return SimulateSettings(
+        seed=seed,
+        days=days,
+        impressions_per_day=impressions // days,
+        num_users=max(1_000, impressions // 10),
+        num_ads=max(500, impressions // 100),
+        num_placements=max(50, impressions // 10_000),
+        num_advertisers=max(20, impressions // 5_000),
+    )
+
+
+def _timed(fn: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def run_size(impressions: int, days: int, root: Path, spark_settings: SparkSettings) -> list[dict]:
+    settings = Settings(root=root, spark=spark_settings)
+    raw = settings.raw_dir / "marketplace"
+    spark = get_spark(settings.spark)
+    summary, t_sim = _timed(lambda: run_simulate(simulate_settings(impressions, days, 7), raw))
+    day_dirs = [raw / d.date for d in summary.days]
+
+    def scan() -> int:
+        files = [str(d / "raw_sample.csv") for d in day_dirs]
+        return spark.read.csv(files, header=True).count()
+
+    scanned, t_scan = _timed(scan)
+    spec = load_spec("marketplace")
+    reports, t_ingest = _timed(
+        lambda: [
+            run_ingest(settings, spec, d, dt.date.fromisoformat(d.name), spark=spark)
+            for d in day_dirs
+        ]
+    )
+    target = dt.date.fromisoformat(summary.days[-1].date)
+    folder, t_features = _timed(lambda: run_features(settings, target, spark=spark))
+    counts = json.loads((folder / "manifest.json").read_text()).get("counts", {})
+    written = sum(r.rows_written for r in reports)
+    rows = [
+        {
+            "impressions": impressions,
+            "stage": "simulate",
+            "seconds": t_sim,
+            "rows_per_s": impressions / t_sim,
+            "vs_scan": t_sim / t_scan,
+        },
+        {
+            "impressions": impressions,
+            "stage": "scan (baseline)",
+            "seconds": t_scan,
+            "rows_per_s": scanned / t_scan,
+            "vs_scan": 1.0,
+        },
+        {
+            "impressions": impressions,
+            "stage": "ingest",
+            "seconds": t_ingest,
+            "rows_per_s": written / t_ingest,
+            "vs_scan": t_ingest / t_scan,
+        },
+        {
+            "impressions": impressions,
+            "stage": "features",
+            "seconds": t_features,
+            "rows_per_s": impressions / t_features,
+            "vs_scan": t_features / t_scan,
+            "ranking_rows": counts.get("training/ranking"),
+        },
+    ]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--impressions", type=int, nargs="+", default=[1_000_000])
+    parser.add_argument("--days", type=int, default=10)
+    parser.add_argument("--root", type=Path, default=Path("var/bench/pipeline"))
+    parser.add_argument("--keep", action="store_true", help="keep the generated data")
+    args = parser.parse_args()
+    spark_settings = SparkSettings(master="local[*]", driver_memory="8g", log_level="ERROR")
+    rows: list[dict] = []
+    for n in args.impressions:
+        root = args.root / str(n)
+        shutil.rmtree(root, ignore_errors=True)
+        rows += run_size(n, args.days, root, spark_settings)
+        print_table("pipeline benchmark", rows)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    path = write_json("pipeline", {"rows": rows, "driver_peak_rss_mb": peak_mb, "days": args.days})
+    print(f"driver peak RSS {peak_mb:,.0f} MB (Spark's JVM not included); wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

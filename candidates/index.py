@@ -1,0 +1,400 @@
+"""The ANNOY index over ad vectors: build, measure, publish, and open for serving.
+
+Candidate selection needs the ads with the largest ``query·ad`` (the two towers score by dot
+product) among up to millions of ads in a few milliseconds. ANNOY answers approximately, so every
+build measures its recall@K against exact search on sampled queries and refuses to publish below a
+floor; the measured value travels in the manifest (contracts §5).
+
+Metric. ANNOY's ``dot`` metric applies the Bachrach et al. MIPS→cosine reduction inside its
+trees; the alternative is ``angular`` over vectors augmented by hand (ads get an extra coordinate
+``sqrt(max_norm² − ‖a‖²)``, queries get 0, so every ad has norm ``max_norm`` and the cosine order
+equals the dot order). ``bench/candidates.py`` compares them on the same vectors (64-dim clustered
+Gaussian mixture with norm variation, 50 trees, 200 user+placement queries), at the smallest
+``search_k`` reaching recall@100 ≥ 0.95:
+
+    ads   dot: search_k  recall  p50     angular: search_k  recall  p50     file dot/angular
+    10k        10 000    0.975   0.69 ms          5 000     0.955   0.32 ms  12 / 10 MB
+    100k        5 000    0.978   0.48 ms         10 000     0.964   1.06 ms  108 / 111 MB
+    1M         40 000    0.981   3.3 ms          40 000     0.978   4.6 ms   970 / 1079 MB
+
+``dot`` wins where it matters (100k and the 1M design target: higher recall, faster, 10% smaller
+file, no augmentation step), so it is the default. ``angular`` degrades more gracefully at low
+effort (1M, search_k 5 000: 0.84 vs 0.45 recall) and wins on tiny catalogues; the metric stays a
+parameter. Whatever the metric, the effort needed grows with the catalogue — see
+``tune_search_k`` in :func:`build_index`.
+
+Serving opens the index with ``AnnoyIndex.load(prefault=False)`` — a read-only shared mmap, one
+copy in the page cache for all worker processes — after checking that the file's size agrees with
+the manifest's dim, metric and node count, that the id map has one id per item, and (by default)
+the checksums: ANNOY trusts the file, and a truncated or foreign file would crash a worker rather
+than fail cleanly.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from annoy import AnnoyIndex
+
+from deepclick.publish import PublishError, Staging, publishing, read_manifest, verify
+
+from .popular import PopularAds, rank_popular, read_popular, write_popular
+from .store import Embeddings, EmbeddingStoreError, ids_file, read_embeddings
+
+Metric = Literal["dot", "angular"]
+METRICS: tuple[Metric, ...] = ("dot", "angular")
+DEFAULT_METRIC: Metric = "dot"
+
+ANN_FILE = "ads.ann"
+IDS_FILE = ids_file("ads")
+POPULAR_FILE = "popular.json"
+
+
+class CandidateIndexError(ValueError):
+    """An index folder breaks the contracts §5 rules; the message names the file and the rule."""
+
+
+def annoy_dim(dim: int, metric: Metric) -> int:
+    """Dimension ANNOY stores: ``angular`` carries the extra MIPS coordinate."""
+    return dim + 1 if metric == "angular" else dim
+
+
+def node_bytes(dim: int, metric: Metric) -> int:
+    """Size of one ANNOY node on disk (annoylib.h, int32 ids, float32 values): a descendant count
+    and two children (12 bytes), ``dot`` adds its stored norm factor (4), then the vector."""
+    header = 16 if metric == "dot" else 12
+    return header + 4 * annoy_dim(dim, metric)
+
+
+def mips_augment(vectors: np.ndarray) -> np.ndarray:
+    """Ads as ``[a, sqrt(max_norm² − ‖a‖²)]``: equal norms, so cosine order = dot order for queries
+    augmented with 0 (Bachrach et al. 2014). Used by the ``angular`` metric."""
+    ads = np.asarray(vectors, dtype=np.float32)
+    sq = np.einsum("ij,ij->i", ads, ads, dtype=np.float64)
+    extra = np.sqrt(np.maximum(sq.max(initial=0.0) - sq, 0.0)).astype(np.float32)
+    return np.hstack([ads, extra[:, None]])
+
+
+def as_query(vector: np.ndarray, metric: Metric) -> np.ndarray:
+    """A query in the index's space: the augmented coordinate of a query is 0."""
+    query = np.asarray(vector, dtype=np.float32)
+    return np.append(query, np.float32(0.0)) if metric == "angular" else query
+
+
+def build_annoy(
+    vectors: np.ndarray, *, metric: Metric, n_trees: int, seed: int, n_jobs: int = 1
+) -> AnnoyIndex:
+    """An in-memory ANNOY forest where item i is row i of ``vectors``.
+
+    With ``n_jobs=1`` a rebuild from the same vectors and seed is byte-identical (stage
+    idempotency); with more threads ANNOY seeds each thread separately, so the neighbours are
+    reproducible but the node order, hence the checksum, is not.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    items = mips_augment(vectors) if metric == "angular" else np.asarray(vectors, np.float32)
+    index = AnnoyIndex(items.shape[1], metric)
+    index.set_seed(seed)
+    for i in range(items.shape[0]):
+        index.add_item(i, items[i])
+    index.build(n_trees, n_jobs=n_jobs)
+    return index
+
+
+def exact_top_k(ads: np.ndarray, queries: np.ndarray, k: int, *, chunk: int = 32) -> np.ndarray:
+    """Rows of the ``k`` largest ``query·ad`` per query (unordered), by brute force in chunks."""
+    k = min(k, ads.shape[0])
+    out = np.empty((queries.shape[0], k), dtype=np.int64)
+    for start in range(0, queries.shape[0], chunk):
+        scores = queries[start : start + chunk] @ np.asarray(ads).T
+        out[start : start + chunk] = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return out
+
+
+def search_effort(search_k: int, n_trees: int, n: int) -> int:
+    """ANNOY's ``search_k`` for a request of ``n``: the configured value, but never below ANNOY's
+    own default ``n_trees * n``, so asking for more candidates than recall was measured at does
+    not search relatively less. ``-1`` keeps ANNOY's default."""
+    return max(search_k, n_trees * n) if search_k > 0 else -1
+
+
+def ann_top_k(
+    index: AnnoyIndex, queries: np.ndarray, k: int, *, metric: Metric, search_k: int = -1
+) -> list[list[int]]:
+    effort = search_effort(search_k, index.get_n_trees(), k)
+    return [index.get_nns_by_vector(as_query(q, metric), k, search_k=effort) for q in queries]
+
+
+def recall_at_k(approx: Sequence[Sequence[int]], exact: np.ndarray) -> float:
+    """Mean share of each query's exact top-k that the approximate answer contains."""
+    hits = [len(set(a) & set(e.tolist())) / len(e) for a, e in zip(approx, exact, strict=True)]
+    return float(np.mean(hits)) if hits else 1.0
+
+
+def sample_queries(embeddings: Embeddings, n: int, seed: int) -> np.ndarray:
+    """Queries formed like real ones: a random user's vector plus a random placement's.
+
+    Without users or placements (a fresh catalogue) it uses ad-like vectors — random ads plus
+    Gaussian noise at half the per-dimension spread — so recall is still measured near the data.
+    """
+    rng = np.random.default_rng(seed)
+    users, placements, ads = embeddings.users, embeddings.placements, embeddings.ads
+    if len(users) and len(placements):
+        u = users.vectors[rng.integers(0, len(users), n)]
+        p = placements.vectors[rng.integers(0, len(placements), n)]
+        return (u + p).astype(np.float32)
+    rows = ads.vectors[rng.integers(0, len(ads), n)]
+    spread = np.asarray(ads.vectors[: min(len(ads), 10_000)]).std(axis=0)
+    return (rows + 0.5 * spread * rng.standard_normal(rows.shape)).astype(np.float32)
+
+
+def build_index(
+    embeddings_folder: Path,
+    index_parent: Path,
+    *,
+    popularity: Iterable[tuple[str, str, float]] = (),
+    metric: Metric = DEFAULT_METRIC,
+    n_trees: int = 50,
+    search_k: int = -1,
+    recall_k: int = 100,
+    recall_queries: int = 200,
+    recall_floor: float = 0.9,
+    popular_size: int = 500,
+    seed: int = 7,
+    n_jobs: int = 1,
+    tune_search_k: bool = False,
+    version: str | None = None,
+    update_current: bool = True,
+) -> Path:
+    """Build the ANNOY index for one embeddings version and publish it (contracts §5).
+
+    ``popularity`` rows are ``(placement_id, ad_id, clicks)`` (contracts §3, ``__all__`` for the
+    overall list). The version defaults to the embeddings version. Recall@``recall_k`` is measured
+    on the saved file with ``search_k``, exactly as serving will query it; below ``recall_floor``
+    nothing is published (PublishError) and the previous CURRENT stays. Returns the folder.
+
+    The search effort a recall needs grows with the catalogue (bench/candidates.py: at 1M ads the
+    default ``n_trees * k`` gives recall@100 ≈ 0.45). With ``tune_search_k`` a build below the
+    floor doubles ``search_k`` until the floor is met (at most up to an exhaustive search) and
+    records the value it settled on, which serving then uses.
+    """
+    embeddings = read_embeddings(embeddings_folder)
+    ads = embeddings.ads
+    if len(ads) == 0:
+        raise EmbeddingStoreError(f"{embeddings_folder}: no ads to index")
+    popular = rank_popular(popularity, top_n=popular_size, keep=lambda a: ads.row(a) is not None)
+    queries = sample_queries(embeddings, recall_queries, seed)
+    k = min(recall_k, len(ads))
+    exact = exact_top_k(ads.vectors, queries, k)
+
+    def refuse_below_floor(staging: Staging) -> None:
+        recall = staging.manifest["ann_recall_at_k"]
+        if recall < recall_floor:
+            raise PublishError(
+                f"index {staging.version}: ANN recall@{k} = {recall:.4f} is below the floor "
+                f"{recall_floor} ({metric}, n_trees={n_trees}, search_k="
+                f"{staging.manifest['search_k']}); not "
+                "published — raise n_trees or search_k"
+            )
+
+    version = version or embeddings.version
+    with publishing(
+        index_parent, version, validate=refuse_below_floor, update_current=update_current
+    ) as staging:
+        started = time.perf_counter()
+        index = build_annoy(ads.vectors, metric=metric, n_trees=n_trees, seed=seed, n_jobs=n_jobs)
+        build_seconds = time.perf_counter() - started
+        index.save(str(staging.path / ANN_FILE))  # re-opens the saved file as a read-only mmap
+        recall = recall_at_k(ann_top_k(index, queries, k, metric=metric, search_k=search_k), exact)
+        exhaustive = n_trees * len(ads)
+        while tune_search_k and recall < recall_floor and search_k < exhaustive:
+            search_k = min(2 * max(search_k, n_trees * k), exhaustive)
+            found = ann_top_k(index, queries, k, metric=metric, search_k=search_k)
+            recall = recall_at_k(found, exact)
+        index.unload()
+        shutil.copyfile(embeddings_folder / IDS_FILE, staging.path / IDS_FILE)
+        write_popular(staging.path / POPULAR_FILE, popular)
+        ann_size = (staging.path / ANN_FILE).stat().st_size
+        staging.manifest.update(
+            {
+                "embedding_version": embeddings.version,
+                "metric": metric,
+                "dim": embeddings.dim,
+                "n_trees": n_trees,
+                "seed": seed,
+                "search_k": search_k,
+                "search_k_tuned": tune_search_k,
+                "recall_k": k,
+                "ann_recall_at_k": round(recall, 6),
+                "inputs": {"embeddings": embeddings.version},
+                "counts": {
+                    "ads": len(ads),
+                    "ann_nodes": ann_size // node_bytes(embeddings.dim, metric),
+                    "popular_global": len(popular.global_ads),
+                    "popular_placements": len(popular.by_placement),
+                },
+                "metrics": {
+                    "ann_recall_at_k": round(recall, 6),
+                    "recall_queries": int(queries.shape[0]),
+                    "build_seconds": round(build_seconds, 3),
+                    "ann_bytes": ann_size,
+                },
+            }
+        )
+    return index_parent / version
+
+
+@dataclass(frozen=True)
+class CandidateIndex:
+    """A published index opened for serving: the mmapped forest, its id map and popular ads.
+
+    Queries only read the mapped file, so one instance serves concurrent threads (ANNOY's
+    ``get_nns_by_vector`` is a const traversal and releases the GIL).
+    """
+
+    folder: Path
+    manifest: dict[str, Any]
+    annoy: AnnoyIndex
+    ad_ids: np.ndarray
+    popular: PopularAds
+
+    @property
+    def metric(self) -> Metric:
+        return self.manifest["metric"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def n_trees(self) -> int:
+        return int(self.manifest["n_trees"])
+
+    @property
+    def embedding_version(self) -> str:
+        return str(self.manifest["embedding_version"])
+
+    def __len__(self) -> int:
+        return int(self.ad_ids.shape[0])
+
+    def search(self, query: np.ndarray, n: int, search_k: int = -1) -> list[int]:
+        """Rows of about the ``n`` best ads for a dot-product query (see :func:`search_effort`)."""
+        effort = search_effort(search_k, self.n_trees, n)
+        return self.annoy.get_nns_by_vector(as_query(query, self.metric), n, search_k=effort)
+
+    def item_vector(self, row: int) -> np.ndarray:
+        """Item ``row``'s stored vector without the MIPS coordinate (for consistency checks)."""
+        return np.asarray(self.annoy.get_item_vector(row)[: self.dim], dtype=np.float32)
+
+    def close(self) -> None:
+        """Unmap the file. Only once no thread can still query this index (a retired release)."""
+        self.annoy.unload()
+
+
+_REQUIRED = ("embedding_version", "metric", "dim", "n_trees", "seed", "ann_recall_at_k", "counts")
+
+
+def _fail(path: Path, rule: str) -> CandidateIndexError:
+    return CandidateIndexError(f"{path}: {rule}")
+
+
+def _check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    where = folder / "manifest.json"
+    missing = [key for key in _REQUIRED if key not in manifest]
+    if missing:
+        raise _fail(where, f"missing {', '.join(missing)} (contracts §5)")
+    if manifest["metric"] not in METRICS:
+        raise _fail(where, f"metric {manifest['metric']!r} is not one of {METRICS}")
+    for key in ("dim", "n_trees"):
+        if not isinstance(manifest[key], int) or manifest[key] < 1:
+            raise _fail(where, f"{key} must be a positive integer, got {manifest[key]!r}")
+    for key in ("ads", "ann_nodes"):
+        if not isinstance(manifest["counts"].get(key), int):
+            raise _fail(where, f"counts.{key} must be an integer")
+
+
+def _check_ann_file(path: Path, manifest: dict[str, Any]) -> None:
+    """Size checks that must pass before ANNOY maps the file: it trusts every byte."""
+    if not path.is_file():
+        raise _fail(path, "missing (contracts §5 lists ads.ann)")
+    dim, metric = manifest["dim"], manifest["metric"]
+    size, node = path.stat().st_size, node_bytes(dim, metric)
+    if size % node:
+        raise _fail(
+            path,
+            f"{size} bytes is not a whole number of {node}-byte nodes (dim {dim}, metric "
+            f"{metric}): the file is truncated or was built with another dimension or metric",
+        )
+    nodes = manifest["counts"]["ann_nodes"]
+    if size // node != nodes:
+        raise _fail(
+            path,
+            f"holds {size // node} {node}-byte nodes (dim {dim}, metric {metric}) but the manifest "
+            f"records {nodes}: the file is truncated, was replaced after publishing, or was built "
+            "with another dimension",
+        )
+
+
+def _read_id_map(path: Path, n_ads: int) -> np.ndarray:
+    if not path.is_file():
+        raise _fail(path, "missing (contracts §5 lists ads_ids.npy)")
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise _fail(path, f"not a readable .npy file ({exc})") from None
+    if ids.ndim != 1 or ids.dtype.kind != "S":
+        raise _fail(path, f"must be 1-D fixed-width bytes (S<n>), got {ids.dtype} {ids.shape}")
+    if ids.shape[0] != n_ads:
+        raise _fail(
+            path,
+            f"has {ids.shape[0]} ids but the index has {n_ads} items: item i must be row i "
+            "of the id map",
+        )
+    return ids
+
+
+def open_index(
+    folder: Path, *, verify_checksums: bool = True, prefault: bool = False
+) -> CandidateIndex:
+    """Open a published index folder for serving, refusing anything inconsistent.
+
+    Checks, cheapest first: manifest fields; ``ads.ann`` size against dim, metric and node count;
+    the id map's length; then (``verify_checksums``) every file's SHA-256 via
+    ``deepclick.publish.verify``, which catches altered bytes that keep the size; finally the loaded
+    forest's item and tree counts. ``prefault=False`` maps lazily; pages are shared by all workers.
+    """
+    manifest = read_manifest(folder)
+    _check_manifest(folder, manifest)
+    ann_path = folder / ANN_FILE
+    _check_ann_file(ann_path, manifest)
+    ids = _read_id_map(folder / IDS_FILE, manifest["counts"]["ads"])
+    if verify_checksums:
+        verify(folder)
+    popular = read_popular(folder / POPULAR_FILE)
+    metric: Metric = manifest["metric"]
+    forest = AnnoyIndex(annoy_dim(manifest["dim"], metric), metric)
+    try:
+        forest.load(str(ann_path), prefault=prefault)
+    except OSError as exc:
+        raise _fail(ann_path, f"ANNOY cannot load it ({exc})") from None
+    if forest.get_n_items() != ids.shape[0]:
+        forest.unload()
+        raise _fail(
+            ann_path,
+            f"holds {forest.get_n_items()} items but {IDS_FILE} has {ids.shape[0]} ids: "
+            "item i must be row i of the id map",
+        )
+    if forest.get_n_trees() != manifest["n_trees"]:
+        forest.unload()
+        raise _fail(
+            ann_path,
+            f"has {forest.get_n_trees()} trees but the manifest says n_trees="
+            f"{manifest['n_trees']}: built with another dimension or corrupted",
+        )
+    return CandidateIndex(folder, manifest, forest, ids, popular)
