@@ -87,13 +87,18 @@ class TwoTowerSettings(_Section):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(512, ge=8)
     learning_rate: float = Field(0.01, gt=0)
-    temperature: float = Field(0.1, gt=0)
+    temperature: float = Field(1.0, gt=0)
     seed: int = 7
     feature_embedding_dim: int = Field(
         16, ge=1, description="size of each categorical feature's embedding inside a tower"
     )
     exclude_features: list[str] = Field(
         default_factory=list, description="spec features the towers must not read (by name)"
+    )
+    history_features: bool = Field(
+        False,
+        description="towers also read the <role>__hist_* features (off: measured worse recall "
+        "and cold start, see models/two_tower/towers.py)",
     )
     id_dropout: float = Field(
         0.2,
@@ -159,6 +164,15 @@ class PredictorSettings(_Section):
     model_name: str = "ranker"
     signature: Literal["rank", "serving_default"] = "rank"
     timeout_ms: int = Field(50, ge=1)
+    tf_threads: int = Field(
+        1,
+        ge=0,
+        description="in_process: TF intra/inter-op threads per worker (0: TF's default, one per "
+        "core; 1 avoids oversubscription when several workers share the cores)",
+    )
+    inprocess_pool: int = Field(
+        4, ge=1, description="in_process: threads running predictions (deadline enforcement)"
+    )
 
 
 class ServingSettings(_Section):
@@ -168,6 +182,16 @@ class ServingSettings(_Section):
     default_candidates: int = Field(500, ge=1)
     max_candidates: int = Field(2000, ge=1)
     reload_interval_s: float = Field(5.0, gt=0)
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
+    max_exclude_ads: int = Field(1000, ge=0, description="longest exclude_ad_ids list accepted")
+    timezone: str = Field(
+        "UTC",
+        description="zone of the request-time features ctx__hour/ctx__dow when the feature spec "
+        "does not name one (it must match the dataset spec's event_time.timezone)",
+    )
+    warmup_timeout_s: float = Field(
+        60.0, gt=0, description="deadline of the warmup prediction that validates a release"
+    )
 
 
 class MlflowSettings(_Section):

@@ -1,0 +1,161 @@
+"""Retrieval metrics: recall@K of clicked ads, ANN recall against exact search, and their plot.
+
+Pure numpy (plus matplotlib's object API on an Agg canvas for the PNG), so the two-tower
+evaluation, the candidate index build and the benchmarks can all measure retrieval the same way.
+
+- :func:`recall_at_k` — for each query, the share of its relevant items (the clicked ad, or a
+  set) found in the first K entries of its ranked candidate list; averaged over queries, for
+  several K at once. A list shorter than K simply has fewer chances.
+- :func:`ann_recall` — recall of an approximate top-k against the exact top-k: the same
+  computation with the exact top-k as the relevant set.
+- :func:`exact_top_k` — brute-force best-first top-k by dot product, the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+QUERY_CHUNK = 1024
+
+
+def _padded(rows: Any, fill: Any) -> np.ndarray:
+    """A 2-D array from a 2-D array or a sequence of (ragged) sequences, short rows padded."""
+    if isinstance(rows, np.ndarray) and rows.ndim == 2:
+        return rows
+    lists = [list(row) for row in rows]
+    width = max((len(row) for row in lists), default=0)
+    out = np.empty((len(lists), width), dtype=object)
+    out[:] = fill
+    for i, row in enumerate(lists):
+        out[i, : len(row)] = row
+    return out
+
+
+class _Unmatched:
+    """Padding that equals nothing, so padded slots never count as hits."""
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+def recall_at_k(ranked: Any, relevant: Any, ks: Iterable[int]) -> dict[int, float]:
+    """Mean recall@K of relevant items in ranked candidate lists.
+
+    Args:
+        ranked: per query, candidate ids best first — a 2-D array ``[n, L]`` or ragged lists.
+        relevant: per query, the relevant id (1-D array of n ids: one click per query) or a
+            collection of relevant ids. Queries with no relevant id are left out of the mean.
+        ks: cut-offs; each must be ≥ 1.
+
+    Returns:
+        ``{K: mean over queries of |top-K ∩ relevant| / |relevant|}`` (0.0 without queries).
+
+    Raises:
+        ValueError: ranked and relevant disagree in length, or a K is below 1.
+    """
+    cutoffs = sorted(set(int(k) for k in ks))
+    if not cutoffs or cutoffs[0] < 1:
+        raise ValueError(f"recall@K needs cut-offs K >= 1, got {list(ks)}")
+    pad = _Unmatched()
+    lists = _padded(ranked, pad)
+    if isinstance(relevant, np.ndarray) and relevant.ndim == 1:
+        targets = relevant[:, None]
+    else:
+        targets = _padded(
+            [[r] if isinstance(r, str | bytes) or np.isscalar(r) else r for r in relevant], pad
+        )
+    if len(lists) != len(targets):
+        raise ValueError(
+            f"ranked has {len(lists)} queries but relevant has {len(targets)}: one entry per query"
+        )
+    if targets.dtype == object:
+        valid = np.vectorize(lambda v: v is not pad, otypes=[bool])(targets)
+    else:
+        valid = np.ones(targets.shape, dtype=bool)
+    found = np.zeros(len(cutoffs))
+    counted = 0
+    for start in range(0, len(lists), QUERY_CHUNK):
+        rows = lists[start : start + QUERY_CHUNK]
+        wanted = targets[start : start + QUERY_CHUNK]
+        ok = valid[start : start + QUERY_CHUNK]
+        match = rows[:, :, None] == wanted[:, None, :]  # [q, L, m]
+        first = np.where(match.any(axis=1), match.argmax(axis=1), np.iinfo(np.int64).max)
+        sizes = ok.sum(axis=1)
+        keep = sizes > 0
+        counted += int(keep.sum())
+        for j, k in enumerate(cutoffs):
+            hits = ((first < k) & ok).sum(axis=1)
+            found[j] += (hits[keep] / sizes[keep]).sum()
+    return {k: float(found[j] / counted) if counted else 0.0 for j, k in enumerate(cutoffs)}
+
+
+def ann_recall(approx: Any, exact: Any, k: int | None = None) -> float:
+    """Mean share of each query's exact top-k that the approximate top-k contains.
+
+    Args:
+        approx: per query, approximate neighbour ids (best first or not).
+        exact: per query, exact top ids (e.g. :func:`exact_top_k`).
+        k: the cut-off; defaults to the width of ``exact``.
+    """
+    exact_rows = _padded(exact, _Unmatched())
+    k = exact_rows.shape[1] if k is None else k
+    truth = [[v for v in row[:k] if not isinstance(v, _Unmatched)] for row in exact_rows]
+    return recall_at_k(approx, truth, [k])[k]
+
+
+def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
+    """Rows of the ``k`` items with the largest ``query·item``, best first, per query.
+
+    Equal scores are ordered by the lower row, so the answer is deterministic.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    items = np.asarray(items, dtype=np.float32)
+    k = min(int(k), items.shape[0])
+    out = np.empty((queries.shape[0], k), dtype=np.int64)
+    for start in range(0, queries.shape[0], QUERY_CHUNK):
+        scores = queries[start : start + QUERY_CHUNK] @ items.T
+        if k < items.shape[0]:
+            rows = np.sort(np.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)
+        else:
+            rows = np.broadcast_to(np.arange(k), scores.shape)
+        best = np.take_along_axis(scores, rows, axis=1)
+        order = np.argsort(-best, axis=1, kind="stable")
+        out[start : start + QUERY_CHUNK] = np.take_along_axis(rows, order, axis=1)
+    return out
+
+
+def plot_recall_at_k(
+    curves: Mapping[str, Mapping[int, float]], path: Path, *, title: str = "recall@K"
+) -> Path:
+    """Write a PNG with one recall@K line per retriever (name → {K: recall}); return ``path``."""
+    path = Path(path)
+    figure = Figure(figsize=(6, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    all_k: set[int] = set()
+    for name, curve in curves.items():
+        ks: Sequence[int] = sorted(curve)
+        all_k.update(ks)
+        axes.plot(ks, [curve[k] for k in ks], marker="o", label=name)
+    if all_k and max(all_k) / max(min(all_k), 1) >= 20:
+        axes.set_xscale("log")
+    axes.set_xlabel("K (candidates retrieved)")
+    axes.set_ylabel("recall@K of clicked ads")
+    axes.set_ylim(0.0, 1.0)
+    axes.grid(True, alpha=0.3)
+    axes.set_title(title)
+    if curves:
+        axes.legend(loc="lower right", fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path

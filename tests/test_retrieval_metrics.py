@@ -1,0 +1,75 @@
+"""Retrieval metrics against hand-computed values on tiny inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.evaluation.retrieval import ann_recall, exact_top_k, plot_recall_at_k, recall_at_k
+
+
+class TestRecallAtK:
+    def test_one_click_per_query(self) -> None:
+        ranked = np.array([["a", "b", "c"], ["c", "a", "b"], ["x", "y", "z"]])
+        relevant = np.array(["b", "b", "q"])
+        # b is at position 2 for query 0, position 3 for query 1, absent for query 2.
+        assert recall_at_k(ranked, relevant, [1, 2, 3]) == pytest.approx(
+            {1: 0.0, 2: 1 / 3, 3: 2 / 3}
+        )
+
+    def test_several_relevant_items_count_as_a_share(self) -> None:
+        assert recall_at_k([[1, 2, 3, 4]], [{2, 4}], [1, 2, 4]) == pytest.approx(
+            {1: 0.0, 2: 0.5, 4: 1.0}
+        )
+
+    def test_ragged_lists_and_k_beyond_the_list(self) -> None:
+        # Query 0 has one candidate only; asking for K=5 just gives it fewer chances.
+        assert recall_at_k([[1], [2, 3]], np.array([3, 3]), [1, 2, 5]) == pytest.approx(
+            {1: 0.0, 2: 0.5, 5: 0.5}
+        )
+
+    def test_duplicates_in_a_list_are_not_counted_twice(self) -> None:
+        assert recall_at_k([["a", "a", "b"]], [["a", "b"]], [2, 3]) == pytest.approx(
+            {2: 0.5, 3: 1.0}
+        )
+
+    def test_queries_without_relevant_items_are_left_out(self) -> None:
+        assert recall_at_k([[1, 2], [1, 2]], [[1], []], [1]) == {1: 1.0}
+
+    def test_bad_inputs_say_what_is_wrong(self) -> None:
+        with pytest.raises(ValueError, match="one entry per query"):
+            recall_at_k([[1, 2]], np.array([1, 2]), [1])
+        with pytest.raises(ValueError, match="K >= 1"):
+            recall_at_k([[1, 2]], np.array([1]), [0])
+
+
+def test_ann_recall_is_the_share_of_the_exact_top_k_found() -> None:
+    approx = [[1, 2, 3], [4, 5, 6]]
+    exact = np.array([[1, 2, 9], [4, 7, 8]])
+    assert ann_recall(approx, exact) == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert ann_recall(approx, exact, k=1) == pytest.approx(1.0)
+
+
+def test_exact_top_k_is_best_first_with_ties_to_the_lower_row() -> None:
+    items = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    queries = np.array([[1.0, 0.0], [0.0, 2.0]])
+    # scores: [1, 0, 1] and [0, 2, 2]
+    assert exact_top_k(queries, items, 3).tolist() == [[0, 2, 1], [1, 2, 0]]
+    assert exact_top_k(queries, items, 10).shape == (2, 3)
+
+
+def test_plot_recall_at_k_writes_a_png(tmp_path: Path) -> None:
+    path = plot_recall_at_k(
+        {"two_tower": {10: 0.3, 100: 0.6, 500: 0.9}, "popularity": {10: 0.1, 100: 0.2, 500: 0.4}},
+        tmp_path / "plots" / "recall.png",
+    )
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_exact_top_k_agrees_with_a_full_sort() -> None:
+    rng = np.random.default_rng(0)
+    items, queries = rng.normal(size=(300, 8)), rng.normal(size=(40, 8))
+    full = np.argsort(-(queries @ items.T), axis=1)[:, :25]
+    assert (exact_top_k(queries, items, 25) == full).all()
