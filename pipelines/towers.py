@@ -1,0 +1,51 @@
+"""``deepclick towers --date D``: train the two-tower model on D's features and publish its towers.
+
+The towers are published as one folder, ``<artifacts>/towers/<YYYYMMDD>/{user,context,time,ad}``
+(one SavedModel each), so the embed job and serving's cold-start path load exactly the model that
+was trained; the manifest records the features version, the settings and the training curve.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from deepclick.publish import publishing, resolve, version_for
+from deepclick.settings import Settings
+from models.feature_spec import load_feature_spec
+
+
+def features_folder(settings: Settings, date: dt.date) -> Path:
+    """The published features of day D (built from the days before D)."""
+    return resolve(settings.warehouse / "features", version_for(date), what="features")
+
+
+def towers_folder(settings: Settings, date: dt.date) -> Path:
+    return resolve(settings.artifacts / "towers", version_for(date), what="two-tower model")
+
+
+def run_towers(settings: Settings, date: dt.date, *, progress: bool = True) -> Path:
+    """Train on ``training/retrieval`` of D's features, export every tower, publish atomically."""
+    from models.two_tower import export_towers, train_two_tower
+
+    source = features_folder(settings, date)
+    spec = load_feature_spec(source)
+    trained = train_two_tower(spec, settings.two_tower, progress=progress)
+    version = version_for(date)
+    with publishing(settings.artifacts / "towers", version) as staging:
+        export_towers(trained, staging.path)
+        staging.manifest.update(
+            {
+                "inputs": {"features": spec.version},
+                "settings": settings.two_tower.model_dump(),
+                "counts": {"examples": trained.examples},
+                "metrics": {
+                    "examples_per_second": trained.examples_per_second,
+                    "train_seconds": trained.seconds,
+                    "history": trained.history,
+                },
+                "roles": list(trained.roles),
+                "dim": trained.dim,
+            }
+        )
+    return settings.artifacts / "towers" / version
