@@ -138,6 +138,55 @@ def features(date: DateOption, config: ConfigOption = None) -> None:
 
 
 @app.command()
+def towers(date: DateOption, config: ConfigOption = None) -> None:
+    """Train the two-tower model on D's retrieval set and publish its exported towers."""
+    settings = _settings(config)
+    from pipelines.towers import run_towers
+
+    try:
+        folder = run_towers(settings, _date(date))
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    manifest = json.loads((folder / "manifest.json").read_text())
+    print_counts(f"towers {date} → {folder}", {**manifest["counts"], "dim": manifest["dim"]})
+
+
+@app.command()
+def embed(date: DateOption, config: ConfigOption = None) -> None:
+    """Embed every user, placement and ad with D's towers (Spark) and publish the tables."""
+    settings = _settings(config)
+    from pipelines.embed import run_embed
+
+    try:
+        folder = run_embed(settings, _date(date))
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    manifest = json.loads((folder / "manifest.json").read_text())
+    print_counts(f"embeddings {date} → {folder}", manifest.get("counts", {}))
+
+
+@app.command()
+def index(date: DateOption, config: ConfigOption = None) -> None:
+    """Build the ANNOY index over D's ad vectors, measure its recall and publish it."""
+    settings = _settings(config)
+    from pipelines.build_index import run_index
+
+    try:
+        folder = run_index(settings, _date(date))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise _fail(exc) from None
+    manifest = json.loads((folder / "manifest.json").read_text())
+    print_counts(
+        f"index {date} → {folder}",
+        {
+            **manifest.get("counts", {}),
+            "ann_recall_at_k": manifest["ann_recall_at_k"],
+            "search_k": manifest["search_k"],
+        },
+    )
+
+
+@app.command()
 def specs(show: Annotated[str | None, typer.Argument(help="spec name or path")] = None) -> None:
     """List the built-in dataset specs, or validate and show one."""
     from pipelines.specs import SpecError, builtin_specs, load_spec
