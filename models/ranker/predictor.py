@@ -1,0 +1,195 @@
+"""The in-process ranker backend: an exported model version, loaded and called in this process.
+
+DESIGN.md's embedded default for TF Serving: serving (and the evaluation report) load the same
+SavedModel TF Serving would, with ``tf.saved_model.load``, and call its ``serving_default`` or
+``rank`` signature directly — no Keras, no network hop. The input names, dtypes and shapes come
+from the signatures themselves, so a request is validated against the model actually loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from deepclick.publish import read_manifest, verify
+from models.ranker.inputs import (
+    SIMILARITY_INPUTS,
+    SimilarityProvider,
+    columns_to_inputs,
+)
+
+RANKER_MANIFEST = "deepclick_manifest.json"
+OUTPUT = "pctr"
+SIGNATURES = ("serving_default", "rank")
+FRAME_BATCH = 8192
+"""Rows per ``serving_default`` call when scoring a whole table."""
+
+
+class PredictorInputError(ValueError):
+    """A request does not fit the model's signature; the message names the inputs at fault."""
+
+
+class InProcessPredictor:
+    """Predict click probabilities with an exported ranker version, in this process.
+
+    Args:
+        path: the version folder (``<model_repository>/<name>/<version>``).
+        verify_checksums: hash every file against ``deepclick_manifest.json`` first, so a
+            truncated copy or a half-synced folder fails at load, not with odd scores later.
+    """
+
+    def __init__(self, path: Path | str, *, verify_checksums: bool = True) -> None:
+        self.path = Path(path)
+        if not (self.path / "saved_model.pb").is_file():
+            raise FileNotFoundError(f"{self.path} holds no saved_model.pb: not a ranker version")
+        self.manifest: dict[str, Any] = (
+            verify(self.path, RANKER_MANIFEST)
+            if verify_checksums
+            else read_manifest(self.path, RANKER_MANIFEST)
+        )
+        self._loaded = tf.saved_model.load(str(self.path))
+        missing = [s for s in SIGNATURES if s not in self._loaded.signatures]
+        if missing:
+            raise PredictorInputError(f"{self.path} lacks signature(s) {', '.join(missing)}")
+        self._functions = {s: self._loaded.signatures[s] for s in SIGNATURES}
+        self._specs: dict[str, dict[str, tf.TensorSpec]] = {
+            s: dict(f.structured_input_signature[1]) for s, f in self._functions.items()
+        }
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest.get("version", self.path.name))
+
+    @property
+    def feature_spec_version(self) -> str | None:
+        return self.manifest.get("feature_spec_version")
+
+    @property
+    def embedding_version(self) -> str | None:
+        return self.manifest.get("embedding_version")
+
+    @property
+    def uses_similarity(self) -> bool:
+        return all(n in self._specs["serving_default"] for n in SIMILARITY_INPUTS)
+
+    def input_names(self, signature: str = "serving_default") -> list[str]:
+        return list(self._spec(signature))
+
+    @property
+    def shared_inputs(self) -> list[str]:
+        """``rank`` inputs sent once per request (user and context features, ``[1]`` tensors)."""
+        return [n for n, s in self._specs["rank"].items() if s.shape.as_list() == [1]]
+
+    @property
+    def candidate_inputs(self) -> list[str]:
+        """``rank`` inputs sent once per candidate (ad features and scores, ``[N]`` tensors)."""
+        return [n for n, s in self._specs["rank"].items() if s.shape.as_list() != [1]]
+
+    def _spec(self, signature: str) -> dict[str, tf.TensorSpec]:
+        if signature not in self._specs:
+            raise PredictorInputError(
+                f"unknown signature {signature!r}: the ranker has {', '.join(SIGNATURES)}"
+            )
+        return self._specs[signature]
+
+    def _feeds(self, features: Mapping[str, Any], signature: str) -> dict[str, tf.Tensor]:
+        specs = self._spec(signature)
+        missing = [n for n in specs if n not in features]
+        if missing:
+            raise PredictorInputError(
+                f"{signature} request lacks input(s) {', '.join(missing)} "
+                f"(model version {self.version}, feature spec {self.feature_spec_version})"
+            )
+        feeds: dict[str, tf.Tensor] = {}
+        lengths: dict[str, int] = {}
+        for name, spec in specs.items():
+            values = np.asarray(features[name])
+            if spec.dtype != tf.string:
+                try:
+                    values = values.astype(np.float32, copy=False)
+                except (TypeError, ValueError):
+                    raise PredictorInputError(
+                        f"{signature}: {name} is numeric (float32), got {values[:3].tolist()}..."
+                    ) from None
+            elif values.dtype.kind not in "USO":
+                values = values.astype(str)  # ids or codes sent as numbers
+            if spec.shape.as_list() == [1]:
+                if values.size != 1:
+                    raise PredictorInputError(
+                        f"{signature}: {name} is sent once per request (shape [1]), "
+                        f"got {values.size} values"
+                    )
+                values = values.reshape(1)
+            else:
+                values = values.reshape(-1)
+                lengths[name] = values.size
+            try:
+                feeds[name] = tf.constant(values, dtype=spec.dtype)
+            except (TypeError, ValueError):  # an object array mixing str with other types
+                feeds[name] = tf.constant(values.astype(str), dtype=spec.dtype)
+        if len(set(lengths.values())) > 1:
+            sizes = ", ".join(f"{n}={k}" for n, k in sorted(lengths.items()))
+            raise PredictorInputError(f"{signature}: per-row inputs differ in length ({sizes})")
+        return feeds
+
+    def predict(
+        self, features: Mapping[str, Any], signature: str = "serving_default"
+    ) -> np.ndarray:
+        """Calibrated click probabilities, one per row (``serving_default``) or per candidate
+        (``rank``). Extra keys in ``features`` are ignored; values may be lists or arrays.
+
+        Raises:
+            PredictorInputError: a needed input is missing, has the wrong shape, or the per-row
+                inputs differ in length.
+        """
+        feeds = self._feeds(features, signature)
+        if not feeds or next(iter(feeds.values())).shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self._functions[signature](**feeds)[OUTPUT].numpy()
+
+    def predict_frame(
+        self,
+        frame: pd.DataFrame,
+        *,
+        similarity: SimilarityProvider | None = None,
+        batch: int = FRAME_BATCH,
+    ) -> np.ndarray:
+        """Score every row of a table (e.g. a features folder's ``eval``) with ``serving_default``.
+
+        Missing categorical values become the spec's missing marker, missing numbers NaN (the model
+        maps NaN to the feature's default). When the model takes similarity scores they are computed
+        with ``similarity`` (or read from the table's ``sim_*`` columns).
+
+        Raises:
+            PredictorInputError: the model needs similarity scores and neither a provider nor the
+                columns are given.
+        """
+        specs = self._specs["serving_default"]
+        dtypes = {n: "string" if s.dtype == tf.string else "float32" for n, s in specs.items()}
+        if (
+            self.uses_similarity
+            and similarity is None
+            and not set(SIMILARITY_INPUTS) <= set(frame.columns)
+        ):
+            raise PredictorInputError(
+                f"model version {self.version} takes two-tower scores "
+                f"({', '.join(SIMILARITY_INPUTS)}); pass a similarity provider for embeddings "
+                f"{self.embedding_version}"
+            )
+        missing_value = str(self.manifest.get("missing_value", "__missing__"))
+        out = []
+        for start in range(0, len(frame), batch):
+            chunk = frame.iloc[start : start + batch]
+            inputs = columns_to_inputs(
+                chunk,
+                dtypes,  # type: ignore[arg-type]
+                missing_value=missing_value,
+                similarity=similarity if self.uses_similarity else None,
+            )
+            out.append(self.predict(inputs))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

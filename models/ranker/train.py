@@ -1,0 +1,313 @@
+"""Training the CTR ranker from a published features folder (DESIGN.md, "models: ranker").
+
+The features folder of target day D holds ``training/ranking`` (every impression of the days before
+D); day D itself is the evaluation day and is never read here (DESIGN.md, "Time"). Inside the
+training days the last day is held out: the network trains on the earlier days and the calibration
+head is fitted on the held-out day, so calibration sees rows the network did not and is itself
+fitted before the evaluation day. With a single training day a seeded random share
+(``calibration_fraction``) is held out instead.
+
+Negatives may be down-sampled (``negative_sampling_rate``) to train faster on large days; the
+matching correction ``logit += log(rate)`` is part of the calibration head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from deepclick.settings import RankerSettings
+from models.evaluation.ranking import auc, calibration_ratio, logloss
+from models.feature_spec import FeatureSpec
+from models.ranker.baselines import LogisticBaseline, train_baseline
+from models.ranker.calibration import fit_calibration, sampling_correction
+from models.ranker.inputs import (
+    SIMILARITY_INPUTS,
+    NumericStats,
+    SimilarityProvider,
+    frame_to_inputs,
+)
+from models.ranker.layers import CalibrationHead
+from models.ranker.model import build_logit_model, head_config, with_calibration
+
+log = logging.getLogger(__name__)
+
+RANKING_TABLE = "training/ranking"
+PREDICT_BATCH = 8192
+
+
+class RankerTrainingError(ValueError):
+    """The features folder cannot train a ranker (no rows, one class, ...); the message says why."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Rows the network trains on and rows the calibration is fitted on."""
+
+    fit: pd.DataFrame
+    calibration: pd.DataFrame
+    fit_dates: tuple[str, ...]
+    calibration_dates: tuple[str, ...]
+    how: str
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "how": self.how,
+            "fit_dates": list(self.fit_dates),
+            "calibration_dates": list(self.calibration_dates),
+            "fit_rows": len(self.fit),
+            "calibration_rows": len(self.calibration),
+        }
+
+
+@dataclass
+class TrainedRanker:
+    """A trained, calibrated ranker and everything its export and evaluation need.
+
+    ``model`` maps the raw input dict to the calibrated ``pctr`` (it is what gets exported);
+    ``logit_model`` shares its layers and stops before the calibration head.
+    """
+
+    spec: FeatureSpec
+    settings: RankerSettings
+    model: keras.Model
+    logit_model: keras.Model
+    head: CalibrationHead
+    split: Split
+    similarity: SimilarityProvider | None = None
+    baseline: LogisticBaseline | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def uses_similarity(self) -> bool:
+        return self.similarity is not None
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.model.input.keys())
+
+    @property
+    def embedding_version(self) -> str | None:
+        return None if self.similarity is None else str(self.similarity.version)
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        return head_config(self.head)
+
+    def inputs(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        """The raw input dict of ``frame``'s rows, similarity scores included when used."""
+        return frame_to_inputs(self.spec, frame, similarity=self.similarity)
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """Calibrated click probabilities of ``frame``'s rows (the exported model's output)."""
+        return predict(self.model, self.inputs(frame))
+
+    def predict_logits(self, frame: pd.DataFrame) -> np.ndarray:
+        """The network's raw logits, before correction and calibration."""
+        return predict(self.logit_model, self.inputs(frame))
+
+
+def predict(
+    model: keras.Model, inputs: dict[str, np.ndarray], batch: int = PREDICT_BATCH
+) -> np.ndarray:
+    """Run ``model`` over an input dict in batches; returns a flat float array."""
+    n = len(next(iter(inputs.values()))) if inputs else 0
+    if n == 0:
+        return np.zeros(0, dtype=np.float32)
+    dataset = tf.data.Dataset.from_tensor_slices(_tensors(model, inputs)).batch(batch)
+    return np.concatenate([np.asarray(model(b, training=False)).reshape(-1) for b in dataset])
+
+
+def _tensors(model: keras.Model, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Only the model's inputs, as tensors of their declared dtype."""
+    out: dict[str, Any] = {}
+    for name, spec in model.input.items():
+        values = inputs[name]
+        out[name] = tf.constant(values, dtype=tf.string if spec.dtype == "string" else tf.float32)
+    return out
+
+
+def read_ranking_rows(spec: FeatureSpec) -> pd.DataFrame:
+    """``training/ranking`` of the spec's folder, with ``date`` as ``YYYY-MM-DD`` strings."""
+    path = spec.table_path(RANKING_TABLE)
+    if not path.exists():
+        raise RankerTrainingError(f"{path} does not exist: is {spec.folder} a features folder?")
+    frame = pd.read_parquet(path)
+    if frame.empty:
+        raise RankerTrainingError(f"{path} has no rows: the training days had no impressions")
+    frame["date"] = pd.to_datetime(frame["date"]).dt.strftime("%Y-%m-%d")
+    return frame.sort_values(["date", "event_id"], ignore_index=True)
+
+
+def _stable_fraction(ids: pd.Series, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per id that depends on the id and seed only (not on row order,
+    process or machine), for reproducible random splits."""
+    salted = ids.astype(str).radd(f"{seed}:")
+    hashed = pd.util.hash_array(salted.to_numpy(dtype=object), hash_key=_hash_key(seed))
+    return (hashed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _hash_key(seed: int) -> str:
+    return hashlib.sha256(str(seed).encode()).hexdigest()[:16]
+
+
+def split_for_calibration(frame: pd.DataFrame, settings: RankerSettings) -> Split:
+    """Hold out the last training day for calibration (a seeded random share with one day)."""
+    dates = tuple(sorted(frame["date"].unique()))
+    if len(dates) >= 2:
+        last = frame["date"] == dates[-1]
+        return Split(frame[~last], frame[last], dates[:-1], dates[-1:], "last training day")
+    held = _stable_fraction(frame["event_id"], settings.seed) < settings.calibration_fraction
+    return Split(
+        frame[~held],
+        frame[held],
+        dates,
+        dates,
+        f"one training day: {settings.calibration_fraction:.0%} of its rows, drawn by event_id",
+    )
+
+
+def downsample_negatives(
+    frame: pd.DataFrame, rate: float, seed: int, label: str = "label"
+) -> pd.DataFrame:
+    """Keep every click and a seeded share ``rate`` of the non-clicks."""
+    if rate >= 1.0:
+        return frame
+    keep = (frame[label].to_numpy() == 1) | (_stable_fraction(frame["event_id"], seed + 1) < rate)
+    return frame[keep]
+
+
+def _dataset(
+    inputs: dict[str, Any], labels: np.ndarray, batch: int, seed: int | None
+) -> tf.data.Dataset:
+    data = tf.data.Dataset.from_tensor_slices((inputs, labels.astype(np.float32)))
+    if seed is not None:
+        data = data.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    return data.batch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+def _check_labels(rows: pd.DataFrame, label: str, what: str) -> None:
+    clicks = int(rows[label].sum())
+    if len(rows) == 0 or clicks in (0, len(rows)):
+        raise RankerTrainingError(
+            f"the {what} rows ({len(rows)} impressions, {clicks} clicks) hold one class only: "
+            "a click model needs both clicks and non-clicks"
+        )
+
+
+def train_ranker(
+    spec: FeatureSpec,
+    settings: RankerSettings,
+    *,
+    similarity: SimilarityProvider | None = None,
+    progress: bool = True,
+) -> TrainedRanker:
+    """Train, calibrate and measure the ranker (and the LR baseline) from ``spec``'s folder.
+
+    Args:
+        spec: a feature spec loaded from a published features folder.
+        settings: architecture, sizes, sampling, calibration and seed.
+        similarity: two-tower scores; given → the model takes ``sim_user_ad`` and
+            ``sim_context_ad`` as inputs and records the embeddings version.
+        progress: show Keras progress bars.
+
+    Returns:
+        The trained ranker; ``metrics`` holds held-out (calibration-day) AUC, logloss and
+        calibration ratios of the network before/after correction and calibration, and the
+        baseline's.
+
+    Raises:
+        RankerTrainingError: no training rows, or the training / held-out rows hold one class.
+    """
+    started = time.perf_counter()
+    keras.utils.set_random_seed(settings.seed)
+    label = spec.label
+    split = split_for_calibration(read_ranking_rows(spec), settings)
+    _check_labels(split.fit, label, "training")
+    _check_labels(split.calibration, label, "held-out calibration")
+    fit_rows = downsample_negatives(
+        split.fit, settings.negative_sampling_rate, settings.seed, label
+    )
+    correction = sampling_correction(settings.negative_sampling_rate)
+
+    fit_inputs = frame_to_inputs(spec, fit_rows, similarity=similarity)
+    held_inputs = frame_to_inputs(spec, split.calibration, similarity=similarity)
+    sim_stats = (
+        {n: NumericStats.fitted(n, fit_inputs[n]) for n in SIMILARITY_INPUTS}
+        if similarity is not None
+        else None
+    )
+    fit_labels = fit_rows[label].to_numpy()
+    held_labels = split.calibration[label].to_numpy()
+    logit_model = build_logit_model(
+        spec, settings, similarity_stats=sim_stats, base_rate=float(fit_labels.mean())
+    )
+    logit_model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+        metrics=[keras.metrics.AUC(from_logits=True, name="auc")],
+    )
+    fit_tensors = _tensors(logit_model, fit_inputs)
+    held_tensors = _tensors(logit_model, held_inputs)
+    log.info(
+        "training ranker %s on %d rows (%s), calibrating on %d rows",
+        settings.architecture, len(fit_rows), ", ".join(split.fit_dates), len(split.calibration),
+    )  # fmt: skip
+    history = logit_model.fit(
+        _dataset(fit_tensors, fit_labels, settings.batch_size, settings.seed),
+        validation_data=_dataset(held_tensors, held_labels, PREDICT_BATCH, None),
+        epochs=settings.epochs,
+        shuffle=False,  # the dataset shuffles itself, seeded
+        verbose=1 if progress else 0,
+    )
+    held_logits = predict(logit_model, held_inputs)
+    head = fit_calibration(held_logits, held_labels, settings.calibration, correction=correction)
+    model = with_calibration(logit_model, head)
+    calibrated = predict(model, held_inputs)
+    uncorrected = 1.0 / (1.0 + np.exp(-held_logits))
+    corrected = 1.0 / (1.0 + np.exp(-(held_logits + correction)))
+    metrics: dict[str, float] = {
+        "holdout_rows": float(len(held_labels)),
+        "holdout_clicks": float(held_labels.sum()),
+        "holdout_auc": auc(held_labels, calibrated),
+        "holdout_logloss": logloss(held_labels, calibrated),
+        "holdout_calibration_ratio": calibration_ratio(held_labels, calibrated),
+        "holdout_calibration_ratio_uncorrected": calibration_ratio(held_labels, uncorrected),
+        "holdout_calibration_ratio_corrected": calibration_ratio(held_labels, corrected),
+        "fit_rows": float(len(fit_rows)),
+    }
+    baseline = None
+    if settings.baseline:
+        baseline = train_baseline(
+            spec,
+            fit_rows,
+            split.calibration,
+            correction=correction,
+            bits=settings.baseline_hash_bits,
+            seed=settings.seed,
+        )
+        base_p = baseline.predict(split.calibration)
+        metrics["baseline_holdout_auc"] = auc(held_labels, base_p)
+        metrics["baseline_holdout_logloss"] = logloss(held_labels, base_p)
+    metrics["train_seconds"] = time.perf_counter() - started
+    return TrainedRanker(
+        spec=spec,
+        settings=settings,
+        model=model,
+        logit_model=logit_model,
+        head=head,
+        split=split,
+        similarity=similarity,
+        baseline=baseline,
+        metrics=metrics,
+        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+    )
