@@ -30,7 +30,7 @@ def spark_conf(settings: SparkSettings) -> dict[str, str]:
         "spark.ui.showConsoleProgress": "true",
         # Deterministic file naming and no _SUCCESS marker: manifests say what is complete.
         "spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs": "false",
-        "spark.hadoop.parquet.enable.summary-metadata": "false",
+        "spark.hadoop.parquet.summary.metadata.level": "NONE",
     }
     if settings.master.startswith("local"):
         conf["spark.driver.host"] = "127.0.0.1"
