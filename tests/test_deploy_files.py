@@ -57,4 +57,7 @@ def test_compose_wires_tf_serving_to_the_api_and_config_files() -> None:
     api_env = services["api"]["environment"]
     assert api_env["DEEPCLICK_PREDICTOR__BACKEND"] == "grpc"
     assert api_env["DEEPCLICK_PREDICTOR__TARGET"] == "tfserving:8500"
+    # batching merges requests along the first dimension: only serving_default batches
+    assert "--enable_batching=true" in args
+    assert api_env["DEEPCLICK_PREDICTOR__SIGNATURE"] == "serving_default"
     assert "postgresql://" in " ".join(services["mlflow"]["command"])

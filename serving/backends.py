@@ -1,0 +1,351 @@
+"""Ranker backends: one interface, three ways to get click probabilities for N candidates.
+
+DESIGN.md: TF Serving in production, an in-process SavedModel as the embedded default. All three
+take the same request — the user and context inputs once (``common``, ``[1]`` arrays) and the
+candidate inputs (``[N]`` arrays) — and return ``pctr`` per candidate, or raise
+:class:`RankerTimeout` / :class:`RankerError`, which the ranking flow turns into a degraded answer.
+
+- ``in_process``: :class:`models.ranker.predictor.InProcessPredictor` on the release's ranker
+  folder; the call runs on a small thread pool so that a slow prediction still lets the request
+  answer at its deadline.
+- ``grpc``: TF Serving's ``PredictionService/Predict`` through the official
+  ``PredictionServiceStub`` over one reused channel per target, with a per-call deadline.
+- ``rest``: TF Serving's ``POST /v1/models/<name>/versions/<v>:predict`` (columnar ``inputs``)
+  over one reused HTTP connection pool per target.
+
+Remote backends always name the release's exact model version, so a TF Serving that has already
+loaded the next version still answers the release that is being served (the release pairing holds
+across the hot swap; models.config keeps two versions loaded for this).
+
+Signatures: ``rank`` sends the user and context inputs once instead of N times; ``serving_default``
+sends every input per candidate. Which one a backend uses is ``predictor.signature``; see
+``bench/serving.py`` for the measured choice. Note that TF Serving's server-side batching
+(``--enable_batching``) requires every input of a request to have the same 0th dimension, which
+``rank`` (``[1]`` next to ``[N]``) does not have: with batching on, remote backends must use
+``serving_default``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from deepclick.settings import PredictorSettings
+
+log = logging.getLogger(__name__)
+
+OUTPUT = "pctr"
+MAX_MESSAGE_BYTES = 64 * 2**20
+
+
+class RankerError(RuntimeError):
+    """The ranker did not produce a usable answer (unreachable, refused, malformed output)."""
+
+
+class RankerTimeout(RankerError):
+    """The ranker did not answer within the deadline."""
+
+
+@dataclass(frozen=True)
+class RankerRef:
+    """Which model a release ranks with: TF Serving name and version, and the exported folder."""
+
+    model_name: str
+    version: str
+    folder: Path
+
+
+def signature_inputs(
+    signature: str, common: Mapping[str, np.ndarray], candidates: Mapping[str, np.ndarray], n: int
+) -> dict[str, np.ndarray]:
+    """The input dict of one call: ``rank`` takes ``common`` once; ``serving_default`` repeats
+    every common input per candidate."""
+    if signature == "rank":
+        return {**common, **candidates}
+    return {**{k: np.repeat(v, n) for k, v in common.items()}, **candidates}
+
+
+class RankerBackend(ABC):
+    """Click probabilities for one request's candidates from one ranker version."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, ranker: RankerRef, settings: PredictorSettings) -> None:
+        self.ranker = ranker
+        self.signature: str = settings.signature
+        self.timeout_s = settings.timeout_ms / 1000.0
+
+    def predict(
+        self,
+        common: Mapping[str, np.ndarray],
+        candidates: Mapping[str, np.ndarray],
+        *,
+        timeout_s: float | None = None,
+    ) -> np.ndarray:
+        """``pctr`` for each candidate, within ``timeout_s`` (default: the settings' deadline).
+
+        Raises:
+            RankerTimeout: no answer within the deadline.
+            RankerError: any other failure, including an answer of the wrong length or with
+                values outside [0, 1].
+        """
+        n = len(next(iter(candidates.values()))) if candidates else 0
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        inputs = signature_inputs(self.signature, common, candidates, n)
+        scores = self._call(inputs, self.timeout_s if timeout_s is None else timeout_s)
+        scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+        if scores.shape != (n,) or not np.all((scores >= 0.0) & (scores <= 1.0)):
+            raise RankerError(
+                f"{self.kind} ranker {self.ranker.model_name}/{self.ranker.version} returned "
+                f"{scores.shape[0]} values for {n} candidates (or values outside [0, 1])"
+            )
+        return scores
+
+    @abstractmethod
+    def _call(self, inputs: dict[str, np.ndarray], timeout_s: float) -> np.ndarray:
+        """Implementers send ``inputs`` with ``self.signature`` and return the ``pctr`` array,
+        raising RankerTimeout or RankerError."""
+        raise NotImplementedError("Implementers must implement _call")
+
+    def describe(self) -> dict[str, str]:
+        return {"backend": self.kind, "signature": self.signature}
+
+    def close(self) -> None:  # noqa: B027 (optional hook; most backends hold nothing)
+        """Release what this backend alone holds (shared channels stay open)."""
+
+
+class InProcessBackend(RankerBackend):
+    """The exported SavedModel loaded in this worker (DESIGN.md's embedded default)."""
+
+    kind = "in_process"
+
+    def __init__(self, ranker: RankerRef, settings: PredictorSettings) -> None:
+        super().__init__(ranker, settings)
+        from models.ranker.predictor import InProcessPredictor
+
+        configure_tensorflow_threads(settings.tf_threads)
+        self.predictor = InProcessPredictor(ranker.folder)
+        # A few threads: enough for concurrent requests, bounded so that predictions abandoned
+        # at their deadline cannot pile up without limit.
+        self._pool = ThreadPoolExecutor(settings.inprocess_pool, thread_name_prefix="ranker")
+
+    def _call(self, inputs: dict[str, np.ndarray], timeout_s: float) -> np.ndarray:
+        future = self._pool.submit(self.predictor.predict, inputs, self.signature)
+        try:
+            return future.result(timeout=timeout_s)
+        except FutureTimeout:
+            future.cancel()
+            raise RankerTimeout(
+                f"in-process ranker: no answer within {timeout_s * 1000:.0f} ms"
+            ) from None
+        except Exception as exc:  # the model or its inputs failed: a known, degradable fault
+            raise RankerError(f"in-process ranker failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def configure_tensorflow_threads(threads: int) -> None:
+    """Limit TF's op thread pools (0 keeps TF's default). Only possible before TF runs its first
+    op in this process; later calls are ignored (the first release's setting stays)."""
+    if threads <= 0:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass
+
+
+_channels: dict[str, Any] = {}
+_clients: dict[str, Any] = {}
+_shared_lock = threading.Lock()
+
+
+def grpc_channel(target: str) -> Any:
+    """One channel per target per process, reused by every release and request (gRPC channels
+    multiplex concurrent calls over one HTTP/2 connection and reconnect by themselves)."""
+    import grpc
+
+    with _shared_lock:
+        if target not in _channels:
+            _channels[target] = grpc.insecure_channel(
+                target,
+                options=[
+                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.initial_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 2000),
+                ],
+            )
+        return _channels[target]
+
+
+def http_client(target: str) -> Any:
+    """One keep-alive connection pool per REST target per process."""
+    import socket
+
+    import httpx
+
+    with _shared_lock:
+        if target not in _clients:
+            # TCP_NODELAY: the request's headers and body leave in separate writes; with Nagle
+            # the body waits for the server's delayed ACK (~40 ms per call, measured).
+            transport = httpx.HTTPTransport(
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            )
+            _clients[target] = httpx.Client(base_url=target, transport=transport)
+        return _clients[target]
+
+
+def close_shared_connections() -> None:
+    """Close every shared channel and client (process shutdown)."""
+    with _shared_lock:
+        for channel in _channels.values():
+            channel.close()
+        for client in _clients.values():
+            client.close()
+        _channels.clear()
+        _clients.clear()
+
+
+class GrpcBackend(RankerBackend):
+    """TF Serving over gRPC: ``PredictionServiceStub.Predict`` with a per-call deadline."""
+
+    kind = "grpc"
+
+    def __init__(self, ranker: RankerRef, settings: PredictorSettings) -> None:
+        super().__init__(ranker, settings)
+        import grpc
+        from tensorflow.core.framework import types_pb2
+        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+        self._grpc = grpc
+        self._types = types_pb2
+        self._request_type = predict_pb2.PredictRequest
+        self.target = settings.target
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc_channel(self.target))
+
+    def _request(self, inputs: dict[str, np.ndarray]) -> Any:
+        request = self._request_type()
+        request.model_spec.name = self.ranker.model_name
+        request.model_spec.version.value = int(self.ranker.version)
+        request.model_spec.signature_name = self.signature
+        request.output_filter.append(OUTPUT)
+        for name, values in inputs.items():
+            tensor = request.inputs[name]
+            tensor.tensor_shape.dim.add().size = len(values)
+            if values.dtype.kind == "S":
+                tensor.dtype = self._types.DT_STRING
+                tensor.string_val.extend(values.tolist())
+            else:
+                tensor.dtype = self._types.DT_FLOAT
+                tensor.tensor_content = np.ascontiguousarray(values, dtype="<f4").tobytes()
+        return request
+
+    def _call(self, inputs: dict[str, np.ndarray], timeout_s: float) -> np.ndarray:
+        request = self._request(inputs)
+        try:
+            response = self._stub.Predict(request, timeout=timeout_s)
+        except self._grpc.RpcError as exc:
+            code = exc.code()
+            if code == self._grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise RankerTimeout(
+                    f"gRPC ranker {self.target}: no answer within {timeout_s * 1000:.0f} ms"
+                ) from None
+            raise RankerError(f"gRPC ranker {self.target}: {code.name}: {exc.details()}") from None
+        if OUTPUT not in response.outputs:
+            raise RankerError(f"gRPC ranker {self.target}: the response has no {OUTPUT!r}")
+        tensor = response.outputs[OUTPUT]
+        if tensor.dtype != self._types.DT_FLOAT:
+            raise RankerError(f"gRPC ranker {self.target}: {OUTPUT} is not float32")
+        if tensor.tensor_content:
+            return np.frombuffer(tensor.tensor_content, dtype="<f4")
+        return np.asarray(tensor.float_val, dtype=np.float32)
+
+
+class RestBackend(RankerBackend):
+    """TF Serving over HTTP: the ``:predict`` JSON API, columnar ``inputs`` in, ``outputs`` out."""
+
+    kind = "rest"
+
+    def __init__(self, ranker: RankerRef, settings: PredictorSettings) -> None:
+        super().__init__(ranker, settings)
+        import httpx
+
+        self._httpx = httpx
+        self.target = settings.target.rstrip("/")
+        self._client = http_client(self.target)
+        self.url = f"/v1/models/{ranker.model_name}/versions/{ranker.version}:predict"
+
+    def _call(self, inputs: dict[str, np.ndarray], timeout_s: float) -> np.ndarray:
+        body = {
+            "signature_name": self.signature,
+            "inputs": {
+                name: [v.decode("utf-8") for v in values.tolist()]
+                if values.dtype.kind == "S"
+                else values.tolist()
+                for name, values in inputs.items()
+            },
+        }
+        httpx = self._httpx
+        try:
+            response = self._client.post(
+                self.url,
+                content=json.dumps(body, separators=(",", ":")),
+                headers={"content-type": "application/json"},
+                timeout=httpx.Timeout(timeout_s),
+            )
+        except httpx.TimeoutException:
+            raise RankerTimeout(
+                f"REST ranker {self.target}: no answer within {timeout_s * 1000:.0f} ms"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise RankerError(f"REST ranker {self.target}: {type(exc).__name__}: {exc}") from None
+        if response.status_code != 200:
+            raise RankerError(
+                f"REST ranker {self.target}{self.url}: HTTP {response.status_code}: "
+                f"{response.text[:200]}"
+            )
+        try:
+            outputs = response.json()["outputs"]
+        except (ValueError, KeyError, TypeError):
+            raise RankerError(f"REST ranker {self.target}: no 'outputs' in the answer") from None
+        if isinstance(outputs, dict):  # several outputs: keyed by name
+            outputs = outputs.get(OUTPUT)
+        try:
+            return np.asarray(outputs, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise RankerError(f"REST ranker {self.target}: outputs are not numbers") from None
+
+
+BACKENDS: dict[str, Callable[[RankerRef, PredictorSettings], RankerBackend]] = {
+    InProcessBackend.kind: InProcessBackend,
+    GrpcBackend.kind: GrpcBackend,
+    RestBackend.kind: RestBackend,
+}
+
+
+def create_backend(ranker: RankerRef, settings: PredictorSettings) -> RankerBackend:
+    """The backend ``settings.backend`` names, for ``ranker``."""
+    try:
+        factory = BACKENDS[settings.backend]
+    except KeyError:
+        raise ValueError(
+            f"unknown predictor backend {settings.backend!r} (known: {', '.join(BACKENDS)})"
+        ) from None
+    return factory(ranker, settings)

@@ -1,0 +1,150 @@
+"""The ranking flow of one request (DESIGN.md, serving): lookup → retrieve → features → predict →
+sort, against one loaded release, with per-stage timings.
+
+Only the retrieved candidates are scored — never the whole catalogue — and nothing is trained or
+embedded: known users and placements are rows of mapped tables. Known faults bend, they do not
+break: an unknown user or placement gets the candidates' fallback vector and default (or
+request-supplied) features; a ranker that times out or fails leaves the candidates ranked by their
+retrieval score with ``degraded: true``; an empty candidate set is an empty list with a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends import RankerError, RankerTimeout
+from .features import RequestFieldError
+from .metrics import ServingMetrics
+from .release import LoadedRelease
+from .schemas import RankedAd, RankRequest, RankResponse, ReleaseVersions, StageTimings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankLimits:
+    """Settings-dependent request limits (the schema holds the fixed ones)."""
+
+    default_candidates: int
+    max_candidates: int
+    max_exclude_ads: int
+    timeout_s: float
+
+
+def check_limits(request: RankRequest, limits: RankLimits) -> None:
+    """Raise :class:`RequestFieldError` (→ 422) for limits that depend on settings."""
+    if request.num_candidates is not None and request.num_candidates > limits.max_candidates:
+        raise RequestFieldError(
+            ("body", "num_candidates"),
+            f"num_candidates must be at most {limits.max_candidates} (server setting)",
+        )
+    if len(request.exclude_ad_ids) > limits.max_exclude_ads:
+        raise RequestFieldError(
+            ("body", "exclude_ad_ids"),
+            f"exclude_ad_ids may hold at most {limits.max_exclude_ads} ids",
+        )
+
+
+def rank(
+    release: LoadedRelease, request: RankRequest, limits: RankLimits, metrics: ServingMetrics
+) -> RankResponse:
+    """Rank ads for ``request`` with ``release`` (which the caller holds for the whole request,
+    so a concurrent release swap never mixes two releases in one answer).
+
+    Raises:
+        RequestFieldError: request features or settings-dependent limits do not fit (→ 422).
+    """
+    clock = time.perf_counter
+    started = clock()
+    features = release.features
+    check_limits(request, limits)
+    user_features = features.check_request_features("user", request.user_features, "user_features")
+    context_features = features.check_request_features(
+        "context", request.context_features, "context_features"
+    )
+    lookup = features.lookup(request.user_id, request.placement_id)
+    t_lookup = clock()
+
+    k = request.num_candidates or limits.default_candidates
+    found = release.candidates.candidates(
+        request.user_id, request.placement_id, k, exclude=request.exclude_ad_ids
+    )
+    candidates = found.candidates
+    fallbacks = [f"{entity}_vector" for entity in found.fallbacks]
+    t_retrieve = clock()
+
+    degraded, reason = False, None
+    ad_ids = [c.ad_id for c in candidates]
+    retrieval = np.fromiter((c.score for c in candidates), dtype=np.float64, count=len(candidates))
+    pctr: np.ndarray | None = None
+    if not candidates:
+        reason = "no candidates: every ad of the catalogue was excluded or none is indexed"
+        fallbacks.append("empty_candidates")
+        t_features = t_predict = clock()
+    else:
+        gathered = features.gather(
+            request.user_id,
+            request.placement_id,
+            ad_ids,
+            lookup=lookup,
+            request_time=request.request_time,
+            user_features=user_features,
+            context_features=context_features,
+        )
+        fallbacks.extend(gathered.fallbacks)
+        t_features = clock()
+        try:
+            pctr = release.backend.predict(
+                gathered.common, gathered.candidates, timeout_s=limits.timeout_s
+            )
+        except RankerTimeout as exc:
+            degraded, reason = True, f"ranker timed out; ranked by retrieval score ({exc})"
+            metrics.degraded.labels("timeout").inc()
+        except RankerError as exc:
+            degraded, reason = True, f"ranker failed; ranked by retrieval score ({exc})"
+            metrics.degraded.labels("error").inc()
+            log.warning("ranker failed, answering degraded: %s", exc)
+        t_predict = clock()
+
+    keys = retrieval if pctr is None else pctr.astype(np.float64)
+    # Highest first; ties broken by retrieval score, then by the retrieval order (stable).
+    order = np.lexsort((-retrieval, -keys))[: request.num_ads]
+    ads = [
+        RankedAd(
+            ad_id=ad_ids[i],
+            pctr=None if pctr is None else float(pctr[i]),
+            score=float(keys[i]),
+            retrieval_score=float(retrieval[i]),
+            source=candidates[i].source,
+        )
+        for i in order
+    ]
+    t_sort = clock()
+
+    for kind in fallbacks:
+        metrics.fallbacks.labels(kind).inc()
+    metrics.candidates.observe(len(candidates))
+    stages = {
+        "lookup": t_lookup - started,
+        "retrieve": t_retrieve - t_lookup,
+        "features": t_features - t_retrieve,
+        "predict": t_predict - t_features,
+        "sort": t_sort - t_predict,
+        "total": t_sort - started,
+    }
+    for stage, seconds in stages.items():
+        metrics.stage_seconds.labels(stage).observe(seconds)
+    return RankResponse(
+        ads=ads,
+        versions=ReleaseVersions(**release.versions),
+        backend=release.backend.kind,
+        candidates_considered=len(candidates),
+        fallbacks=fallbacks,
+        degraded=degraded,
+        reason=reason,
+        timings_ms=StageTimings(**{k: round(v * 1000.0, 3) for k, v in stages.items()}),
+    )

@@ -1,0 +1,499 @@
+"""The release: the unit serving loads and swaps (DESIGN.md, "Pairing").
+
+A release is a published folder ``<root>/releases/<version>/`` (``deepclick.publish``: staging
+folder, atomic rename, ``releases/CURRENT``) holding
+
+- ``release.json``: the feature spec, embeddings, index and ranker it combines — each with its
+  version, its folder (relative to ``root`` when inside it, so the state folder can be mounted
+  elsewhere, as ``deploy/compose.yaml`` does) and the SHA-256 of its manifest, which catches a
+  component republished after the release was made; plus the TF Serving model name and version;
+- ``feature_spec.json`` and ``ranker_manifest.json``: copies, so a release is validated without the
+  features folder, and a remote-ranker worker needs no local model files;
+- ``entities/{users,placements,ads}.arrow``: the entity feature tables the ranker reads, sorted by
+  id, mmapped by every worker (``serving.features``).
+
+:func:`load_release` re-checks everything a request will rely on — checksums, the pairings
+(index ↔ embeddings version, ids and vectors; ranker ↔ feature spec and embeddings versions),
+dimensions, table layouts — and runs one warmup prediction through the configured backend. A
+broken or mismatched release raises :class:`ReleaseError` naming the rule; nothing half-loaded is
+ever served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from candidates.index import open_index
+from candidates.service import CandidateService, PairingError, check_pairing
+from candidates.store import Embeddings, read_embeddings
+from deepclick.publish import (
+    MANIFEST,
+    IntegrityError,
+    NotPublishedError,
+    Staging,
+    current_version,
+    publishing,
+    read_manifest,
+    verify,
+)
+from deepclick.settings import (
+    IndexSettings,
+    PredictorSettings,
+    ServingSettings,
+    Settings,
+)
+from models.feature_spec import (
+    ROLE_KEY,
+    ROLE_TABLE,
+    SPEC_FILE,
+    FeatureSpec,
+    load_feature_spec,
+)
+from models.ranker.inputs import SIMILARITY_INPUTS
+
+from .backends import RankerBackend, RankerError, RankerRef, create_backend
+from .features import (
+    EntityTable,
+    EntityTableError,
+    FeatureAssembler,
+    Gathered,
+    RankerInputs,
+    write_entity_table,
+)
+
+log = logging.getLogger(__name__)
+
+RELEASES = "releases"
+RELEASE_FILE = "release.json"
+RANKER_COPY = "ranker_manifest.json"
+RANKER_MANIFEST = "deepclick_manifest.json"
+"""The exported ranker's manifest (models.ranker.predictor.RANKER_MANIFEST; not imported from
+there, which would load TensorFlow in workers that rank remotely)."""
+ROLES = ("user", "context", "ad")
+ENTITY_FILES = {role: f"entities/{ROLE_TABLE[role]}.arrow" for role in ROLES}
+
+
+class ReleaseError(ValueError):
+    """A release that must not be served; the message names the component and the rule."""
+
+
+class ReleaseWarmupError(ReleaseError):
+    """The release is consistent but its ranker did not answer the warmup prediction (for a
+    remote ranker, TF Serving may not have loaded that version yet: worth retrying)."""
+
+
+def releases_dir(settings: Settings) -> Path:
+    return settings.root / RELEASES
+
+
+def current_release_folder(root: Path) -> Path | None:
+    """``<root>/releases/<CURRENT>``, or None when no release was published."""
+    version = current_version(root / RELEASES)
+    return None if version is None else root / RELEASES / version
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _relative(path: Path, root: Path) -> str:
+    path = path.resolve()
+    try:
+        return path.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _resolve(text: str, root: Path) -> Path:
+    path = Path(text)
+    return path if path.is_absolute() else root / path
+
+
+# --------------------------------------------------------------------------- shared checks
+
+
+def check_ranker_pairing(
+    ranker: dict[str, Any], spec: FeatureSpec, embeddings_version: str, where: str
+) -> RankerInputs:
+    """Refuse a ranker trained on another feature spec or other embeddings than the release's,
+    or one whose inputs the spec does not describe; return its inputs."""
+    expected_spec = ranker.get("feature_spec_version")
+    if str(expected_spec) != spec.version:
+        raise ReleaseError(
+            f"{where}: the ranker expects feature spec {expected_spec!r}, the release has "
+            f"{spec.version!r}; export a ranker trained on these features"
+        )
+    try:
+        inputs = RankerInputs.from_manifest(ranker)
+    except EntityTableError as exc:
+        raise ReleaseError(f"{where}: {exc}") from None
+    if inputs.uses_similarity:
+        trained_on = ranker.get("embedding_version")
+        if str(trained_on) != embeddings_version:
+            raise ReleaseError(
+                f"{where}: the ranker takes two-tower scores from embeddings {trained_on!r} but "
+                f"the release's embeddings are {embeddings_version!r}; pair it with those "
+                "embeddings or retrain"
+            )
+    unknown = [n for n in inputs.dtypes if n not in spec.names and n not in SIMILARITY_INPUTS]
+    if unknown:
+        raise ReleaseError(f"{where}: ranker inputs {unknown} are not in feature spec")
+    return inputs
+
+
+def _check_pairing(index: Any, embeddings: Embeddings, where: str) -> None:
+    try:
+        check_pairing(index, embeddings)
+    except PairingError as exc:
+        raise ReleaseError(f"{where}: {exc}") from None
+
+
+def _table_features(spec: FeatureSpec, inputs: RankerInputs, role: str) -> list[Any]:
+    """The ranker's features of ``role`` that the role's entity table holds."""
+    entity = next((e for e in spec.entities.values() if e.role == role), None)
+    held = set(entity.features) if entity is not None else set()
+    return [
+        f
+        for f in spec.features
+        if f.role == role
+        and f.name in inputs.dtypes
+        and f.name in held
+        and not f.is_id
+        and not f.request_time
+    ]
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+def publish_release(
+    settings: Settings,
+    features_folder: Path,
+    embeddings_folder: Path,
+    index_folder: Path,
+    ranker_folder: Path,
+    *,
+    version: str | None = None,
+    update_current: bool = True,
+) -> Path:
+    """Combine published components into ``<root>/releases/<version>`` and (by default) point
+    ``releases/CURRENT`` at it; return the folder.
+
+    ``version`` defaults to the feature spec's (the target day). The components are checked first
+    (checksums, index ↔ embeddings, ranker ↔ spec and embeddings); the entity tables are written
+    from the features folder's ``entities/*`` with exactly the columns the ranker reads.
+
+    Raises:
+        ReleaseError: the components do not belong together; nothing is published.
+    """
+    features_folder, embeddings_folder = Path(features_folder), Path(embeddings_folder)
+    index_folder, ranker_folder = Path(index_folder), Path(ranker_folder)
+    root = settings.root
+    spec = load_feature_spec(features_folder)
+    where = "release"
+    try:
+        embeddings = read_embeddings(embeddings_folder)
+        index = open_index(index_folder)
+        ranker = verify(ranker_folder, RANKER_MANIFEST)
+    except (IntegrityError, NotPublishedError, ValueError) as exc:
+        raise ReleaseError(f"{where}: a component is unusable: {exc}") from None
+    try:
+        _check_pairing(index, embeddings, where)
+        inputs = check_ranker_pairing(ranker, spec, embeddings.version, where)
+    finally:
+        index.close()
+    spec_raw = json.loads((features_folder / SPEC_FILE).read_text())
+    version = version or spec.version
+    model_name = str(ranker.get("model_name") or ranker_folder.parent.name)
+    ranker_version = str(ranker.get("version", ranker_folder.name))
+
+    def validate(staging: Staging) -> None:
+        for role in ROLES:
+            EntityTable.open(staging.path / ENTITY_FILES[role], ROLE_KEY[role])
+
+    with publishing(
+        releases_dir(settings), version, validate=validate, update_current=update_current
+    ) as staging:
+        shutil.copyfile(features_folder / SPEC_FILE, staging.path / SPEC_FILE)
+        shutil.copyfile(ranker_folder / RANKER_MANIFEST, staging.path / RANKER_COPY)
+        counts: dict[str, int] = {}
+        entities: dict[str, Any] = {}
+        for role in ROLES:
+            features = _table_features(spec, inputs, role)
+            columns = [ROLE_KEY[role], *(f.name for f in features)]
+            frame = pd.read_parquet(
+                spec.table_path(f"entities/{ROLE_TABLE[role]}"), columns=columns
+            )
+            rows = write_entity_table(
+                staging.path / ENTITY_FILES[role], frame, ROLE_KEY[role], features,
+                spec.missing_value,
+            )  # fmt: skip
+            counts[ROLE_TABLE[role]] = rows
+            entities[role] = {
+                "file": ENTITY_FILES[role],
+                "key": ROLE_KEY[role],
+                "rows": rows,
+                "columns": [f.name for f in features],
+            }
+        components = {
+            "feature_spec": {
+                "version": spec.version,
+                "folder": _relative(features_folder, root),
+                "manifest_sha256": _sha256(features_folder / MANIFEST),
+            },
+            "embeddings": {
+                "version": embeddings.version,
+                "folder": _relative(embeddings_folder, root),
+                "manifest_sha256": _sha256(embeddings_folder / MANIFEST),
+                "dim": embeddings.dim,
+            },
+            "index": {
+                "version": str(read_manifest(index_folder).get("version")),
+                "folder": _relative(index_folder, root),
+                "manifest_sha256": _sha256(index_folder / MANIFEST),
+                "embedding_version": embeddings.version,
+            },
+            "ranker": {
+                "model_name": model_name,
+                "version": ranker_version,
+                "folder": _relative(ranker_folder, root),
+                "manifest_sha256": _sha256(ranker_folder / RANKER_MANIFEST),
+                "feature_spec_version": str(ranker.get("feature_spec_version")),
+                "embedding_version": ranker.get("embedding_version"),
+            },
+        }
+        release = {
+            "version": version,
+            **components,
+            "entities": entities,
+            "timezone": spec_raw.get("timezone") or settings.serving.timezone,
+        }
+        (staging.path / RELEASE_FILE).write_text(json.dumps(release, indent=2) + "\n")
+        staging.manifest.update(
+            {
+                "stage": "release",
+                "inputs": {name: c["version"] for name, c in components.items()},
+                "counts": counts,
+            }
+        )
+    log.info("published release %s (%s)", version, release)
+    return releases_dir(settings) / version
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class LoadedRelease:
+    """Everything one release serves with, opened and validated. Never changes once loaded; the
+    reloader swaps whole objects, and requests keep the one they started with."""
+
+    folder: Path
+    version: str
+    key: str
+    """Identity of the published folder (version + manifest digest): a changed key = new release."""
+    manifest: dict[str, Any]
+    spec: FeatureSpec
+    candidates: CandidateService
+    features: FeatureAssembler
+    backend: RankerBackend
+    probe: Gathered
+    """A one-candidate request of real inputs, for readiness checks."""
+    load_seconds: float
+    warmup: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def versions(self) -> dict[str, str]:
+        m = self.manifest
+        return {
+            "release": self.version,
+            "feature_spec": str(m["feature_spec"]["version"]),
+            "embeddings": str(m["embeddings"]["version"]),
+            "index": str(m["index"]["version"]),
+            "ranker": str(m["ranker"]["version"]),
+            "ranker_model": str(m["ranker"]["model_name"]),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "versions": self.versions,
+            "folder": str(self.folder),
+            **self.backend.describe(),
+            "ads": len(self.candidates.index),
+            "entities": {r: len(t) for r, t in self.features.tables.items()},
+            "timezone": self.features.timezone,
+            "load_seconds": round(self.load_seconds, 3),
+            "warmup": self.warmup,
+        }
+
+    def close(self) -> None:
+        """Free the backend's own resources. Mapped files are unmapped by the garbage collector
+        once no request holds this release, so a retired release is never unmapped under a
+        request that still reads it."""
+        self.backend.close()
+
+
+def release_key(folder: Path) -> str:
+    """``<version>:<digest of manifest.json>`` — changes whenever the folder is republished."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise NotPublishedError(f"{folder} has no {MANIFEST}: it was never published")
+    return f"{folder.name}:{_sha256(manifest)[:16]}"
+
+
+def _component(release: dict[str, Any], name: str, root: Path, manifest_name: str) -> Path:
+    try:
+        entry = release[name]
+        folder = _resolve(str(entry["folder"]), root)
+        expected = str(entry["manifest_sha256"])
+    except (KeyError, TypeError):
+        raise ReleaseError(f"release.json: {name} lacks folder or manifest_sha256") from None
+    manifest = folder / manifest_name
+    if not manifest.is_file():
+        raise ReleaseError(f"release.json names {name} folder {folder}, which is not published")
+    if _sha256(manifest) != expected:
+        raise ReleaseError(
+            f"{name} folder {folder} was republished after this release was made (its manifest "
+            "no longer matches release.json): publish a new release"
+        )
+    return folder
+
+
+def load_release(
+    folder: Path,
+    settings: Settings | None = None,
+    *,
+    warmup: bool = True,
+) -> LoadedRelease:
+    """Open, validate and warm up the release in ``folder`` (``<root>/releases/<version>``;
+    component folders named relative to ``root`` resolve against ``folder``'s grandparent).
+
+    ``settings`` gives the backend (``predictor``), the popular quota (``index``) and the serving
+    sizes; defaults apply without it.
+
+    Raises:
+        ReleaseError: a checksum, manifest, pairing, dimension or table check failed.
+        ReleaseWarmupError: everything is consistent but the ranker did not answer the warmup.
+    """
+    started = time.perf_counter()
+    folder = Path(folder).resolve()
+    predictor = settings.predictor if settings else PredictorSettings()
+    index_settings = settings.index if settings else IndexSettings()
+    serving = settings.serving if settings else ServingSettings()
+    root = folder.parent.parent
+    try:
+        key = release_key(folder)
+        verify(folder)
+        release = json.loads((folder / RELEASE_FILE).read_text())
+        spec = load_feature_spec(folder)
+        ranker_manifest = json.loads((folder / RANKER_COPY).read_text())
+    except (IntegrityError, NotPublishedError, OSError, ValueError) as exc:
+        raise ReleaseError(f"release {folder}: {exc}") from None
+    where = f"release {folder.name}"
+    embeddings_folder = _component(release, "embeddings", root, MANIFEST)
+    index_folder = _component(release, "index", root, MANIFEST)
+    try:
+        service = CandidateService.load(
+            index_folder, embeddings_folder, popular_quota=index_settings.popular_quota
+        )
+    except (PairingError, IntegrityError, NotPublishedError, ValueError, OSError) as exc:
+        raise ReleaseError(f"{where}: {exc}") from None
+    if str(release["embeddings"]["version"]) != service.embeddings.version:
+        raise ReleaseError(f"{where}: embeddings folder holds another version than release.json")
+    inputs = check_ranker_pairing(ranker_manifest, spec, service.embeddings.version, where)
+    ranker_entry = release["ranker"]
+    if _sha256(folder / RANKER_COPY) != ranker_entry.get("manifest_sha256"):
+        raise ReleaseError(f"{where}: {RANKER_COPY} differs from the ranker named in release.json")
+    if predictor.backend == "in_process":
+        ranker_folder = _component(release, "ranker", root, RANKER_MANIFEST)
+    else:
+        ranker_folder = _resolve(str(ranker_entry.get("folder", "")), root)
+    try:
+        tables = {
+            role: EntityTable.open(folder / ENTITY_FILES[role], ROLE_KEY[role]) for role in ROLES
+        }
+        assembler = FeatureAssembler(
+            spec,
+            inputs,
+            tables,
+            service.embeddings,
+            timezone=str(release.get("timezone") or serving.timezone),
+        )
+    except (EntityTableError, ValueError) as exc:
+        raise ReleaseError(f"{where}: {exc}") from None
+    ref = RankerRef(str(ranker_entry["model_name"]), str(ranker_entry["version"]), ranker_folder)
+    try:
+        backend = create_backend(ref, predictor)
+    except (OSError, ValueError, RankerError) as exc:
+        raise ReleaseError(f"{where}: the ranker cannot be loaded: {exc}") from None
+    version = str(release.get("version", folder.name))
+    try:
+        probe, warmed = _warm_up(version, service, assembler, backend, serving, run=warmup)
+    except ReleaseError:
+        backend.close()
+        raise
+    return LoadedRelease(
+        folder=folder,
+        version=version,
+        key=key,
+        manifest=release,
+        spec=spec,
+        candidates=service,
+        features=assembler,
+        backend=backend,
+        probe=probe,
+        load_seconds=time.perf_counter() - started,
+        warmup=warmed,
+    )
+
+
+def _warm_up(
+    version: str,
+    service: CandidateService,
+    assembler: FeatureAssembler,
+    backend: RankerBackend,
+    serving: ServingSettings,
+    *,
+    run: bool,
+) -> tuple[Gathered, dict[str, Any]]:
+    """Rank the default number of candidates for the first known user and placement through the
+    whole flow (retrieval, features, backend) — it traces the model for real request shapes and
+    proves the ranker answers — and keep a one-candidate request for readiness probes."""
+    tables = assembler.tables
+    user = tables["user"].ids[0].decode() if len(tables["user"]) else "__warmup__"
+    placement = tables["context"].ids[0].decode() if len(tables["context"]) else "__warmup__"
+    k = min(serving.default_candidates, len(service.index))
+    result = service.candidates(user, placement, k)
+    lookup = assembler.lookup(user, placement)
+    gathered = assembler.gather(user, placement, result.ad_ids, lookup=lookup)
+    probe = Gathered(gathered.common, {k_: v[:1] for k_, v in gathered.candidates.items()})
+    if not run:
+        return probe, {}
+    started = time.perf_counter()
+    try:
+        scores = backend.predict(
+            gathered.common, gathered.candidates, timeout_s=serving.warmup_timeout_s
+        )
+        backend.predict(probe.common, probe.candidates, timeout_s=serving.warmup_timeout_s)
+    except RankerError as exc:
+        raise ReleaseWarmupError(
+            f"release {version}: the {backend.kind} ranker {backend.ranker.model_name}/"
+            f"{backend.ranker.version} did not answer the warmup prediction: {exc}"
+        ) from None
+    if not np.all(np.isfinite(scores)):
+        raise ReleaseWarmupError(f"release {version}: warmup pctr not finite")
+    return probe, {
+        "candidates": len(result.candidates),
+        "seconds": round(time.perf_counter() - started, 3),
+        "mean_pctr": float(scores.mean()) if scores.size else None,
+    }

@@ -1,0 +1,68 @@
+"""Running the API: uvicorn with N worker processes (DESIGN.md, "API: uvicorn with several
+workers"), for ``deepclick serve --workers N``.
+
+uvicorn starts workers by *spawning* fresh interpreters that import the app by its import string,
+so the settings travel to them in one environment variable as JSON (the parent's settings, CLI
+overrides included, exactly), and each worker builds its own app with :func:`app_from_environment`
+— its own release watcher, model and connections — while the index, embeddings and entity tables
+are the same mapped files for all of them. With more than one worker the Prometheus client runs in
+multiprocess mode (a fresh folder in ``PROMETHEUS_MULTIPROC_DIR``) so ``/metrics`` on any worker
+reports the sum over all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import uvicorn
+from fastapi import FastAPI
+
+from deepclick.settings import Settings
+
+from .metrics import MULTIPROC_ENV
+
+SETTINGS_ENV = "DEEPCLICK_SERVING_SETTINGS_JSON"
+APP_FACTORY = "serving.server:app_from_environment"
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker, from the settings :func:`run` put in the environment."""
+    from .app import create_app
+
+    raw = os.environ.get(SETTINGS_ENV)
+    if raw is None:
+        raise RuntimeError(
+            f"{SETTINGS_ENV} is not set: start the API with serving.server.run (deepclick serve)"
+        )
+    return create_app(Settings(**json.loads(raw)))
+
+
+def run(settings: Settings, workers: int | None = None, *, log_level: str = "info") -> None:
+    """Serve the API on ``settings.serving.host:port`` with ``workers`` processes (default
+    ``settings.serving.workers``) until interrupted."""
+    workers = workers or settings.serving.workers
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    metrics_dir = None
+    if workers > 1 and MULTIPROC_ENV not in os.environ:
+        metrics_dir = tempfile.mkdtemp(prefix="deepclick-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+    try:
+        uvicorn.run(
+            APP_FACTORY,
+            factory=True,
+            host=settings.serving.host,
+            port=settings.serving.port,
+            workers=workers,
+            log_level=log_level,
+            access_log=False,  # one log line per request costs more than the ranking's sort
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            os.environ.pop(MULTIPROC_ENV, None)

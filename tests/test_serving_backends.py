@@ -1,0 +1,181 @@
+"""Ranker backends over real loopback sockets: TF Serving's gRPC ``PredictionService`` and REST
+``:predict`` contracts (served by serving.model_server around the exported SavedModel) must give
+the in-process predictions, with either signature, and fail fast and typed when the ranker is slow
+or gone."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from test_serving_support import MODEL, World, serving_world
+
+from deepclick.settings import PredictorSettings
+from serving.backends import (
+    GrpcBackend,
+    InProcessBackend,
+    RankerError,
+    RankerRef,
+    RankerTimeout,
+    RestBackend,
+    create_backend,
+    signature_inputs,
+)
+from serving.features import Gathered
+from serving.model_server import ModelStore, start_grpc_server, start_rest_server
+from serving.release import LoadedRelease, load_release
+
+SIGNATURES = ("rank", "serving_default")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return serving_world(tmp_path_factory.getbasetemp() / "serving-world")
+
+
+@pytest.fixture(scope="module")
+def loaded(world: World) -> LoadedRelease:
+    return load_release(world.release, world.settings())
+
+
+@pytest.fixture(scope="module")
+def request_300(loaded: LoadedRelease) -> Gathered:
+    """A real 300-candidate request for a known user and placement."""
+    found = loaded.candidates.candidates("u00010", "p003", 300)
+    lookup = loaded.features.lookup("u00010", "p003")
+    return loaded.features.gather("u00010", "p003", found.ad_ids, lookup=lookup)
+
+
+@pytest.fixture(scope="module")
+def store(world: World) -> ModelStore:
+    return ModelStore({(MODEL, world.ranker.name): world.ranker})
+
+
+@pytest.fixture
+def grpc_target(store: ModelStore) -> Iterator[str]:
+    server, port = start_grpc_server(store)
+    store.delay_s = 0.0
+    yield f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def rest_target(store: ModelStore) -> Iterator[str]:
+    server, port = start_rest_server(store)
+    yield f"http://127.0.0.1:{port}"
+    server.shutdown()
+
+
+def _ref(world: World) -> RankerRef:
+    return RankerRef(MODEL, world.ranker.name, world.ranker)
+
+
+def _settings(**kwargs: object) -> PredictorSettings:
+    return PredictorSettings(**{"timeout_ms": 10_000, **kwargs})
+
+
+def test_signature_inputs_send_common_features_once_or_per_candidate() -> None:
+    common = {"user_id": np.array([b"u1"], dtype="S")}
+    candidates = {"ad_id": np.array([b"a", b"b", b"c"], dtype="S")}
+    assert signature_inputs("rank", common, candidates, 3)["user_id"].tolist() == [b"u1"]
+    repeated = signature_inputs("serving_default", common, candidates, 3)["user_id"]
+    assert repeated.tolist() == [b"u1", b"u1", b"u1"]
+
+
+@pytest.mark.parametrize("signature", SIGNATURES)
+def test_grpc_backend_equals_in_process(
+    world: World, loaded: LoadedRelease, request_300: Gathered, grpc_target: str, signature: str
+) -> None:
+    local = InProcessBackend(_ref(world), _settings(signature="rank"))
+    expected = local.predict(request_300.common, request_300.candidates)
+    remote = create_backend(
+        _ref(world), _settings(backend="grpc", target=grpc_target, signature=signature)
+    )
+    assert isinstance(remote, GrpcBackend)
+    got = remote.predict(request_300.common, request_300.candidates)
+    assert got.shape == (len(request_300.candidates["ad_id"]),)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    local.close()
+
+
+@pytest.mark.parametrize("signature", SIGNATURES)
+def test_rest_backend_equals_in_process(
+    world: World, loaded: LoadedRelease, request_300: Gathered, rest_target: str, signature: str
+) -> None:
+    expected = loaded.backend.predict(request_300.common, request_300.candidates)
+    remote = create_backend(
+        _ref(world), _settings(backend="rest", target=rest_target, signature=signature)
+    )
+    assert isinstance(remote, RestBackend)
+    got = remote.predict(request_300.common, request_300.candidates)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8)  # JSON: 9 digits
+
+
+def test_remote_backends_name_the_release_version(
+    world: World, request_300: Gathered, grpc_target: str, rest_target: str
+) -> None:
+    missing = RankerRef(MODEL, "19990101", world.ranker)
+    for kind, target in (("grpc", grpc_target), ("rest", rest_target)):
+        backend = create_backend(missing, _settings(backend=kind, target=target))
+        with pytest.raises(RankerError, match="19990101"):
+            backend.predict(request_300.common, request_300.candidates)
+
+
+def test_slow_grpc_ranker_times_out_at_the_deadline(
+    world: World, store: ModelStore, request_300: Gathered, grpc_target: str
+) -> None:
+    backend = create_backend(_ref(world), _settings(backend="grpc", target=grpc_target))
+    store.delay_s = 2.0
+    started = time.perf_counter()
+    with pytest.raises(RankerTimeout, match="within 80 ms"):
+        backend.predict(request_300.common, request_300.candidates, timeout_s=0.08)
+    assert time.perf_counter() - started < 1.0  # the deadline, not the 2 s sleep
+    store.delay_s = 0.0
+
+
+def test_slow_rest_ranker_times_out_at_the_deadline(
+    world: World, store: ModelStore, request_300: Gathered, rest_target: str
+) -> None:
+    backend = create_backend(_ref(world), _settings(backend="rest", target=rest_target))
+    store.delay_s = 2.0
+    try:
+        started = time.perf_counter()
+        with pytest.raises(RankerTimeout):
+            backend.predict(request_300.common, request_300.candidates, timeout_s=0.08)
+        assert time.perf_counter() - started < 1.0
+    finally:
+        store.delay_s = 0.0
+
+
+def test_stopped_grpc_server_fails_fast_with_a_ranker_error(
+    world: World, store: ModelStore, request_300: Gathered
+) -> None:
+    server, port = start_grpc_server(store)
+    backend = create_backend(_ref(world), _settings(backend="grpc", target=f"127.0.0.1:{port}"))
+    assert backend.predict(request_300.common, request_300.candidates).size
+    server.stop(grace=None).wait()
+    started = time.perf_counter()
+    with pytest.raises(RankerError, match="UNAVAILABLE"):
+        backend.predict(request_300.common, request_300.candidates, timeout_s=5.0)
+    assert time.perf_counter() - started < 2.0  # refused at once, not at the deadline
+
+
+def test_in_process_deadline_and_failure_are_typed(
+    world: World, loaded: LoadedRelease, request_300: Gathered
+) -> None:
+    backend = InProcessBackend(_ref(world), _settings())
+    with pytest.raises(RankerTimeout):
+        backend.predict(request_300.common, request_300.candidates, timeout_s=1e-6)
+    broken = dict(request_300.candidates)
+    del broken["ad__price"]
+    with pytest.raises(RankerError, match="ad__price"):
+        backend.predict(request_300.common, broken)
+    backend.close()
+
+
+def test_unknown_backend_is_refused(world: World) -> None:
+    settings = PredictorSettings.model_construct(backend="carrier-pigeon", signature="rank")
+    with pytest.raises(ValueError, match="unknown predictor backend 'carrier-pigeon'"):
+        create_backend(_ref(world), settings)
