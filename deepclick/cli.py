@@ -235,3 +235,7 @@ def demo(
 
 def main() -> None:  # pragma: no cover - console-script entry point
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m deepclick.cli`
+    main()

@@ -1,14 +1,221 @@
-"""TEMPORARY re-export while the features stage is being written; the lead moves the module here."""
+"""The feature spec: the one description of features, written by the features stage, read by models
+and serving (DESIGN.md, "One feature spec, read by both sides"; docs/contracts.md §3).
 
-from pipelines.features.spec import *  # noqa: F403
-from pipelines.features.spec import (  # noqa: F401
-    MISSING,
-    REQUEST_TIME_FEATURES,
-    ROLE_KEY,
-    ROLES,
-    EntitySpec,
-    Feature,
-    FeatureSpec,
-    FeatureSpecError,
-    load_feature_spec,
-)
+Pure Python + json (no Spark, no TensorFlow), so any component can import it. A model builds its
+preprocessing from :class:`FeatureSpec` alone:
+
+- ``categorical`` features are strings looked up in ``vocabulary_file`` (most frequent first) with
+  ``oov_buckets`` extra buckets; a missing value is :data:`MISSING` (``default``).
+- ``numeric`` features are ``log1p(max(x, 0))`` when ``log1p`` is set, then standardised with
+  ``mean``/``std`` (``std`` is 1.0 for a constant feature, so dividing is always safe); a missing
+  value is ``default``, which standardises to 0 (history features: 0 counts and the prior CTR).
+- ``request_time`` features (``ctx__hour``, ``ctx__dow``) come with each request; every other
+  feature of a role is held by that role's entity table (``entities``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+SPEC_FILE = "feature_spec.json"
+MISSING = "__missing__"
+"""What a missing (null or empty) categorical value becomes, in the tables and at serving."""
+
+Role = Literal["user", "context", "ad"]
+Kind = Literal["categorical", "numeric"]
+Source = Literal["events", "side", "history"]
+
+ROLES: tuple[Role, ...] = ("user", "context", "ad")
+ROLE_PREFIX: dict[str, str] = {"user": "user__", "context": "ctx__", "ad": "ad__"}
+ROLE_KEY: dict[str, str] = {"user": "user_id", "context": "placement_id", "ad": "ad_id"}
+ROLE_ENTITY: dict[str, str] = {"user": "user", "context": "placement", "ad": "ad"}
+ROLE_TABLE: dict[str, str] = {"user": "users", "context": "placements", "ad": "ads"}
+REQUEST_TIME_FEATURES: tuple[str, ...] = ("ctx__hour", "ctx__dow")
+HISTORY_SUFFIXES: tuple[str, ...] = ("hist_impressions", "hist_clicks", "hist_ctr")
+
+
+class FeatureSpecError(ValueError):
+    """A feature spec that is missing, malformed or asked for a feature it does not have."""
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One model input column, as found in every table of the features folder."""
+
+    name: str
+    role: Role
+    kind: Kind
+    dtype: str
+    source: Source
+    is_id: bool = False
+    request_time: bool = False
+    vocabulary_file: str | None = None
+    vocabulary_size: int | None = None
+    oov_buckets: int | None = None
+    mean: float | None = None
+    std: float | None = None
+    min: float | None = None
+    max: float | None = None
+    log1p: bool = False
+    default: str | float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The feature's JSON entry: categorical features omit numeric keys and vice versa."""
+        entry = asdict(self)
+        numeric_keys = ("mean", "std", "min", "max", "log1p")
+        categorical_keys = ("vocabulary_file", "vocabulary_size", "oov_buckets")
+        drop = categorical_keys if self.kind == "numeric" else numeric_keys
+        for key in drop:
+            entry.pop(key)
+        if not self.is_id:
+            entry.pop("is_id")
+        if not self.request_time:
+            entry.pop("request_time")
+        return entry
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> Feature:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in entry.items() if k in known})
+
+
+@dataclass(frozen=True)
+class EntitySpec:
+    """One entity table: its key and the feature columns it holds (profile + history)."""
+
+    name: str
+    role: Role
+    key: str
+    table: str
+    features: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "role": self.role,
+            "table": self.table,
+            "features": list(self.features),
+        }
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything a model or a server needs to know about the features of one version."""
+
+    version: str
+    dataset: str
+    target_date: str
+    train_dates: tuple[str, ...]
+    global_ctr: float
+    ctr_prior_strength: float
+    features: tuple[Feature, ...]
+    entities: dict[str, EntitySpec]
+    label: str = "label"
+    missing_value: str = MISSING
+    folder: Path | None = field(default=None, compare=False)
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def categorical(self) -> list[Feature]:
+        return [f for f in self.features if f.kind == "categorical"]
+
+    @property
+    def numeric(self) -> list[Feature]:
+        return [f for f in self.features if f.kind == "numeric"]
+
+    def feature(self, name: str) -> Feature:
+        for candidate in self.features:
+            if candidate.name == name:
+                return candidate
+        raise FeatureSpecError(
+            f"feature spec {self.version}: no feature {name!r} (features: {', '.join(self.names)})"
+        )
+
+    def by_role(self, role: str) -> list[Feature]:
+        """The features of one role (``user``, ``context``, ``ad``), in spec order."""
+        if role not in ROLES:
+            raise FeatureSpecError(f"unknown role {role!r}: roles are {', '.join(ROLES)}")
+        return [f for f in self.features if f.role == role]
+
+    def vocabulary_path(self, name: str) -> Path:
+        feature = self.feature(name)
+        if feature.vocabulary_file is None:
+            raise FeatureSpecError(f"feature {name!r} is {feature.kind}: it has no vocabulary")
+        if self.folder is None:
+            raise FeatureSpecError("this feature spec was not loaded from a folder")
+        return self.folder / feature.vocabulary_file
+
+    def vocabulary(self, name: str) -> list[str]:
+        """The vocabulary of a categorical feature, most frequent first."""
+        text = self.vocabulary_path(name).read_text(encoding="utf-8")
+        return text.split("\n")[:-1] if text else []
+
+    def table_path(self, table: str) -> Path:
+        """A table of the features folder, e.g. ``entities/ads`` or ``training/ranking``."""
+        if self.folder is None:
+            raise FeatureSpecError("this feature spec was not loaded from a folder")
+        return self.folder / table
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "dataset": self.dataset,
+            "target_date": self.target_date,
+            "train_dates": list(self.train_dates),
+            "label": self.label,
+            "global_ctr": self.global_ctr,
+            "ctr_prior_strength": self.ctr_prior_strength,
+            "missing_value": self.missing_value,
+            "entities": {name: e.to_json() for name, e in self.entities.items()},
+            "features": [f.to_json() for f in self.features],
+        }
+
+    def write(self, folder: Path) -> Path:
+        path = folder / SPEC_FILE
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], folder: Path | None = None) -> FeatureSpec:
+        try:
+            entities = {
+                name: EntitySpec(
+                    name=name,
+                    role=e["role"],
+                    key=e["key"],
+                    table=e["table"],
+                    features=tuple(e["features"]),
+                )
+                for name, e in raw["entities"].items()
+            }
+            return cls(
+                version=str(raw["version"]),
+                dataset=raw["dataset"],
+                target_date=raw["target_date"],
+                train_dates=tuple(raw["train_dates"]),
+                global_ctr=float(raw["global_ctr"]),
+                ctr_prior_strength=float(raw["ctr_prior_strength"]),
+                features=tuple(Feature.from_json(f) for f in raw["features"]),
+                entities=entities,
+                label=raw.get("label", "label"),
+                missing_value=raw.get("missing_value", MISSING),
+                folder=folder,
+            )
+        except (KeyError, TypeError) as exc:
+            where = f" in {folder / SPEC_FILE}" if folder else ""
+            raise FeatureSpecError(f"malformed feature spec{where}: {exc!r}") from None
+
+
+def load_feature_spec(folder: Path | str) -> FeatureSpec:
+    """Read ``feature_spec.json`` from a published features folder."""
+    folder = Path(folder)
+    path = folder / SPEC_FILE
+    if not path.is_file():
+        raise FeatureSpecError(f"{folder} has no {SPEC_FILE}: is it a published features folder?")
+    return FeatureSpec.from_json(json.loads(path.read_text(encoding="utf-8")), folder=folder)

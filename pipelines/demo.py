@@ -1,69 +1,173 @@
-"""``deepclick demo`` / ``make demo``: run every stage that exists on freshly generated data.
+"""``deepclick demo`` / ``make demo``: the whole system on freshly generated data.
 
-It generates a few days of marketplace logs, ingests each day, builds the features for the last day
-(training on the days before it, evaluating on it) and prints what each stage produced. One Spark
-session serves all stages, so the demo pays Spark's start-up once.
+It generates a few days of marketplace logs, runs the daily pipeline for the last two days (ingest →
+features → towers → embed → index → ranker → evaluate → gate → publish; earlier days are ingested
+on the way, the second day shows a promotion decision against the first day's champion), starts the
+ranking API on loopback with the published release, sends a few requests and prints the ranked
+ads, then says where the reports, plots and the MLflow store are.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
+from typing import Any
 
+import httpx
 from rich.console import Console
 from rich.table import Table
 
 from deepclick.settings import Settings
-from pipelines.features.runner import run_features
-from pipelines.ingest.runner import run_ingest
+from pipelines.daily import run_daily
 from pipelines.simulate import run_simulate
 from pipelines.spark import get_spark
-from pipelines.specs import load_spec
 
 
 def run_demo(
     settings: Settings, *, days: int, impressions_per_day: int, console: Console
-) -> dict[str, float]:
-    """Run the pipeline end to end; return the seconds each stage took."""
-    timings: dict[str, float] = {}
+) -> dict[str, Any]:
+    """Run the system end to end; return the daily reports and the API's answers."""
+    if days < 3:
+        raise ValueError("the demo needs at least 3 days: training days, then two daily runs")
     sim = settings.simulate.model_copy(
         update={"days": days, "impressions_per_day": impressions_per_day}
     )
     raw = settings.raw_dir / "marketplace"
     console.rule(f"simulate {days} days × {impressions_per_day:,} impressions → {raw}")
-    start = time.perf_counter()
     summary = run_simulate(sim, raw)
-    timings["simulate"] = time.perf_counter() - start
-    _table(console, "simulated days", [d.__dict__ for d in summary.days],
-           ["date", "impressions", "clicks", "ctr", "oracle_auc", "new_ads", "new_placements"])
-
+    _table(
+        console,
+        "simulated days (oracle AUC = the ceiling any ranker can reach)",
+        [d.__dict__ for d in summary.days],
+        ["date", "impressions", "clicks", "ctr", "oracle_auc", "new_ads", "new_placements"],
+    )
     spark = get_spark(settings.spark)
-    spec = load_spec("marketplace")
-    console.rule("ingest (Spark)")
-    start = time.perf_counter()
-    reports = [
-        run_ingest(settings, spec, raw / day.date, dt.date.fromisoformat(day.date), spark=spark)
-        for day in summary.days
-    ]
-    timings["ingest"] = time.perf_counter() - start
-    _table(console, "ingested partitions", [
-        {"date": r.start, "rows_in": r.rows_in, "written": r.rows_written,
-         "quarantined": r.rows_quarantined, "duplicates": r.duplicates_dropped}
-        for r in reports
-    ], ["date", "rows_in", "written", "quarantined", "duplicates"])
+    console.rule("ingest the training days")
+    for day in summary.days[:-2]:
+        run_daily(
+            settings,
+            dt.date.fromisoformat(day.date),
+            source=raw,
+            spark=spark,
+            console=console,
+            stages=["ingest"],
+        )
+    reports = []
+    for day in summary.days[-2:]:
+        reports.append(
+            run_daily(
+                settings, dt.date.fromisoformat(day.date), source=raw, spark=spark, console=console
+            )
+        )
+    _table(
+        console,
+        "promotion decisions",
+        [
+            {
+                "date": r.date,
+                "decision": (r.decision or {}).get("action"),
+                "release": r.release,
+                "seconds": r.seconds,
+            }
+            for r in reports
+        ],
+        ["date", "decision", "release", "seconds"],
+    )
+    answers = _serve_and_query(settings, summary.days[-1].date, console)
+    console.rule("where things are")
+    console.print(f"state root:        {settings.root}")
+    console.print(
+        f"evaluation:        {settings.root / 'reports'} (report.md, roc.png, "
+        "reliability.png, recall_at_k.png per day)"
+    )
+    console.print(f"MLflow store:      {settings.mlflow_tracking_uri}")
+    console.print(
+        f"MLflow UI:         .venv/bin/mlflow ui --backend-store-uri "
+        f"{settings.mlflow_tracking_uri} --port 5000"
+    )
+    console.print(f"model repository:  {settings.model_repository} (TF Serving layout)")
+    return {"reports": [r.to_dict() for r in reports], "answers": answers}
 
-    target = summary.days[-1].date
-    console.rule(f"features for {target} (trained on the days before)")
-    start = time.perf_counter()
-    folder = run_features(settings, dt.date.fromisoformat(target), spark=spark)
-    timings["features"] = time.perf_counter() - start
-    counts = json.loads((folder / "manifest.json").read_text()).get("counts", {})
-    _table(console, f"feature tables in {folder}", [counts], list(counts))
 
-    _table(console, "seconds per stage", [{k: round(v, 1) for k, v in timings.items()}],
-           list(timings))
-    return timings
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve_and_query(settings: Settings, date: str, console: Console) -> list[dict[str, Any]]:
+    """Start ``deepclick serve`` on loopback, wait until ready, rank ads for a few users, stop."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DEEPCLICK_ROOT": str(settings.root),
+        "DEEPCLICK_SERVING__HOST": "127.0.0.1",
+        "DEEPCLICK_SERVING__PORT": str(port),
+    }
+    console.rule(f"ranking API on http://127.0.0.1:{port}")
+    command = [sys.executable, "-m", "deepclick.cli", "serve", "--workers", "2"]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    answers: list[dict[str, Any]] = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_ready(base, server)
+        users = _sample_users(settings, date)
+        with httpx.Client(base_url=base, timeout=10) as client:
+            for user_id, placement_id in users:
+                body = {"user_id": user_id, "placement_id": placement_id, "num_ads": 5}
+                answer = client.post("/v1/rank", json=body).json()
+                answers.append(answer)
+                _print_answer(console, body, answer)
+            unknown = {"user_id": "new-visitor", "placement_id": users[0][1], "num_ads": 5}
+            answer = client.post("/v1/rank", json=unknown).json()
+            answers.append(answer)
+            _print_answer(console, unknown, answer)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return answers
+
+
+def _wait_ready(base: str, server: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the API exited with code {server.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the API at {base} was not ready within {timeout:.0f} s")
+
+
+def _sample_users(settings: Settings, date: str) -> list[tuple[str, str]]:
+    """A few (user, placement) pairs that clicked on the evaluation day."""
+    import pyarrow.parquet as pq
+
+    folder = settings.warehouse / "features" / date.replace("-", "") / "eval"
+    table = pq.read_table(folder, columns=["user_id", "placement_id", "label"]).to_pandas()
+    clicked = table[table.label == 1].drop_duplicates("user_id").head(3)
+    return list(zip(clicked.user_id, clicked.placement_id, strict=True))
+
+
+def _print_answer(console: Console, body: dict[str, Any], answer: dict[str, Any]) -> None:
+    title = (
+        f"user {body['user_id']} on {body['placement_id']}: "
+        f"{answer.get('candidates_considered')} candidates, "
+        f"fallbacks {answer.get('fallbacks')}, degraded {answer.get('degraded')}"
+    )
+    rows = [{"rank": i + 1, **ad} for i, ad in enumerate(answer.get("ads", []))]
+    _table(console, title, rows, ["rank", "ad_id", "pctr", "score"])
+    timings = answer.get("timings_ms") or answer.get("timings")
+    if timings:
+        console.print(f"  stage timings (ms): {json.dumps(timings)}")
 
 
 def _table(console: Console, title: str, rows: list[dict], columns: list[str]) -> None:
@@ -80,4 +184,4 @@ def _cell(value: object) -> str:
         return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
     if isinstance(value, int):
         return f"{value:,}"
-    return str(value)
+    return "" if value is None else str(value)

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
+from models.feature_spec import MISSING, Feature
 from pipelines.features import nodes
-from pipelines.features.spec import MISSING, Feature
 
 pytestmark = pytest.mark.spark
 

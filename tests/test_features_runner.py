@@ -14,9 +14,9 @@ import pytest
 
 from deepclick.publish import current_version, verify
 from deepclick.settings import FeatureSettings, Settings, SparkSettings
+from models.feature_spec import MISSING, load_feature_spec
 from pipelines.features import runner
 from pipelines.features.runner import FeaturesInputError, run_features
-from pipelines.features.spec import MISSING, load_feature_spec
 
 pytestmark = pytest.mark.spark
 
@@ -449,3 +449,25 @@ def test_dataset_without_side_tables_takes_profiles_from_events_and_a_failure_pu
         run_features(cfg, D, spark)
     assert verify(folder)["checksums"] == manifest["checksums"]
     assert sorted(p.name for p in folder.parent.iterdir()) == ["20240104", "CURRENT"]
+
+
+def test_a_manifest_feature_with_an_unknown_role_is_an_error_naming_it(tmp_path):
+    events = toy_events()
+    odd = [*EVENT_FEATURES, {"name": "dev__os", "role": "device", "kind": "categorical"}]
+    for day in (D1, D2):
+        write_partition(tmp_path / "events" / f"date={day}", events[day], "toy", odd)
+
+    with pytest.raises(FeaturesInputError, match="'dev__os' has role 'device'"):
+        runner.find_inputs(tmp_path, D, FeatureSettings())
+
+
+def test_inputs_are_the_last_train_days_with_events_before_d_and_the_newest_snapshots(tmp_path):
+    write_warehouse(tmp_path, toy_events(), toy_side())
+
+    inputs = runner.find_inputs(tmp_path, D, FeatureSettings(train_days=2))
+
+    assert inputs.window == [D2, D3]
+    assert [p.day for p in inputs.events] == [D2, D3, D]
+    assert inputs.sides["ad"].as_of == {D2: D1, D3: D3, D: D}
+    assert inputs.sides["user"].as_of == {D2: D1, D3: D1, D: D1}
+    assert [p.rows for p in inputs.events] == [40, 40, 20]

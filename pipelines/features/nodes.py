@@ -21,7 +21,7 @@ from typing import Any
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from pipelines.features.spec import MISSING, Feature
+from models.feature_spec import MISSING, Feature
 
 ALL_PLACEMENTS = "__all__"
 

@@ -26,8 +26,7 @@ from pyspark.sql import functions as F
 
 from deepclick.publish import Staging, publishing, version_for
 from deepclick.settings import FeatureSettings, Settings
-from pipelines.features import nodes
-from pipelines.features.spec import (
+from models.feature_spec import (
     HISTORY_SUFFIXES,
     MISSING,
     REQUEST_TIME_FEATURES,
@@ -42,6 +41,7 @@ from pipelines.features.spec import (
     FeatureSpec,
     load_feature_spec,
 )
+from pipelines.features import nodes
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -176,6 +176,13 @@ def _features_of(manifests: list[dict[str, Any]], source: str) -> list[Feature]:
     for manifest in reversed(manifests):
         for entry in manifest.get("features", []):
             chosen.setdefault(entry["name"], entry)
+    for entry in chosen.values():
+        if entry.get("role") not in ROLES or entry.get("kind") not in ("categorical", "numeric"):
+            raise FeaturesInputError(
+                f"{source} manifest feature {entry.get('name')!r} has role {entry.get('role')!r} "
+                f"and kind {entry.get('kind')!r}; roles are {', '.join(ROLES)} and kinds are "
+                "categorical, numeric (docs/contracts.md §2)"
+            )
     return [
         Feature(
             name=entry["name"],
