@@ -82,8 +82,8 @@ def run_demo(
     console.rule("where things are")
     console.print(f"state root:        {settings.root}")
     console.print(
-        f"evaluation:        {settings.root / 'reports'} (report.md, roc.png, "
-        "reliability.png, recall_at_k.png per day)"
+        f"evaluation:        {settings.root / 'evaluations'}/<YYYYMMDD>/ (ranking/report.md, "
+        "roc.png, reliability.png; retrieval/recall_at_k.png)"
     )
     console.print(f"MLflow store:      {settings.mlflow_tracking_uri}")
     console.print(
