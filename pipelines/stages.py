@@ -1,0 +1,816 @@
+"""The stages of the daily run for one day D: what each reads, what it does, what it publishes.
+
+DESIGN.md's flow as a list of :class:`Stage` objects — ingest → features → towers → embed → index →
+ranker → evaluate → gate → publish. Each stage declares
+
+- ``config``: the settings it depends on, and ``inputs``: the upstream manifests it reads (for
+  ingest: the source files' names, sizes and mtimes). With the package version they make the
+  stage's fingerprint, which ``pipelines/daily.py`` compares to decide whether a re-run may skip it;
+- ``run``: calls the stage's runner — which publishes atomically — and returns an :class:`Outcome`
+  naming the published folder and what the tracker should log.
+
+Stages find each other's outputs by convention (``<parent>/<YYYYMMDD>``), never through memory, so
+any stage can run alone in its own process (an Airflow task, a spark-submit driver). Nothing here
+calls MLflow: registering and mirroring decisions is the runner's job, through the tracker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deepclick.publish import (
+    MANIFEST,
+    NotPublishedError,
+    publishing,
+    read_manifest,
+    set_current,
+    sha256_file,
+    verify,
+    version_for,
+)
+from deepclick.registry import (
+    PROMOTED,
+    REFUSED,
+    Check,
+    GateResult,
+    ModelKind,
+    append_decision,
+    current_champion,
+    find_decision,
+    judge,
+    recall_metric,
+    registry_dir,
+)
+from deepclick.settings import Settings
+from deepclick.tracking import numeric
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+PARTITION_MANIFEST = "_manifest.json"
+RANKER_MANIFEST = "deepclick_manifest.json"
+"""The exported ranker's manifest (models.ranker.predictor.RANKER_MANIFEST, not imported from
+there: that would load TensorFlow to schedule a Spark stage)."""
+SUMMARY_FILE = "summary.json"
+DECISION_FILE = "decision.json"
+EVAL_COLUMNS = ["event_id", "user_id", "placement_id", "ad_id", "label"]
+
+
+class StageInputError(RuntimeError):
+    """A stage's inputs are not there (an upstream stage has not published for D, no raw logs)."""
+
+
+class ChampionUnavailableError(RuntimeError):
+    """The champion's published folders are gone or were republished: it cannot be re-measured."""
+
+
+@dataclass
+class DayContext:
+    """One day's run: the settings, D, where its raw logs are, and (lazily) a Spark session."""
+
+    settings: Settings
+    date: dt.date
+    dataset: str
+    source: Path
+    spark_session: SparkSession | None = None
+    registered: dict[str, str | None] = field(default_factory=dict)
+    """MLflow versions of D's towers and ranker (from the run ledger), for decision records."""
+
+    @property
+    def version(self) -> str:
+        return version_for(self.date)
+
+    def spark(self) -> SparkSession:
+        if self.spark_session is None:
+            from pipelines.spark import get_spark
+
+            self.spark_session = get_spark(self.settings.spark)
+        return self.spark_session
+
+    def spec(self) -> Any:
+        from pipelines.specs import load_spec
+
+        return load_spec(self.dataset)
+
+    # the published folders of day D, by convention
+    @property
+    def events(self) -> Path:
+        return self.settings.warehouse / "events" / f"date={self.date.isoformat()}"
+
+    @property
+    def features(self) -> Path:
+        return self.settings.warehouse / "features" / self.version
+
+    @property
+    def towers(self) -> Path:
+        return self.settings.artifacts / "towers" / self.version
+
+    @property
+    def embeddings(self) -> Path:
+        return self.settings.artifacts / "embeddings" / self.version
+
+    @property
+    def index(self) -> Path:
+        return self.settings.artifacts / "index" / self.version
+
+    @property
+    def ranker(self) -> Path:
+        return self.settings.model_repository / self.settings.predictor.model_name / self.version
+
+    @property
+    def evaluation(self) -> Path:
+        return self.settings.root / "evaluations" / self.version
+
+    @property
+    def gate(self) -> Path:
+        return registry_dir(self.settings) / "gates" / self.version
+
+    def truth_dir(self) -> Path | None:
+        """The simulator's ground truth of this dataset, when there is one (generated data)."""
+        folder = self.settings.raw_dir / self.spec().name / "_truth"
+        return folder if folder.is_dir() else None
+
+
+@dataclass
+class Outcome:
+    """What a stage published, for the run ledger, the console and the tracker."""
+
+    output: Path | None
+    manifest_name: str = MANIFEST
+    note: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    artifacts: list[tuple[str, Path]] = field(default_factory=list)
+    register: ModelKind | None = None
+    decision: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Kept in the stage's ledger entry (e.g. the decision id the publish stage recorded)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the daily run (see the module docstring)."""
+
+    name: str
+    run: Callable[[DayContext], Outcome]
+    inputs: Callable[[DayContext], dict[str, Any]]
+    config: Callable[[DayContext], dict[str, Any]]
+    uses_spark: bool = False
+    protects: tuple[str, ...] = ()
+    """D's folders (DayContext attributes) that re-running this stage republishes, itself or by
+    forcing a later stage of D to: the runner refuses while the serving release reads one."""
+    adopt: Callable[[DayContext], Outcome | None] | None = None
+    """An output published outside the run ledger that may be taken as is (ingest only)."""
+    still_valid: Callable[[DayContext, dict[str, Any]], str | None] | None = None
+    """Beyond the manifest checksums: why a recorded outcome no longer holds, or None."""
+
+
+def _manifest(folder: Path, stage: str, what: str, name: str = MANIFEST) -> dict[str, Any]:
+    try:
+        return read_manifest(folder, name)
+    except NotPublishedError:
+        raise StageInputError(
+            f"stage '{stage}' needs the {what} of this day, which is not published at {folder}; "
+            f"run the stage that builds it first"
+        ) from None
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def source_files(ctx: DayContext) -> list[Path]:
+    """The raw files of D's source, hidden and ``_``-prefixed ones excluded (as Spark does)."""
+    source = ctx.source
+    if not source.exists():
+        raise StageInputError(
+            f"no raw logs for {ctx.date} at {source}; pass --source, or set lifecycle.source to a "
+            f"folder of <YYYY-MM-DD> day folders"
+        )
+    if source.is_file():
+        return [source]
+    days = sorted(p.name for p in source.iterdir() if p.is_dir() and _is_day(p.name))
+    if days:  # a folder of day folders without this day's
+        shown = ", ".join(days[:3] + (["…"] if len(days) > 4 else []) + days[3:][-1:])
+        raise StageInputError(
+            f"no raw logs for {ctx.date}: {source} holds day folders ({shown}) but not "
+            f"{ctx.date.isoformat()}"
+        )
+    return sorted(
+        p
+        for p in source.rglob("*")
+        if p.is_file() and not any(x.startswith((".", "_")) for x in p.relative_to(source).parts)
+    )
+
+
+def _is_day(name: str) -> bool:
+    try:
+        dt.date.fromisoformat(name)
+    except ValueError:
+        return False
+    return len(name) == 10
+
+
+def _ingest_inputs(ctx: DayContext) -> dict[str, Any]:
+    files = []
+    for path in source_files(ctx):
+        stat = path.stat()
+        name = path.name if path == ctx.source else path.relative_to(ctx.source).as_posix()
+        files.append([name, stat.st_size, stat.st_mtime_ns])
+    return {"spec": ctx.spec().model_dump(mode="json"), "source": str(ctx.source), "files": files}
+
+
+def _ingest_outcome(ctx: DayContext, note: str) -> Outcome:
+    manifest = read_manifest(ctx.events, PARTITION_MANIFEST)
+    return Outcome(
+        ctx.events,
+        PARTITION_MANIFEST,
+        note=note,
+        metrics=numeric(manifest.get("counts", {})),
+        artifacts=[("ingest", ctx.events / PARTITION_MANIFEST)],
+    )
+
+
+def _ingest_run(ctx: DayContext) -> Outcome:
+    from pipelines.ingest.runner import run_ingest
+
+    report = run_ingest(ctx.settings, ctx.spec(), ctx.source, ctx.date, spark=ctx.spark())
+    outcome = _ingest_outcome(
+        ctx, f"{report.rows_written:,} events, {report.rows_quarantined:,} quarantined"
+    )
+    outcome.metrics.update(
+        {
+            "rows_in": report.rows_in,
+            "rows_other_dates": sum(report.rows_other_dates.values()),
+        }
+    )
+    return outcome
+
+
+def _ingest_adopt(ctx: DayContext) -> Outcome | None:
+    """Take D's events partition as is when it was published from this very source after the
+    source's files last changed (e.g. by ``deepclick ingest``): re-ingesting changes nothing."""
+    try:
+        manifest = verify(ctx.events, PARTITION_MANIFEST)
+    except (NotPublishedError, RuntimeError):
+        return None
+    if manifest.get("source") != str(ctx.source) or manifest.get("dataset") != ctx.spec().name:
+        return None
+    newest = max((p.stat().st_mtime for p in source_files(ctx)), default=0.0)
+    created = dt.datetime.fromisoformat(str(manifest.get("created_at"))).timestamp()
+    if created < newest:
+        return None
+    return _ingest_outcome(ctx, "adopted: already ingested from this unchanged source")
+
+
+# --------------------------------------------------------------------------- Spark and TF stages
+
+
+def _features_inputs(ctx: DayContext) -> dict[str, Any]:
+    from pipelines.features.runner import find_inputs
+
+    found = find_inputs(ctx.settings.warehouse, ctx.date, ctx.settings.features)
+    return {
+        "events": [p.manifest for p in found.events],
+        "side": {s.table: [p.manifest for p in s.used] for s in found.sides.values()},
+    }
+
+
+def _features_run(ctx: DayContext) -> Outcome:
+    from pipelines.features.runner import run_features
+
+    folder = run_features(ctx.settings, ctx.date, spark=ctx.spark())
+    manifest = read_manifest(folder)
+    metrics = {**numeric(manifest.get("counts", {})), **numeric(manifest.get("metrics", {}))}
+    days = len(manifest.get("train_dates", []))
+    return Outcome(
+        folder,
+        note=f"{metrics.get('train_impressions', 0):,.0f} training rows from {days} day(s)",
+        metrics=metrics,
+        artifacts=[("features", folder / "feature_spec.json"), ("features", folder / MANIFEST)],
+    )
+
+
+def _towers_run(ctx: DayContext) -> Outcome:
+    from pipelines.towers import run_towers
+
+    folder = run_towers(ctx.settings, ctx.date, progress=False)
+    manifest = read_manifest(folder)
+    history = manifest.get("metrics", {}).get("history", {})
+    metrics = {k: v for k, v in manifest.get("metrics", {}).items() if isinstance(v, int | float)}
+    return Outcome(
+        folder,
+        note=f"{manifest.get('counts', {}).get('examples', 0):,} clicks, dim {manifest.get('dim')}",
+        metrics={**numeric(manifest.get("counts", {})), **metrics},
+        curves={f"train.{k}": list(v) for k, v in history.items()},
+        artifacts=[("towers", folder / MANIFEST)],
+        register="towers",
+    )
+
+
+def _embed_run(ctx: DayContext) -> Outcome:
+    from pipelines.embed import run_embed
+
+    folder = run_embed(ctx.settings, ctx.date, spark=ctx.spark())
+    counts = read_manifest(folder).get("counts", {})
+    return Outcome(
+        folder,
+        note=", ".join(f"{v:,} {k}" for k, v in counts.items() if isinstance(v, int)),
+        metrics=numeric(counts),
+        artifacts=[("embeddings", folder / MANIFEST)],
+    )
+
+
+def _index_run(ctx: DayContext) -> Outcome:
+    from pipelines.build_index import run_index
+
+    folder = run_index(ctx.settings, ctx.date)
+    manifest = read_manifest(folder)
+    metrics = numeric(manifest.get("counts", {}))
+    for key in ("ann_recall_at_k", "search_k", "n_trees", "recall_k"):
+        if isinstance(manifest.get(key), int | float):
+            metrics[key] = float(manifest[key])
+    return Outcome(
+        folder,
+        note=f"ANN recall@{manifest.get('recall_k')} {manifest.get('ann_recall_at_k', 0):.3f}",
+        metrics=metrics,
+        artifacts=[("index", folder / MANIFEST)],
+    )
+
+
+def _ranker_inputs(ctx: DayContext) -> dict[str, Any]:
+    found = {"features": _manifest(ctx.features, "ranker", "features")}
+    if ctx.settings.lifecycle.ranker_similarity:
+        found["embeddings"] = _manifest(ctx.embeddings, "ranker", "embeddings")
+    return found
+
+
+def _ranker_run(ctx: DayContext) -> Outcome:
+    from candidates.store import read_embeddings
+    from models.feature_spec import load_feature_spec
+    from models.ranker.export import export_ranker
+    from models.ranker.similarity import EmbeddingSimilarity
+    from models.ranker.train import train_ranker
+
+    settings = ctx.settings
+    spec = load_feature_spec(ctx.features)
+    similarity = (
+        EmbeddingSimilarity(read_embeddings(ctx.embeddings))
+        if settings.lifecycle.ranker_similarity
+        else None
+    )
+    trained = train_ranker(spec, settings.ranker, similarity=similarity, progress=False)
+    # Not moving <model>/CURRENT: a challenger is not served until it is promoted.
+    folder = export_ranker(
+        trained,
+        settings.model_repository,
+        settings.predictor.model_name,
+        ctx.version,
+        {"history": trained.history},
+        update_current=False,
+    )
+    metrics = dict(trained.metrics)
+    return Outcome(
+        folder,
+        RANKER_MANIFEST,
+        note=f"held-out AUC {metrics.get('holdout_auc', float('nan')):.4f}",
+        metrics=metrics,
+        curves={f"train.{k}": list(v) for k, v in trained.history.items()},
+        artifacts=[("ranker", folder / RANKER_MANIFEST)],
+        register="ranker",
+    )
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def recall_on_day(
+    settings: Settings,
+    eval_rows: pd.DataFrame,
+    embeddings: Path,
+    index: Path,
+    ks: list[int],
+) -> dict[int, float]:
+    """Recall@K of D's clicked ads through the serving path of one (embeddings, index) pair.
+
+    The gate's retrieval number, measured the same way for the challenger and for the champion
+    (whose embeddings come from another features version, which ``evaluate_retrieval`` rightly
+    refuses to pair): the same seeded sample of clicks, the candidates serving would return —
+    ANNOY alone (``two_tower_ann``) or with the popular quota (``two_tower_popular``).
+    """
+    from candidates.service import CandidateService
+    from models.evaluation.retrieval import recall_at_k
+    from models.evaluation.retrieval_report import RetrievalEvalConfig, sample_clicks
+    from pipelines.retrieval_eval import service_candidates
+
+    cfg = settings.lifecycle
+    quota = 0.0 if cfg.gate_recall_method == "two_tower_ann" else settings.index.popular_quota
+    queries = sample_clicks(eval_rows, cfg.recall_queries, RetrievalEvalConfig().seed)
+    if queries.empty:
+        raise ValueError("the evaluation day has no clicks: recall@K is undefined")
+    service = CandidateService.load(index, embeddings, popular_quota=quota)
+    try:
+        retrieved = service_candidates(
+            service,
+            queries["user_id"].astype(str).tolist(),
+            queries["placement_id"].astype(str).tolist(),
+            sorted(ks),
+        )
+    finally:
+        service.index.close()
+    clicked = queries["ad_id"].astype(str).to_numpy()
+    return {k: recall_at_k(retrieved[k], clicked, [k])[k] for k in sorted(ks)}
+
+
+def measure(
+    ctx: DayContext,
+    *,
+    embeddings: Path,
+    index: Path,
+    ranker: Path,
+    out: Path,
+    back_test: bool,
+) -> dict[str, float]:
+    """The numbers the gate compares for one (embeddings + index, ranker) pair, all measured on
+    D's evaluation set (``features/<D>/eval``): ranking AUC, logloss, normalized entropy and
+    calibration ratio (report, ROC and reliability plots written to ``out/ranking``), recall@K of
+    the clicked ads, and the index's measured ANN recall. ``back_test`` scores a model built for
+    an earlier day (the champion) on D's rows, pairing it with its own embeddings."""
+    import pandas as pd
+
+    from candidates.store import read_embeddings
+    from models.evaluation.report import evaluate_ranking
+    from models.ranker.similarity import EmbeddingSimilarity
+
+    cfg = ctx.settings.lifecycle
+    truth = None
+    truth_dir = ctx.truth_dir()
+    if truth_dir is not None and (truth_dir / f"{ctx.date.isoformat()}.parquet").is_file():
+        truth = pd.read_parquet(truth_dir / f"{ctx.date.isoformat()}.parquet")
+    report = evaluate_ranking(
+        ranker,
+        ctx.features,
+        out / "ranking",
+        similarity=EmbeddingSimilarity(read_embeddings(embeddings)),
+        truth=truth,
+        bootstrap=cfg.eval_bootstrap,
+        allow_version_mismatch=back_test,
+    )
+    ranked = report.metrics["models"]["ranker"]
+    summary = {
+        key: float(ranked[key])
+        for key in ("auc", "logloss", "normalized_entropy", "calibration_ratio", "predicted_ctr")
+        if isinstance(ranked.get(key), int | float)
+    }
+    summary["eval_rows"] = float(report.metrics["evaluation_set"]["rows"])
+    summary["eval_clicks"] = float(report.metrics["evaluation_set"]["clicks"])
+    summary["observed_ctr"] = float(report.metrics["evaluation_set"]["ctr"])
+    if "oracle" in report.metrics:
+        summary["oracle_auc"] = float(report.metrics["oracle"]["auc"])
+    rows = pd.read_parquet(ctx.features / "eval", columns=EVAL_COLUMNS)
+    recall = recall_on_day(ctx.settings, rows, embeddings, index, cfg.recall_ks)
+    summary.update({recall_metric(k): v for k, v in recall.items()})
+    ann = read_manifest(index).get("ann_recall_at_k")
+    if isinstance(ann, int | float):
+        summary["ann_recall"] = float(ann)
+    return summary
+
+
+def _evaluate_inputs(ctx: DayContext) -> dict[str, Any]:
+    return {
+        "ranker": _manifest(ctx.ranker, "evaluate", "ranker", RANKER_MANIFEST),
+        "features": _manifest(ctx.features, "evaluate", "features"),
+        "embeddings": _manifest(ctx.embeddings, "evaluate", "embeddings"),
+        "index": _manifest(ctx.index, "evaluate", "index"),
+    }
+
+
+def _evaluate_config(ctx: DayContext) -> dict[str, Any]:
+    cfg = ctx.settings.lifecycle
+    return {
+        "recall_ks": cfg.recall_ks,
+        "recall_queries": cfg.recall_queries,
+        "gate_recall_method": cfg.gate_recall_method,
+        "eval_bootstrap": cfg.eval_bootstrap,
+        "retrieval_als": cfg.retrieval_als,
+        "popular_quota": ctx.settings.index.popular_quota,
+    }
+
+
+def _evaluate_run(ctx: DayContext) -> Outcome:
+    from models.evaluation.retrieval_report import RetrievalEvalConfig
+    from pipelines.retrieval_eval import evaluate_retrieval
+
+    cfg = ctx.settings.lifecycle
+    parent = ctx.evaluation.parent
+    ks = tuple(sorted(cfg.recall_ks))
+    with publishing(parent, ctx.version, update_current=False) as staging:
+        summary = measure(
+            ctx,
+            embeddings=ctx.embeddings,
+            index=ctx.index,
+            ranker=ctx.ranker,
+            out=staging.path,
+            back_test=False,
+        )
+        retrieval = evaluate_retrieval(
+            ctx.settings,
+            ctx.date,
+            embeddings_folder=ctx.embeddings,
+            index_folder=ctx.index,
+            features_folder=ctx.features,
+            spark=ctx.spark_session,
+            truth_dir=ctx.truth_dir(),
+            out_dir=staging.path / "retrieval",
+            config=RetrievalEvalConfig(
+                ks=ks,
+                max_queries=cfg.recall_queries,
+                target_k=500 if 500 in ks else ks[-1],
+            ),
+            run_als=cfg.retrieval_als,
+        )
+        (staging.path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        versions = {k: v.get("version") for k, v in _evaluate_inputs(ctx).items()}
+        staging.manifest.update(
+            {
+                "stage": "evaluate",
+                "target_date": ctx.date.isoformat(),
+                "inputs": versions,
+                "metrics": summary,
+                "retrieval": {
+                    "recall_at_k": retrieval.get("recall_at_k", {}),
+                    "target": retrieval.get("target"),
+                },
+            }
+        )
+    extra = numeric(retrieval.get("recall_at_k", {}), "retrieval.")
+    recall = summary.get(recall_metric(cfg.gate_recall_k), float("nan"))
+    return Outcome(
+        ctx.evaluation,
+        note=f"AUC {summary.get('auc', float('nan')):.4f}, calibration "
+        f"{summary.get('calibration_ratio', float('nan')):.3f}, recall@{cfg.gate_recall_k} "
+        f"{recall:.3f}",
+        metrics={**summary, **extra},
+        artifacts=[("evaluation", ctx.evaluation)],
+    )
+
+
+# --------------------------------------------------------------------------- gate and publish
+
+
+def components(ctx: DayContext) -> dict[str, dict[str, Any]]:
+    """D's published parts as a decision records them: version, folder (relative to root),
+    manifest digest — which later proves the folder was not republished — and MLflow version."""
+    root = ctx.settings.root
+    parts = {
+        "features": (ctx.features, MANIFEST),
+        "towers": (ctx.towers, MANIFEST),
+        "embeddings": (ctx.embeddings, MANIFEST),
+        "index": (ctx.index, MANIFEST),
+        "ranker": (ctx.ranker, RANKER_MANIFEST),
+    }
+    found: dict[str, dict[str, Any]] = {}
+    for name, (folder, manifest_name) in parts.items():
+        manifest = _manifest(folder, "publish", name, manifest_name)
+        found[name] = {
+            "version": str(manifest.get("version")),
+            "folder": _relative(folder, root),
+            "manifest": manifest_name,
+            "manifest_sha256": sha256_file(folder / manifest_name),
+        }
+    for kind in ("towers", "ranker"):
+        found[kind]["registered_version"] = ctx.registered.get(kind)
+    return found
+
+
+def _champion_folder(settings: Settings, champion: dict[str, Any], name: str) -> Path:
+    """A component folder of the champion, checked to be the very one that was promoted."""
+    part = champion["challenger"][name]
+    folder = Path(part["folder"])
+    folder = folder if folder.is_absolute() else settings.root / folder
+    path = folder / part.get("manifest", MANIFEST)
+    if not path.is_file() or sha256_file(path) != part["manifest_sha256"]:
+        raise ChampionUnavailableError(
+            f"the champion (built for {champion['date']}) cannot be re-measured: its {name} "
+            f"folder {folder} is missing or was republished since it was promoted"
+        )
+    return folder
+
+
+def _gate_config(ctx: DayContext) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in ctx.settings.lifecycle.model_dump(mode="json").items()
+        if k.startswith("gate_")
+    }
+
+
+def _gate_run(ctx: DayContext) -> Outcome:
+    settings = ctx.settings
+    evaluation = _manifest(ctx.evaluation, "gate", "evaluation")
+    challenger = dict(evaluation.get("metrics", {}))
+    champion = current_champion(settings)
+    with publishing(ctx.gate.parent, ctx.version, update_current=False) as staging:
+        champion_metrics: dict[str, float] | None = None
+        if champion is None:
+            result = judge(challenger, None, settings.lifecycle)
+        elif dt.date.fromisoformat(champion["date"]) > ctx.date:
+            rule = (
+                f"a champion built for {champion['date']} (after {ctx.date}) is serving; a model "
+                "of an earlier day is never promoted over it"
+            )
+            result = GateResult(False, (Check("champion_date", False, None, None, rule),), True)
+        elif champion["date"] == ctx.date.isoformat():
+            # The champion was itself judged on D: its numbers on D are on record.
+            champion_metrics = dict(champion.get("metrics", {}).get("challenger", {}))
+            result = judge(challenger, champion_metrics, settings.lifecycle)
+        else:
+            champion_metrics = measure(
+                ctx,
+                embeddings=_champion_folder(settings, champion, "embeddings"),
+                index=_champion_folder(settings, champion, "index"),
+                ranker=_champion_folder(settings, champion, "ranker"),
+                out=staging.path / "champion",
+                back_test=True,
+            )
+            result = judge(challenger, champion_metrics, settings.lifecycle)
+        decision = {
+            "date": ctx.date.isoformat(),
+            **result.to_dict(),
+            "metrics": {"challenger": challenger, "champion": champion_metrics},
+            "champion": None
+            if champion is None
+            else {
+                "decision_id": champion["id"],
+                "date": champion["date"],
+                "release": champion.get("release"),
+                "ranker": champion["challenger"]["ranker"]["version"],
+            },
+        }
+        (staging.path / DECISION_FILE).write_text(json.dumps(decision, indent=2) + "\n")
+        staging.manifest.update(
+            {
+                "stage": "gate",
+                "inputs": {"evaluation": evaluation.get("version")},
+                "promote": result.promote,
+                "metrics": numeric({"champion": champion_metrics or {}}),
+            }
+        )
+    metrics = {"promote": float(result.promote), **numeric({"champion": champion_metrics or {}})}
+    return Outcome(
+        ctx.gate,
+        note=("pass: " if result.promote else "") + result.reason,
+        metrics=metrics,
+        artifacts=[("gate", ctx.gate)],
+        extra={"promote": result.promote},
+    )
+
+
+def _publish_run(ctx: DayContext) -> Outcome:
+    settings = ctx.settings
+    _manifest(ctx.gate, "publish", "gate decision")
+    gate = json.loads((ctx.gate / DECISION_FILE).read_text())
+    parts = components(ctx)
+    record: dict[str, Any] = {
+        "date": ctx.date.isoformat(),
+        "dataset": ctx.spec().name,
+        "reason": gate["reason"],
+        "checks": gate["checks"],
+        "metrics": gate["metrics"],
+        "challenger": parts,
+        "champion_before": gate.get("champion"),
+        "gate": _relative(ctx.gate, settings.root),
+    }
+    if not gate["promote"]:
+        entry = append_decision(settings, {**record, "action": REFUSED, "release": None})
+        return Outcome(
+            None,
+            note=f"refused; serving unchanged ({gate['reason']})",
+            metrics={"promoted": 0.0},
+            decision=entry,
+            extra={"decision_id": entry["id"], "action": REFUSED},
+        )
+    from serving.release import publish_release
+
+    release = publish_release(settings, ctx.features, ctx.embeddings, ctx.index, ctx.ranker)
+    set_current(ctx.ranker.parent, ctx.version)  # TF Serving / in-process pointer of the champion
+    entry = append_decision(settings, {**record, "action": PROMOTED, "release": release.name})
+    return Outcome(
+        release,
+        note=f"promoted: release {release.name} serves",
+        metrics={"promoted": 1.0},
+        artifacts=[("release", release / "release.json")],
+        decision=entry,
+        extra={"decision_id": entry["id"], "action": PROMOTED},
+    )
+
+
+def _decision_recorded(ctx: DayContext, entry: dict[str, Any]) -> str | None:
+    decision_id = entry.get("extra", {}).get("decision_id")
+    if decision_id and find_decision(ctx.settings, decision_id) is not None:
+        return None
+    return f"decision {decision_id} is not in the decisions ledger"
+
+
+def _upstream(stage: str, *names: str) -> Callable[[DayContext], dict[str, Any]]:
+    """``inputs`` of a stage that reads the manifests of D's folders ``names``."""
+    manifests = {"ranker": RANKER_MANIFEST}
+
+    def inputs(ctx: DayContext) -> dict[str, Any]:
+        return {
+            name: _manifest(getattr(ctx, name), stage, name, manifests.get(name, MANIFEST))
+            for name in names
+        }
+
+    return inputs
+
+
+def _section(name: str) -> Callable[[DayContext], dict[str, Any]]:
+    return lambda ctx: getattr(ctx.settings, name).model_dump(mode="json")
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "ingest",
+        _ingest_run,
+        _ingest_inputs,
+        lambda ctx: {},
+        uses_spark=True,
+        protects=("features", "embeddings", "index", "ranker"),
+        adopt=_ingest_adopt,
+    ),
+    Stage(
+        "features",
+        _features_run,
+        _features_inputs,
+        _section("features"),
+        uses_spark=True,
+        protects=("features", "embeddings", "index", "ranker"),
+    ),
+    Stage(
+        "towers",
+        _towers_run,
+        _upstream("towers", "features"),
+        _section("two_tower"),
+        protects=("embeddings", "index", "ranker"),
+    ),
+    Stage(
+        "embed",
+        _embed_run,
+        _upstream("embed", "features", "towers"),
+        lambda ctx: {},
+        uses_spark=True,
+        protects=("embeddings", "index", "ranker"),
+    ),
+    Stage(
+        "index",
+        _index_run,
+        _upstream("index", "embeddings", "features"),
+        _section("index"),
+        protects=("index",),
+    ),
+    Stage(
+        "ranker",
+        _ranker_run,
+        _ranker_inputs,
+        lambda ctx: {
+            "ranker": ctx.settings.ranker.model_dump(mode="json"),
+            "similarity": ctx.settings.lifecycle.ranker_similarity,
+            "model_name": ctx.settings.predictor.model_name,
+        },
+        protects=("ranker",),
+    ),
+    Stage("evaluate", _evaluate_run, _evaluate_inputs, _evaluate_config),
+    Stage("gate", _gate_run, _upstream("gate", "evaluation"), _gate_config),
+    Stage(
+        "publish",
+        _publish_run,
+        _upstream("publish", "gate"),
+        lambda ctx: {"timezone": ctx.settings.serving.timezone},
+        still_valid=_decision_recorded,
+    ),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+SPARK_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES if s.uses_spark)
+
+
+def get_stage(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(STAGE_NAMES)}")
