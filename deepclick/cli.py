@@ -204,6 +204,57 @@ def serve(
     run(settings, workers)
 
 
+DatasetOption = Annotated[
+    str | None, typer.Option(help="dataset spec (default: lifecycle settings, else marketplace)")
+]
+SourceOption = Annotated[
+    Path | None, typer.Option(help="raw logs: a day folder, or a folder of day folders")
+]
+
+
+@app.command()
+def run(
+    date: DateOption,
+    dataset: DatasetOption = None,
+    source: SourceOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """The daily pipeline for D: ingest → features → towers → embed → index → ranker →
+    evaluate → gate → publish. Unchanged stages are skipped; a failure leaves serving as it was."""
+    settings = _settings(config)
+    from pipelines.daily import StageFailed, run_daily
+
+    try:
+        run_daily(settings, _date(date), dataset=dataset, source=source, console=console)
+    except StageFailed as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def backfill(
+    start: Annotated[str, typer.Option(help="first day, YYYY-MM-DD")],
+    end: Annotated[str, typer.Option(help="last day (inclusive), YYYY-MM-DD")],
+    dataset: DatasetOption = None,
+    source: SourceOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Run the daily pipeline for every day from START to END, oldest first."""
+    settings = _settings(config)
+    from pipelines.daily import StageFailed, run_backfill
+
+    try:
+        run_backfill(
+            settings,
+            _date(start, "--start"),
+            _date(end, "--end"),
+            dataset=dataset,
+            source=source,
+            console=console,
+        )
+    except StageFailed as exc:
+        raise _fail(exc) from None
+
+
 @app.command()
 def specs(show: Annotated[str | None, typer.Argument(help="spec name or path")] = None) -> None:
     """List the built-in dataset specs, or validate and show one."""
