@@ -148,7 +148,7 @@ def judge(
         )
     if champion is not None:
         for name, tolerance in (
-            (("auc", gates.gate_auc_tolerance)),
+            ("auc", gates.gate_auc_tolerance),
             (recall, gates.gate_recall_tolerance),
         ):
             theirs = _value(champion, name)

@@ -51,7 +51,15 @@ from deepclick.publish import (
 from deepclick.registry import find_decision
 from deepclick.settings import LifecycleSettings, Settings, SettingsError, load_settings
 from deepclick.tracking import StageRecord, Tracker, code_version, flatten, make_tracker, numeric
-from pipelines.stages import STAGE_NAMES, STAGES, DayContext, Outcome, Stage, get_stage
+from pipelines.stages import (
+    STAGE_NAMES,
+    STAGES,
+    DayContext,
+    Outcome,
+    Stage,
+    get_stage,
+    relative,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -61,8 +69,6 @@ log = logging.getLogger(__name__)
 LEDGER_FILE = "stages.json"
 RELEASE_FILE = "release.json"
 """serving.release.RELEASE_FILE (not imported: scheduling a stage must not load serving)."""
-MODEL_STAGES = {"towers": "towers", "ranker": "ranker"}
-"""Stages whose output is a model registered in MLflow, by registered-model kind."""
 KEPT_INVOCATIONS = 50
 
 
@@ -286,8 +292,9 @@ def _execute(
     digest: str | None = None
     inputs: dict[str, Any] = {}
     ctx.registered = {
-        kind: (ledger.entry(name) or {}).get("registered_version")
-        for name, kind in MODEL_STAGES.items()
+        s.registers: (ledger.entry(s.name) or {}).get("registered_version")
+        for s in STAGES
+        if s.registers
     }
     try:
         digest, inputs = fingerprint(stage, ctx)
@@ -343,7 +350,7 @@ def _execute(
             "status": "done",
             "last": status,
             "fingerprint": digest,
-            "output": None if outcome.output is None else _relative(outcome.output, root),
+            "output": None if outcome.output is None else relative(outcome.output, root),
             "manifest": outcome.manifest_name,
             "finished_at": _now(),
             "checked_at": _now(),
@@ -352,6 +359,7 @@ def _execute(
             "metrics": numeric(outcome.metrics),
             "extra": outcome.extra,
             "run_key": run_key,
+            "produced_by": run_key,
             "registered_version": None,
         }
     ledger.record(stage.name, entry)
@@ -404,13 +412,12 @@ def _track(
         metrics=result.metrics if outcome is not None else {},
         curves=outcome.curves if outcome is not None else {},
         artifacts=outcome.artifacts if outcome is not None else [],
-        tags={"deepclick.produced_by": str(entry.get("run_key"))} if outcome is None else {},
+        tags={"deepclick.produced_by": str(entry.get("produced_by"))} if outcome is None else {},
     )
     result.mlflow_run_id = tracker.stage(record)
-    kind = MODEL_STAGES.get(stage.name)
-    if kind and entry.get("output") and not entry.get("registered_version"):
+    if stage.registers and entry.get("output") and not entry.get("registered_version"):
         version = tracker.register(
-            kind,  # type: ignore[arg-type]
+            stage.registers,
             result.mlflow_run_id,
             ctx.settings.root / entry["output"],
             {
@@ -432,13 +439,6 @@ def _track(
             tracker.decision(decision)
             entry["extra"] = {**extra, "mirrored": True}
             ledger.record(stage.name, entry)
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return str(path.resolve())
 
 
 # --------------------------------------------------------------------------- context
@@ -743,11 +743,14 @@ STATUS_STYLE = {"ran": "[green]✓ ran[/green]", "skipped": "[cyan]↷ skipped[/
 
 
 def _print_stage(console: Console, result: StageResult) -> None:
-    why = f" [dim]({result.reason})[/dim]" if result.status == "skipped" else ""
-    console.print(
-        f"{STATUS_STYLE.get(result.status, result.status):<28} {result.name:<9} "
-        f"{result.seconds:7.1f} s  {result.note}{why}"
-    )
+    line = Text.from_markup(STATUS_STYLE.get(result.status, result.status))
+    line.pad_right(11 - len(line))
+    line.append(f"{result.name:<9}{result.seconds:7.1f} s  ")
+    line.append(result.note)
+    if result.status == "skipped":
+        adopted = result.reason.startswith("published earlier")
+        line.append(" (adopted)" if adopted else " (unchanged)", style="dim")
+    console.print(line)
 
 
 def print_summary(console: Console, report: DailyReport) -> None:
@@ -756,12 +759,13 @@ def print_summary(console: Console, report: DailyReport) -> None:
     for column in ("stage", "status", "seconds", "result"):
         table.add_column(column, justify="right" if column == "seconds" else "left")
     for s in report.stages:
-        table.add_row(s.name, s.status, f"{s.seconds:.1f}", s.note)
-    table.add_row("total", "", f"{report.seconds:.1f}", report.note)
+        table.add_row(s.name, s.status, f"{s.seconds:.1f}", Text(s.note))
+    table.add_row("total", "", f"{report.seconds:.1f}", Text(report.note))
     console.print(table)
     if report.decision is not None:
         d = report.decision
-        console.print(f"decision: [bold]{d['action']}[/bold] — {d.get('reason', '')}")
+        line = Text("decision: ").append(str(d["action"]), style="bold")
+        console.print(line.append(f" — {d.get('reason', '')}"))
     console.print(f"serving release: {report.release or 'none yet'}")
     if report.mlflow_run_id:
         console.print(f"MLflow run: {report.mlflow_run_id}")

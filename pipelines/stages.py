@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +52,6 @@ from deepclick.tracking import numeric
 if TYPE_CHECKING:
     import pandas as pd
     from pyspark.sql import SparkSession
-
-log = logging.getLogger(__name__)
 
 PARTITION_MANIFEST = "_manifest.json"
 RANKER_MANIFEST = "deepclick_manifest.json"
@@ -150,7 +147,6 @@ class Outcome:
     metrics: dict[str, float] = field(default_factory=dict)
     curves: dict[str, list[float]] = field(default_factory=dict)
     artifacts: list[tuple[str, Path]] = field(default_factory=list)
-    register: ModelKind | None = None
     decision: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Kept in the stage's ledger entry (e.g. the decision id the publish stage recorded)."""
@@ -165,6 +161,8 @@ class Stage:
     inputs: Callable[[DayContext], dict[str, Any]]
     config: Callable[[DayContext], dict[str, Any]]
     uses_spark: bool = False
+    registers: ModelKind | None = None
+    """The registered model its output is a new version of (towers, ranker)."""
     protects: tuple[str, ...] = ()
     """D's folders (DayContext attributes) that re-running this stage republishes, itself or by
     forcing a later stage of D to: the runner refuses while the serving release reads one."""
@@ -184,7 +182,9 @@ def _manifest(folder: Path, stage: str, what: str, name: str = MANIFEST) -> dict
         ) from None
 
 
-def _relative(path: Path, root: Path) -> str:
+def relative(path: Path, root: Path) -> str:
+    """``path`` relative to the state root when inside it (the root can then be mounted
+    elsewhere, as releases allow), else absolute."""
     try:
         return path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
@@ -319,7 +319,6 @@ def _towers_run(ctx: DayContext) -> Outcome:
         metrics={**numeric(manifest.get("counts", {})), **metrics},
         curves={f"train.{k}": list(v) for k, v in history.items()},
         artifacts=[("towers", folder / MANIFEST)],
-        register="towers",
     )
 
 
@@ -392,7 +391,6 @@ def _ranker_run(ctx: DayContext) -> Outcome:
         metrics=metrics,
         curves={f"train.{k}": list(v) for k, v in trained.history.items()},
         artifacts=[("ranker", folder / RANKER_MANIFEST)],
-        register="ranker",
     )
 
 
@@ -589,7 +587,7 @@ def components(ctx: DayContext) -> dict[str, dict[str, Any]]:
         manifest = _manifest(folder, "publish", name, manifest_name)
         found[name] = {
             "version": str(manifest.get("version")),
-            "folder": _relative(folder, root),
+            "folder": relative(folder, root),
             "manifest": manifest_name,
             "manifest_sha256": sha256_file(folder / manifest_name),
         }
@@ -694,7 +692,7 @@ def _publish_run(ctx: DayContext) -> Outcome:
         "metrics": gate["metrics"],
         "challenger": parts,
         "champion_before": gate.get("champion"),
-        "gate": _relative(ctx.gate, settings.root),
+        "gate": relative(ctx.gate, settings.root),
     }
     if not gate["promote"]:
         entry = append_decision(settings, {**record, "action": REFUSED, "release": None})
@@ -767,6 +765,7 @@ STAGES: tuple[Stage, ...] = (
         _towers_run,
         _upstream("towers", "features"),
         _section("two_tower"),
+        registers="towers",
         protects=("embeddings", "index", "ranker"),
     ),
     Stage(
@@ -793,6 +792,7 @@ STAGES: tuple[Stage, ...] = (
             "similarity": ctx.settings.lifecycle.ranker_similarity,
             "model_name": ctx.settings.predictor.model_name,
         },
+        registers="ranker",
         protects=("ranker",),
     ),
     Stage("evaluate", _evaluate_run, _evaluate_inputs, _evaluate_config),

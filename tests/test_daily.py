@@ -12,13 +12,18 @@ The tests of this module are one story, in order, on one shared state folder:
 4. re-running day 3 with a sabotaged ranker (labels inverted) resumes at the index stage and the
    gate refuses the challenger: serving is unchanged, the refusal is on record;
 5. re-running day 3 with the normal ranker retrains only the ranker and what follows it; the gate
-   (against the day-2 champion re-measured on day 3) promotes it, and serving loads its release.
+   (against the day-2 champion re-measured on day 3) promotes it, and serving loads its release;
+6. day 3 now serves: a changed setting may not republish its folders under serving, and the
+   refusal leaves the finished day a no-op; tasks are judged by the ledger;
+7. a day ingested outside the run ledger (``deepclick ingest``) is adopted, and re-ingested once
+   its source changes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +200,14 @@ def test_airflow_runs_a_day_end_to_end_and_its_model_becomes_champion(
     assert decision["champion_before"] is None
     assert {c["name"] for c in decision["checks"]} == {"auc", "recall_at_50", "calibration_ratio"}
     assert decision["challenger"]["ranker"]["folder"] == "model_repository/ranker/20240102"
+    # the gated recall is the retrieval report's ANN recall (same clicks, same serving path)
+    evaluation = world.settings.root / "evaluations" / "20240102"
+    retrieval = json.loads((evaluation / "retrieval" / "retrieval.json").read_text())
+    gated = decision["metrics"]["challenger"]["recall_at_50"]
+    assert retrieval["recall_at_k"]["two_tower_ann"]["50"] == pytest.approx(gated, abs=1e-6)
+    assert {"roc.png", "reliability.png", "report.md"} <= {
+        p.name for p in (evaluation / "ranking").iterdir()
+    }
     assert current_version(world.settings.model_repository / "ranker") == "20240102"
     assert served_on(world.settings, D2) is None
     served = served_on(world.settings, D3)
