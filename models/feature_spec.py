@@ -21,6 +21,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 SPEC_FILE = "feature_spec.json"
+FEATURE_TABLES: tuple[str, ...] = (
+    "training/ranking",
+    "training/retrieval",
+    "eval",
+    "entities/users",
+    "entities/placements",
+    "entities/ads",
+    "popularity",
+)
+"""The Parquet tables every published features folder holds (docs/contracts.md §3)."""
 MISSING = "__missing__"
 """What a missing (null or empty) categorical value becomes, in the tables and at serving."""
 

@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from models.feature_spec import (
+    FEATURE_TABLES,
     MISSING,
     EntitySpec,
     Feature,
@@ -49,15 +50,7 @@ from models.feature_spec import (
     load_feature_spec,
 )
 
-TABLES = (
-    "training/ranking",
-    "training/retrieval",
-    "eval",
-    "entities/users",
-    "entities/placements",
-    "entities/ads",
-    "popularity",
-)
+TABLES = FEATURE_TABLES
 ALL_PLACEMENTS = "__all__"
 POSITION_EFFECT = {"1": 0.5, "2": 0.0, "3": -0.5}
 HISTORY = ("hist_impressions", "hist_clicks", "hist_ctr")

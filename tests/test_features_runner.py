@@ -14,7 +14,7 @@ import pytest
 
 from deepclick.publish import current_version, verify
 from deepclick.settings import FeatureSettings, Settings, SparkSettings
-from models.feature_spec import MISSING, load_feature_spec
+from models.feature_spec import FEATURE_TABLES, MISSING, load_feature_spec
 from pipelines.features import runner
 from pipelines.features.runner import FeaturesInputError, run_features
 
@@ -47,15 +47,7 @@ SIDE_FEATURES = {
 }
 KEYS = {"user": "user_id", "context": "placement_id", "ad": "ad_id"}
 PREFIX = {"user": "user__", "context": "ctx__", "ad": "ad__"}
-TABLES = [
-    "training/ranking",
-    "training/retrieval",
-    "eval",
-    "entities/users",
-    "entities/placements",
-    "entities/ads",
-    "popularity",
-]
+TABLES = list(FEATURE_TABLES)
 
 
 # --- canonical inputs ------------------------------------------------------------------------

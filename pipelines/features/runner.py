@@ -27,6 +27,7 @@ from pyspark.sql import functions as F
 from deepclick.publish import Staging, publishing, version_for
 from deepclick.settings import FeatureSettings, Settings
 from models.feature_spec import (
+    FEATURE_TABLES,
     HISTORY_SUFFIXES,
     MISSING,
     REQUEST_TIME_FEATURES,
@@ -49,15 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INPUT_MANIFEST = "_manifest.json"
-TABLES = (
-    "training/ranking",
-    "training/retrieval",
-    "eval",
-    "entities/users",
-    "entities/placements",
-    "entities/ads",
-    "popularity",
-)
+TABLES = FEATURE_TABLES
 BROADCAST_MAX_ROWS = 500_000
 """Entity-day tables up to this many rows are broadcast to the rows instead of shuffling them."""
 PARALLEL_WRITES = 4
