@@ -204,6 +204,53 @@ def serve(
     run(settings, workers)
 
 
+@app.command()
+def evaluate(
+    date: DateOption,
+    model_version: Annotated[
+        str | None, typer.Option(help="ranker version to judge (default: the one built for D)")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Offline evaluation of any exported ranker version on D's evaluation set: AUC with CI,
+    logloss, NE, calibration, per placement, oracle AUC on generated data; JSON, markdown, PNGs."""
+    settings = _settings(config)
+    from candidates.store import read_embeddings
+    from deepclick.publish import resolve, version_for
+    from models.evaluation.report import evaluate_ranking
+    from models.ranker.predictor import InProcessPredictor
+    from models.ranker.similarity import EmbeddingSimilarity
+    from pipelines.towers import features_folder
+
+    day = _date(date)
+    version = model_version or version_for(day)
+    try:
+        model = InProcessPredictor(
+            settings.model_repository / settings.predictor.model_name / version
+        )
+        similarity = None
+        if model.uses_similarity:
+            embeddings = resolve(
+                settings.artifacts / "embeddings", model.embedding_version, what="embeddings"
+            )
+            similarity = EmbeddingSimilarity(read_embeddings(embeddings))
+        out = settings.root / "evaluations" / version_for(day) / f"ranking-model-{version}"
+        report = evaluate_ranking(
+            model,
+            features_folder(settings, day),
+            out,
+            similarity=similarity,
+            allow_version_mismatch=version != version_for(day),
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise _fail(exc) from None
+    ranked = report.metrics["models"]["ranker"]
+    print_counts(
+        f"evaluate ranker {version} on {date} → {out}",
+        {k: round(float(v), 4) for k, v in ranked.items() if isinstance(v, int | float)},
+    )
+
+
 DatasetOption = Annotated[
     str | None, typer.Option(help="dataset spec (default: lifecycle settings, else marketplace)")
 ]
