@@ -3,12 +3,14 @@ on the console and a JSON record in ``bench/results/<name>.json`` for later comp
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +90,84 @@ def write_json(name: str, payload: Mapping[str, Any]) -> Path:
     }
     path.write_text(json.dumps(record, indent=2, default=str))
     return path
+
+
+def _children() -> dict[int, list[int]]:
+    """Every live process's children, from ``/proc/<pid>/stat``."""
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        ppid = int(text[text.rindex(")") + 2 :].split()[1])
+        tree.setdefault(ppid, []).append(int(stat.parent.name))
+    return tree
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakMemory:
+    """Peak resident memory of this process and of its descendants (Spark's JVM, workers),
+    sampled from ``/proc`` by a background thread and kept per named phase.
+
+    ``with peak.phase("features"): ...`` then ``peak.phases["features"]`` →
+    ``{"python_mb": ..., "children_mb": ..., "total_mb": ...}`` (each the peak within the phase).
+    """
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.interval_s = interval_s
+        self.phases: dict[str, dict[str, float]] = {}
+        self._current: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        with self._lock:
+            self._current = name
+            self.phases[name] = {"python_mb": 0.0, "children_mb": 0.0, "total_mb": 0.0}
+        self.sample()
+        try:
+            yield
+        finally:
+            self.sample()
+            with self._lock:
+                self._current = None
+
+    def sample(self) -> None:
+        me = os.getpid()
+        tree = _children()
+        descendants, todo = [], list(tree.get(me, []))
+        while todo:
+            pid = todo.pop()
+            descendants.append(pid)
+            todo += tree.get(pid, [])
+        python = _rss_mb(me)
+        children = sum(_rss_mb(pid) for pid in descendants)
+        with self._lock:
+            if self._current is None:
+                return
+            peak = self.phases[self._current]
+            peak["python_mb"] = max(peak["python_mb"], python)
+            peak["children_mb"] = max(peak["children_mb"], children)
+            peak["total_mb"] = max(peak["total_mb"], python + children)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()

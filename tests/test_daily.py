@@ -154,14 +154,14 @@ def train_ranker_on(monkeypatch: pytest.MonkeyPatch, relabel) -> None:
     """Make the ranker train (and calibrate) on relabelled rows: a worse model on purpose."""
     import models.ranker.train as train
 
-    original = train.read_ranking_rows
+    original = train.iter_ranking_rows
 
     def relabelled(spec):
-        rows = original(spec)
-        rows["label"] = relabel(rows["label"].to_numpy())
-        return rows
+        for rows in original(spec):
+            rows["label"] = relabel(rows["label"].to_numpy())
+            yield rows
 
-    monkeypatch.setattr(train, "read_ranking_rows", relabelled)
+    monkeypatch.setattr(train, "iter_ranking_rows", relabelled)
 
 
 def statuses(report) -> dict[str, str]:

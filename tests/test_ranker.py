@@ -24,12 +24,14 @@ from models.evaluation.ranking import EmptyEvaluationError, SingleClassError, au
 from models.evaluation.ranking import calibration_ratio as ratio
 from models.evaluation.report import VersionMismatchError, evaluate_ranking
 from models.ranker import export as export_module
+from models.ranker import train as train_module
 from models.ranker.export import RankerExportError, export_ranker, read_warmup
 from models.ranker.inputs import SIMILARITY_INPUTS, rank_request, shared_inputs
 from models.ranker.predictor import RANKER_MANIFEST, InProcessPredictor, PredictorInputError
 from models.ranker.train import (
     TrainedRanker,
     downsample_negatives,
+    load_split,
     split_for_calibration,
     train_ranker,
 )
@@ -126,7 +128,8 @@ def test_negative_sampling_correction_restores_calibration(
     sampled: TrainedRanker, eval_rows: pd.DataFrame
 ) -> None:
     m = sampled.metrics
-    assert m["fit_rows"] < 0.5 * len(sampled.split.fit)
+    assert m["fit_rows"] == len(sampled.split.fit)
+    assert m["fit_rows"] < 0.5 * sampled.split.fit_rows_before_sampling
     # Keeping 1 negative in 4 inflates the predicted odds ~4x; log(0.25) takes that back out (the
     # exact arithmetic is tested on a logistic model in test_ranker_layers.py); the network's own
     # residual bias on a new day is what the Platt map then removes.
@@ -162,6 +165,26 @@ def test_downsampling_keeps_every_click_and_a_share_of_the_rest() -> None:
     assert kept["label"].sum() == 5000
     assert (kept["label"] == 0).sum() == pytest.approx(15_000 * 0.25, rel=0.05)
     assert kept.equals(downsample_negatives(rows, 0.25, seed=7))
+
+
+def test_reading_in_batches_splits_and_samples_as_the_whole_table_would(
+    folder: FeatureFolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = SETTINGS.model_copy(update={"negative_sampling_rate": 0.25})
+    whole = folder.table("training/ranking")
+    whole["date"] = pd.to_datetime(whole["date"]).dt.strftime("%Y-%m-%d")
+    expected = split_for_calibration(whole, settings)
+    expected_fit = downsample_negatives(expected.fit, 0.25, settings.seed)
+    monkeypatch.setattr(train_module, "READ_BATCH_ROWS", 997)  # batches cut across days
+    split = load_split(folder.spec, settings)
+    assert split.fit_dates == expected.fit_dates
+    assert split.calibration_dates == expected.calibration_dates
+    assert split.fit_rows_before_sampling == len(expected.fit)
+    key = ["date", "event_id"]
+    assert split.fit[key].equals(expected_fit.sort_values(key, ignore_index=True)[key])
+    assert split.calibration[key].equals(
+        expected.calibration.sort_values(key, ignore_index=True)[key]
+    )
 
 
 # --- export -------------------------------------------------------------------------------------

@@ -16,12 +16,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import tensorflow as tf
 
 from deepclick.settings import RankerSettings
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 
 RANKING_TABLE = "training/ranking"
 PREDICT_BATCH = 8192
+READ_BATCH_ROWS = 262_144
 
 
 class RankerTrainingError(ValueError):
@@ -57,6 +61,8 @@ class Split:
     fit_dates: tuple[str, ...]
     calibration_dates: tuple[str, ...]
     how: str
+    fit_rows_before_sampling: int | None = None
+    """Training rows before negatives were down-sampled (``None``: ``fit`` was not sampled)."""
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -64,6 +70,7 @@ class Split:
             "fit_dates": list(self.fit_dates),
             "calibration_dates": list(self.calibration_dates),
             "fit_rows": len(self.fit),
+            "fit_rows_before_sampling": self.fit_rows_before_sampling,
             "calibration_rows": len(self.calibration),
         }
 
@@ -136,16 +143,30 @@ def _tensors(model: keras.Model, inputs: dict[str, np.ndarray]) -> dict[str, Any
     return out
 
 
-def read_ranking_rows(spec: FeatureSpec) -> pd.DataFrame:
-    """``training/ranking`` of the spec's folder, with ``date`` as ``YYYY-MM-DD`` strings."""
+def iter_ranking_rows(spec: FeatureSpec) -> Iterator[pd.DataFrame]:
+    """``training/ranking`` of the spec's folder in record batches, ``date`` as ``YYYY-MM-DD``.
+
+    Batches, not one frame: a 30-day window of a large marketplace does not fit in memory as
+    pandas, and the rows the network trains on (negatives down-sampled) are a fraction of it.
+    """
     path = spec.table_path(RANKING_TABLE)
     if not path.exists():
         raise RankerTrainingError(f"{path} does not exist: is {spec.folder} a features folder?")
-    frame = pd.read_parquet(path)
-    if frame.empty:
-        raise RankerTrainingError(f"{path} has no rows: the training days had no impressions")
-    frame["date"] = pd.to_datetime(frame["date"]).dt.strftime("%Y-%m-%d")
-    return frame.sort_values(["date", "event_id"], ignore_index=True)
+    for batch in ds.dataset(path, format="parquet").to_batches(batch_size=READ_BATCH_ROWS):
+        if batch.num_rows == 0:
+            continue
+        frame = batch.to_pandas()
+        frame["date"] = pd.to_datetime(frame["date"]).dt.strftime("%Y-%m-%d")
+        yield frame
+
+
+def ranking_dates(spec: FeatureSpec) -> tuple[str, ...]:
+    """The days present in ``training/ranking`` (reads the ``date`` column only)."""
+    path = spec.table_path(RANKING_TABLE)
+    if not path.exists():
+        raise RankerTrainingError(f"{path} does not exist: is {spec.folder} a features folder?")
+    dates = pc.unique(ds.dataset(path, format="parquet").to_table(columns=["date"])["date"])
+    return tuple(sorted(pd.to_datetime(dates.to_pandas()).dt.strftime("%Y-%m-%d")))
 
 
 def _stable_fraction(ids: pd.Series, seed: int) -> np.ndarray:
@@ -160,9 +181,15 @@ def _hash_key(seed: int) -> str:
     return hashlib.sha256(str(seed).encode()).hexdigest()[:16]
 
 
-def split_for_calibration(frame: pd.DataFrame, settings: RankerSettings) -> Split:
-    """Hold out the last training day for calibration (a seeded random share with one day)."""
-    dates = tuple(sorted(frame["date"].unique()))
+def split_for_calibration(
+    frame: pd.DataFrame, settings: RankerSettings, dates: Sequence[str] | None = None
+) -> Split:
+    """Hold out the last training day for calibration (a seeded random share with one day).
+
+    ``dates`` are the days of the whole training table when ``frame`` is one batch of it
+    (default: the days of ``frame``), so that every batch is split the same way.
+    """
+    dates = tuple(sorted(frame["date"].unique() if dates is None else dates))
     if len(dates) >= 2:
         last = frame["date"] == dates[-1]
         return Split(frame[~last], frame[last], dates[:-1], dates[-1:], "last training day")
@@ -184,6 +211,49 @@ def downsample_negatives(
         return frame
     keep = (frame[label].to_numpy() == 1) | (_stable_fraction(frame["event_id"], seed + 1) < rate)
     return frame[keep]
+
+
+def load_split(spec: FeatureSpec, settings: RankerSettings) -> Split:
+    """Read ``training/ranking`` batch by batch into the calibration split, down-sampling the
+    training rows' negatives as they are read: memory holds the sampled rows plus the held-out
+    day, never the whole window.
+
+    Raises:
+        RankerTrainingError: the table is missing or empty.
+    """
+    dates = ranking_dates(spec)
+    if not dates:
+        raise RankerTrainingError(
+            f"{spec.table_path(RANKING_TABLE)} has no rows: the training days had no impressions"
+        )
+    fit: list[pd.DataFrame] = []
+    held: list[pd.DataFrame] = []
+    fit_seen = 0
+    part = None
+    for batch in iter_ranking_rows(spec):
+        part = split_for_calibration(batch, settings, dates)
+        fit_seen += len(part.fit)
+        fit.append(
+            downsample_negatives(
+                part.fit, settings.negative_sampling_rate, settings.seed, spec.label
+            )
+        )
+        held.append(part.calibration)
+    assert part is not None  # dates were found, so some batch had rows
+
+    def ordered(parts: list[pd.DataFrame]) -> pd.DataFrame:
+        return pd.concat(parts, ignore_index=True).sort_values(
+            ["date", "event_id"], ignore_index=True
+        )
+
+    return Split(
+        ordered(fit),
+        ordered(held),
+        part.fit_dates,
+        part.calibration_dates,
+        part.how,
+        fit_rows_before_sampling=fit_seen,
+    )
 
 
 def _dataset(
@@ -231,12 +301,10 @@ def train_ranker(
     started = time.perf_counter()
     keras.utils.set_random_seed(settings.seed)
     label = spec.label
-    split = split_for_calibration(read_ranking_rows(spec), settings)
-    _check_labels(split.fit, label, "training")
+    split = load_split(spec, settings)
+    fit_rows = split.fit
+    _check_labels(fit_rows, label, "training")
     _check_labels(split.calibration, label, "held-out calibration")
-    fit_rows = downsample_negatives(
-        split.fit, settings.negative_sampling_rate, settings.seed, label
-    )
     correction = sampling_correction(settings.negative_sampling_rate)
 
     fit_inputs = frame_to_inputs(spec, fit_rows, similarity=similarity)
@@ -284,6 +352,7 @@ def train_ranker(
         "holdout_calibration_ratio_uncorrected": calibration_ratio(held_labels, uncorrected),
         "holdout_calibration_ratio_corrected": calibration_ratio(held_labels, corrected),
         "fit_rows": float(len(fit_rows)),
+        "fit_rows_before_sampling": float(split.fit_rows_before_sampling or len(fit_rows)),
     }
     baseline = None
     if settings.baseline:
