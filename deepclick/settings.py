@@ -155,8 +155,10 @@ class RankerSettings(_Section):
 
 
 class IndexSettings(_Section):
-    metric: Literal["dot", "angular"] = "dot"
-    n_trees: int = Field(50, ge=1)
+    metric: Literal["dot", "angular"] = Field(
+        "angular", description="measured on real two-tower vectors: candidates/index.py"
+    )
+    n_trees: int = Field(100, ge=1)
     search_k: int = Field(-1, description="ANNOY search_k; -1 lets ANNOY choose n_trees * k")
     tune_search_k: bool = Field(
         True, description="double search_k at build time until the recall floor is met"
@@ -228,6 +230,13 @@ class LifecycleSettings(_Section):
     )
     ranker_similarity: bool = Field(
         True, description="the ranker takes the two-tower scores of D's embeddings as inputs"
+    )
+    ranker_days: int = Field(
+        2,
+        ge=1,
+        description="with ranker_similarity: the last days of the training window, which the "
+        "towers leave out and the ranker trains (and, on the last one, calibrates) on, so the "
+        "scores never saw the ranker's clicks (pipelines/training_days.py)",
     )
     eval_bootstrap: int = Field(100, ge=0, description="resamples of the AUC confidence interval")
     recall_ks: list[int] = Field(

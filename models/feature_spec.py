@@ -47,6 +47,23 @@ REQUEST_TIME_FEATURES: tuple[str, ...] = ("ctx__hour", "ctx__dow")
 HISTORY_SUFFIXES: tuple[str, ...] = ("hist_impressions", "hist_clicks", "hist_ctr")
 
 
+def standard_scale(std: float | None, mean: float = 0.0) -> float:
+    """The factor a numeric feature is multiplied by after centring: ``1 / std``, or 0 for a
+    feature that was constant over the training rows (``std`` 0, up to float noise).
+
+    A constant input teaches the network nothing (its first-layer weights get no gradient) and
+    keeps the weights it was initialised with; at serving the same feature varies — history counts
+    are all zero on the first day of data and real afterwards — so scaling it by 1 would feed those
+    untrained weights and shift every prediction. Scaling it by 0 keeps it at the value the
+    network saw. ``None`` (a feature with no statistics) keeps the raw scale.
+    """
+    if std is None:
+        return 1.0
+    if std <= 1e-9 * max(1.0, abs(mean)):
+        return 0.0
+    return 1.0 / std
+
+
 class FeatureSpecError(ValueError):
     """A feature spec that is missing, malformed or asked for a feature it does not have."""
 

@@ -705,11 +705,10 @@ def spark_submit_options(
         raise ValueError(
             f"stage {stage!r} does not run on Spark; only these do: ingest, features, embed"
         )
-    from pipelines.spark import spark_conf
+    from pipelines.spark import LOCAL_ONLY_CONF, spark_conf
 
     cfg = settings.lifecycle
-    conf = {k: v for k, v in spark_conf(settings.spark).items() if "driver.host" not in k}
-    conf.pop("spark.driver.bindAddress", None)
+    conf = {k: v for k, v in spark_conf(settings.spark).items() if k not in LOCAL_ONLY_CONF}
     args = ["--stage", stage, "--date", date, "--run-key", run_key]
     if config:
         args += ["--config", config]

@@ -365,22 +365,22 @@ def _ranker_run(ctx: DayContext) -> Outcome:
     from models.ranker.export import export_ranker
     from models.ranker.similarity import EmbeddingSimilarity
     from models.ranker.train import train_ranker
+    from pipelines.towers import training_days
 
     settings = ctx.settings
     spec = load_feature_spec(ctx.features)
-    similarity = (
-        EmbeddingSimilarity(read_embeddings(ctx.embeddings))
-        if settings.lifecycle.ranker_similarity
-        else None
+    days = training_days(settings, spec.train_dates)
+    similarity = EmbeddingSimilarity(read_embeddings(ctx.embeddings)) if days.similarity else None
+    trained = train_ranker(
+        spec, settings.ranker, similarity=similarity, progress=False, dates=days.ranker
     )
-    trained = train_ranker(spec, settings.ranker, similarity=similarity, progress=False)
     # Not moving <model>/CURRENT: a challenger is not served until it is promoted.
     folder = export_ranker(
         trained,
         settings.model_repository,
         settings.predictor.model_name,
         ctx.version,
-        {"history": trained.history},
+        {"history": trained.history, "training_days": days.describe()},
         update_current=False,
     )
     metrics = dict(trained.metrics)
@@ -704,7 +704,18 @@ def _publish_run(ctx: DayContext) -> Outcome:
             extra={"decision_id": entry["id"], "action": REFUSED},
         )
     from serving.release import publish_release
+    from serving.tfserving_repository import (
+        live_ranker_version,
+        publish_champion,
+        tfserving_repository,
+    )
 
+    publish_champion(  # first, so TF Serving loads it while the old release still answers
+        ctx.ranker,
+        tfserving_repository(settings) / settings.predictor.model_name,
+        RANKER_MANIFEST,
+        serving=live_ranker_version(settings.root),
+    )
     release = publish_release(settings, ctx.features, ctx.embeddings, ctx.index, ctx.ranker)
     set_current(ctx.ranker.parent, ctx.version)  # TF Serving / in-process pointer of the champion
     entry = append_decision(settings, {**record, "action": PROMOTED, "release": release.name})
@@ -738,6 +749,12 @@ def _upstream(stage: str, *names: str) -> Callable[[DayContext], dict[str, Any]]
     return inputs
 
 
+def _training_days_config(ctx: DayContext) -> dict[str, Any]:
+    """What decides the towers' and the ranker's days (pipelines/training_days.py)."""
+    cfg = ctx.settings.lifecycle
+    return {"similarity": cfg.ranker_similarity, "ranker_days": cfg.ranker_days}
+
+
 def _section(name: str) -> Callable[[DayContext], dict[str, Any]]:
     return lambda ctx: getattr(ctx.settings, name).model_dump(mode="json")
 
@@ -764,7 +781,10 @@ STAGES: tuple[Stage, ...] = (
         "towers",
         _towers_run,
         _upstream("towers", "features"),
-        _section("two_tower"),
+        lambda ctx: {
+            **ctx.settings.two_tower.model_dump(mode="json"),
+            **_training_days_config(ctx),
+        },
         registers="towers",
         protects=("embeddings", "index", "ranker"),
     ),
@@ -789,7 +809,7 @@ STAGES: tuple[Stage, ...] = (
         _ranker_inputs,
         lambda ctx: {
             "ranker": ctx.settings.ranker.model_dump(mode="json"),
-            "similarity": ctx.settings.lifecycle.ranker_similarity,
+            **_training_days_config(ctx),
             "model_name": ctx.settings.predictor.model_name,
         },
         registers="ranker",

@@ -8,11 +8,13 @@ was trained; the manifest records the features version, the settings and the tra
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from pathlib import Path
 
 from deepclick.publish import publishing, resolve, version_for
 from deepclick.settings import Settings
 from models.feature_spec import load_feature_spec
+from pipelines.training_days import TrainingDays, split_training_days
 
 
 def features_folder(settings: Settings, date: dt.date) -> Path:
@@ -20,23 +22,36 @@ def features_folder(settings: Settings, date: dt.date) -> Path:
     return resolve(settings.warehouse / "features", version_for(date), what="features")
 
 
+def training_days(settings: Settings, train_dates: Sequence[str]) -> TrainingDays:
+    """The split of D's training days between the towers and the ranker the settings ask for."""
+    cfg = settings.lifecycle
+    return split_training_days(train_dates, cfg.ranker_similarity, cfg.ranker_days)
+
+
 def towers_folder(settings: Settings, date: dt.date) -> Path:
     return resolve(settings.artifacts / "towers", version_for(date), what="two-tower model")
 
 
 def run_towers(settings: Settings, date: dt.date, *, progress: bool = True) -> Path:
-    """Train on ``training/retrieval`` of D's features, export every tower, publish atomically."""
+    """Train on ``training/retrieval`` of D's features, export every tower, publish atomically.
+
+    With ``lifecycle.ranker_similarity`` the towers leave out the window's last
+    ``lifecycle.ranker_days`` days, which the ranker trains on (pipelines/training_days.py).
+    """
     from models.two_tower import export_towers, train_two_tower
 
     source = features_folder(settings, date)
     spec = load_feature_spec(source)
-    trained = train_two_tower(spec, settings.two_tower, progress=progress)
+    days = training_days(settings, spec.train_dates)
+    trained = train_two_tower(spec, settings.two_tower, progress=progress, dates=days.towers)
     version = version_for(date)
     with publishing(settings.artifacts / "towers", version) as staging:
         export_towers(trained, staging.path)
         staging.manifest.update(
             {
                 "inputs": {"features": spec.version},
+                "train_dates": list(days.towers),
+                "training_days": days.describe(),
                 "settings": settings.two_tower.model_dump(),
                 "counts": {"examples": trained.examples},
                 "metrics": {

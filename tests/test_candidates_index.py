@@ -50,7 +50,7 @@ def published(planted: SyntheticEmbeddings, tmp_path_factory: pytest.TempPathFac
     """Embeddings and a 10-tree index published under one root; returns the root."""
     root = tmp_path_factory.mktemp("published")
     emb = publish_embeddings(root / "embeddings", VERSION, planted.tables, planted.fallbacks)
-    build_index(emb, root / "index", n_trees=10, search_k=SEARCH_K, recall_floor=0.9)
+    build_index(emb, root / "index", metric="dot", n_trees=10, search_k=SEARCH_K, recall_floor=0.9)
     return root
 
 
@@ -142,8 +142,9 @@ def test_recorded_recall_is_recall_against_exact_search(tmp_path: Path) -> None:
     more trees must measure higher."""
     data = two_tower_like(n_ads=20_000, n_users=500, n_placements=10, dim=DIM, clusters=32, seed=2)
     emb = publish_embeddings(tmp_path / "emb", VERSION, data.tables, data.fallbacks)
-    good = build_index(emb, tmp_path / "good", n_trees=20, search_k=10_000, recall_floor=0.0)
-    poor = build_index(emb, tmp_path / "poor", n_trees=1, search_k=100, recall_floor=0.0)
+    common = {"metric": "dot", "recall_floor": 0.0}  # the synthetic set suits dot (index.py)
+    good = build_index(emb, tmp_path / "good", n_trees=20, search_k=10_000, **common)
+    poor = build_index(emb, tmp_path / "poor", n_trees=1, search_k=100, **common)
 
     queries = sample_queries(read_embeddings(emb), 200, seed=7)
     exact = np.argsort(-(queries @ data.vectors("ads").T), axis=1)[:, :100]
@@ -164,9 +165,16 @@ def test_tuning_raises_search_k_until_the_floor_is_met(tmp_path: Path) -> None:
     data = two_tower_like(n_ads=20_000, n_users=500, n_placements=10, dim=DIM, clusters=32, seed=2)
     emb = publish_embeddings(tmp_path / "emb", VERSION, data.tables, data.fallbacks)
     with pytest.raises(PublishError, match=r"below the floor 0\.95"):
-        build_index(emb, tmp_path / "plain", n_trees=20, recall_floor=0.95)
+        build_index(emb, tmp_path / "plain", metric="dot", n_trees=20, recall_floor=0.95)
     tuned = read_manifest(
-        build_index(emb, tmp_path / "tuned", n_trees=20, recall_floor=0.95, tune_search_k=True)
+        build_index(
+            emb,
+            tmp_path / "tuned",
+            metric="dot",
+            n_trees=20,
+            recall_floor=0.95,
+            tune_search_k=True,
+        )
     )
     assert tuned["search_k_tuned"] is True
     assert tuned["search_k"] in (4000, 8000, 16000, 32000, 64000)

@@ -45,6 +45,7 @@ from deepclick.settings import (
     SparkSettings,
     TwoTowerSettings,
 )
+from models.ranker.predictor import RANKER_MANIFEST
 from pipelines.daily import (
     RunLedger,
     StageFailed,
@@ -55,6 +56,7 @@ from pipelines.daily import (
     run_daily,
 )
 from pipelines.stages import STAGE_NAMES
+from serving.tfserving_repository import tfserving_repository
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
@@ -156,12 +158,18 @@ def train_ranker_on(monkeypatch: pytest.MonkeyPatch, relabel) -> None:
 
     original = train.iter_ranking_rows
 
-    def relabelled(spec):
-        for rows in original(spec):
+    def relabelled(spec, dates=None):
+        for rows in original(spec, dates):
             rows["label"] = relabel(rows["label"].to_numpy())
             yield rows
 
     monkeypatch.setattr(train, "iter_ranking_rows", relabelled)
+
+
+def tfserving_versions(world: World) -> list[str]:
+    """The versions TF Serving would load (deploy/tfserving/models.config: champions only)."""
+    folder = tfserving_repository(world.settings) / "ranker"
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def statuses(report) -> dict[str, str]:
@@ -209,6 +217,8 @@ def test_airflow_runs_a_day_end_to_end_and_its_model_becomes_champion(
         p.name for p in (evaluation / "ranking").iterdir()
     }
     assert current_version(world.settings.model_repository / "ranker") == "20240102"
+    assert tfserving_versions(world) == ["20240102"]
+    verify(tfserving_repository(world.settings) / "ranker" / "20240102", RANKER_MANIFEST)
     assert served_on(world.settings, D2) is None
     served = served_on(world.settings, D3)
     assert served.release == "20240102" and served.registered == {"towers": "1", "ranker": "1"}
@@ -293,6 +303,8 @@ def test_a_worse_challenger_is_refused(world: World, monkeypatch: pytest.MonkeyP
     assert report.release == world.release == "20240102"
     assert served_on(world.settings, dt.date(2024, 1, 4)).release == "20240102"
     assert current_version(world.settings.model_repository / "ranker") == "20240102"
+    assert (world.settings.model_repository / "ranker" / "20240103").is_dir()  # exported, evaluated
+    assert tfserving_versions(world) == ["20240102"]  # but never loaded by TF Serving
     client = world.mlflow()
     assert str(client.get_model_version_by_alias("deepclick-ranker", CHAMPION).version) == "1"
     assert str(client.get_model_version_by_alias("deepclick-ranker", CHALLENGER).version) == "2"
@@ -315,6 +327,7 @@ def test_a_better_challenger_is_promoted_and_served(world: World) -> None:
         c["name"] for c in decision["checks"]
     }
     assert report.release == world.release == "20240103"
+    assert tfserving_versions(world) == ["20240102", "20240103"]  # old release still answers
     served = served_on(world.settings, dt.date(2024, 1, 4))
     assert served.release == "20240103" and served.registered == {"towers": "2", "ranker": "3"}
     client = world.mlflow()

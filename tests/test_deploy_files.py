@@ -11,6 +11,8 @@ import yaml
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving.tfserving_repository import REPOSITORY
+
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 
@@ -20,11 +22,14 @@ def test_models_config_parses_as_model_server_config() -> None:
         model_server_config_pb2.ModelServerConfig(),
     )
     models = {c.name: c for c in config.model_config_list.config}
-    assert set(models) == {"ranker", "user_tower", "context_tower"}
+    assert set(models) == {"ranker"}
     ranker = models["ranker"]
     assert ranker.model_platform == "tensorflow"
     assert ranker.base_path == "/models/repository/ranker"
     assert ranker.model_version_policy.latest.num_versions == 2  # previous release stays loaded
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    mounts = dict(v.split(":")[1::-1] for v in compose["services"]["tfserving"]["volumes"])
+    assert mounts["/models/repository"] == f"../var/{REPOSITORY}"  # champions only
 
 
 def test_batching_and_monitoring_configs_use_known_fields() -> None:

@@ -29,6 +29,7 @@ from models.ranker.export import RankerExportError, export_ranker, read_warmup
 from models.ranker.inputs import SIMILARITY_INPUTS, rank_request, shared_inputs
 from models.ranker.predictor import RANKER_MANIFEST, InProcessPredictor, PredictorInputError
 from models.ranker.train import (
+    RankerTrainingError,
     TrainedRanker,
     downsample_negatives,
     load_split,
@@ -185,6 +186,15 @@ def test_reading_in_batches_splits_and_samples_as_the_whole_table_would(
     assert split.calibration[key].equals(
         expected.calibration.sort_values(key, ignore_index=True)[key]
     )
+
+
+def test_training_on_chosen_days_reads_only_their_rows(folder: FeatureFolder) -> None:
+    first, *_, last = folder.spec.train_dates
+    split = load_split(folder.spec, SETTINGS, dates=[first, last])
+    assert split.fit_dates == (first,) and split.calibration_dates == (last,)
+    assert set(split.fit["date"]) == {first} and set(split.calibration["date"]) == {last}
+    with pytest.raises(RankerTrainingError, match="has no rows on 1999-01-01"):
+        load_split(folder.spec, SETTINGS, dates=["1999-01-01"])
 
 
 # --- export -------------------------------------------------------------------------------------

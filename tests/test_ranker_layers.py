@@ -9,6 +9,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from models.feature_spec import standard_scale  # noqa: E402
 from models.ranker.calibration import (  # noqa: E402
     CalibrationError,
     fit_calibration,
@@ -119,6 +120,16 @@ def test_standardize_logs_standardises_and_fills_nan_with_default() -> None:
     ctr = np.array([0.3, 0.1, np.nan], np.float32)
     got = np.asarray(Standardize(stats)([price, ctr]))
     np.testing.assert_allclose(got, [[1.0, 2.0], [0.0, 0.0], [-0.5, 0.0]], atol=1e-5)
+
+
+def test_a_feature_constant_in_training_stays_at_zero() -> None:
+    """History counts are all zero on the first day of data: whatever they are at serving, the
+    network must see what it saw in training (its weights for them were never trained)."""
+    stats = [{"name": "hist", "mean": 0.0, "std": 0.0, "log1p": True, "default": 0.0}]
+    got = np.asarray(Standardize(stats)([np.array([0.0, 250.0, 1e6], np.float32)]))
+    np.testing.assert_array_equal(got, [[0.0], [0.0], [0.0]])
+    assert standard_scale(0.0) == 0.0 and standard_scale(1e-18, mean=0.05) == 0.0
+    assert standard_scale(None) == 1.0 and standard_scale(0.5) == 2.0
 
 
 class _Table:

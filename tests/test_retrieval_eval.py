@@ -248,6 +248,7 @@ def planted_release(folder: FeatureFolder, root: Path) -> tuple[Path, Path]:
         embeddings,
         root / "index",
         popularity=popularity_rows(folder.path),
+        metric="dot",  # one-hot planted vectors: many exact ties, which dot's trees split well
         n_trees=10,
         recall_floor=0.0,
         recall_queries=50,

@@ -14,6 +14,7 @@ from feature_folder import FeatureFolder, write_feature_folder
 
 from deepclick.settings import TwoTowerSettings
 from models.evaluation.retrieval import plot_recall_at_k
+from models.feature_spec import FeatureSpecError
 from models.two_tower import (
     TrainedTowers,
     click_recall,
@@ -22,6 +23,7 @@ from models.two_tower import (
     train_two_tower,
 )
 from models.two_tower.model import TwoTowerModel
+from models.two_tower.train import build_towers, read_retrieval
 
 # Temperature 1.0 suits raw (unnormalised) dot products; the planted set is small, so a smaller
 # batch gives enough steps.
@@ -198,3 +200,14 @@ def test_seeded_training_gives_the_same_vectors(
     )
     np.testing.assert_allclose(again.offsets["context"], trained.offsets["context"], atol=1e-5)
     assert again.history["loss"] == pytest.approx(trained.history["loss"], rel=1e-5)
+
+
+def test_training_on_chosen_days_reads_only_their_clicks(folder: FeatureFolder) -> None:
+    first = folder.spec.train_dates[0]
+    clicks = folder.table("training/retrieval")
+    on_first = int((pd.to_datetime(clicks["date"]).dt.strftime("%Y-%m-%d") == first).sum())
+    towers = build_towers(folder.spec, SETTINGS)
+    columns = [*{f.name for t in towers.values() for f in t.features}, "ad_id", "ad_log_q"]
+    assert len(read_retrieval(folder.spec, columns, [first])) == on_first < len(clicks)
+    with pytest.raises(FeatureSpecError, match="0 clicked rows on 1999-01-01"):
+        read_retrieval(folder.spec, columns, ["1999-01-01"])

@@ -52,8 +52,9 @@ class SimilarityProvider(Protocol):
 
 @dataclass(frozen=True)
 class NumericStats:
-    """How one numeric input is standardised: ``(f(x) - mean) / std``, ``f`` = log1p or identity;
-    ``default`` is the raw value a missing input takes (it standardises to 0 for spec features)."""
+    """How one numeric input is standardised: ``(f(x) - mean) / std``, ``f`` = log1p or identity
+    (``std`` 0: constant in training, standardised to 0, see ``standard_scale``); ``default`` is
+    the raw value a missing input takes (it standardises to 0 for spec features)."""
 
     name: str
     mean: float
@@ -64,11 +65,11 @@ class NumericStats:
     @classmethod
     def of(cls, feature: Feature) -> NumericStats:
         mean = float(feature.mean or 0.0)
-        std = float(feature.std or 1.0)
+        std = 1.0 if feature.std is None else float(feature.std)
         default = feature.default
         if not isinstance(default, int | float) or math.isnan(default):
             default = math.expm1(mean) if feature.log1p else mean
-        return cls(feature.name, mean, std if std > 0 else 1.0, feature.log1p, float(default))
+        return cls(feature.name, mean, std, feature.log1p, float(default))
 
     @classmethod
     def fitted(cls, name: str, values: np.ndarray) -> NumericStats:
@@ -77,8 +78,8 @@ class NumericStats:
         values = np.asarray(values, dtype=np.float64)
         values = values[np.isfinite(values)]
         mean = float(values.mean()) if values.size else 0.0
-        std = float(values.std()) if values.size else 1.0
-        return cls(name, mean, std if std > 1e-12 else 1.0, False, mean)
+        std = float(values.std()) if values.size else 0.0
+        return cls(name, mean, std, False, mean)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from models.feature_spec import Feature, FeatureSpec
+from models.feature_spec import Feature, FeatureSpec, standard_scale
 from models.ranker.inputs import SIMILARITY_INPUTS, NumericStats, input_dtypes
 
 OOV_TOKEN = "__deepclick_oov__"
@@ -44,7 +44,9 @@ class Standardize(keras.layers.Layer):
         super().__init__(**kwargs)
         self.stats = [dict(s) for s in stats]
         self._mean = np.array([s["mean"] for s in self.stats], dtype=np.float32)
-        self._std = np.array([s["std"] for s in self.stats], dtype=np.float32)
+        self._scale = np.array(
+            [standard_scale(s["std"], s["mean"]) for s in self.stats], dtype=np.float32
+        )
         self._log = np.array([bool(s["log1p"]) for s in self.stats])
         self._default = np.array([s["default"] for s in self.stats], dtype=np.float32)
 
@@ -53,7 +55,7 @@ class Standardize(keras.layers.Layer):
         x = ops.where(ops.isnan(x), self._default, x)
         logged = ops.log1p(ops.maximum(x, 0.0))
         x = ops.where(self._log, logged, x)
-        return ops.clip((x - self._mean) / self._std, -NUMERIC_CLIP, NUMERIC_CLIP)
+        return ops.clip((x - self._mean) * self._scale, -NUMERIC_CLIP, NUMERIC_CLIP)
 
     def compute_output_shape(self, input_shape: Sequence[tuple[int | None, ...]]) -> tuple:
         return (*input_shape[0], len(self.stats))

@@ -13,6 +13,7 @@ matching correction ``logit += log(rate)`` is part of the calibration head.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import time
@@ -143,8 +144,17 @@ def _tensors(model: keras.Model, inputs: dict[str, np.ndarray]) -> dict[str, Any
     return out
 
 
-def iter_ranking_rows(spec: FeatureSpec) -> Iterator[pd.DataFrame]:
-    """``training/ranking`` of the spec's folder in record batches, ``date`` as ``YYYY-MM-DD``.
+def _date_filter(dates: Sequence[str] | None) -> pc.Expression | None:
+    if dates is None:
+        return None
+    return ds.field("date").isin([dt.date.fromisoformat(d) for d in dates])
+
+
+def iter_ranking_rows(
+    spec: FeatureSpec, dates: Sequence[str] | None = None
+) -> Iterator[pd.DataFrame]:
+    """``training/ranking`` of the spec's folder (only the rows of ``dates``, when given) in
+    record batches, ``date`` as ``YYYY-MM-DD``.
 
     Batches, not one frame: a 30-day window of a large marketplace does not fit in memory as
     pandas, and the rows the network trains on (negatives down-sampled) are a fraction of it.
@@ -152,7 +162,8 @@ def iter_ranking_rows(spec: FeatureSpec) -> Iterator[pd.DataFrame]:
     path = spec.table_path(RANKING_TABLE)
     if not path.exists():
         raise RankerTrainingError(f"{path} does not exist: is {spec.folder} a features folder?")
-    for batch in ds.dataset(path, format="parquet").to_batches(batch_size=READ_BATCH_ROWS):
+    dataset = ds.dataset(path, format="parquet")
+    for batch in dataset.to_batches(batch_size=READ_BATCH_ROWS, filter=_date_filter(dates)):
         if batch.num_rows == 0:
             continue
         frame = batch.to_pandas()
@@ -160,12 +171,15 @@ def iter_ranking_rows(spec: FeatureSpec) -> Iterator[pd.DataFrame]:
         yield frame
 
 
-def ranking_dates(spec: FeatureSpec) -> tuple[str, ...]:
-    """The days present in ``training/ranking`` (reads the ``date`` column only)."""
+def ranking_dates(spec: FeatureSpec, dates: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The days present in ``training/ranking`` (of ``dates``, when given; reads ``date`` only)."""
     path = spec.table_path(RANKING_TABLE)
     if not path.exists():
         raise RankerTrainingError(f"{path} does not exist: is {spec.folder} a features folder?")
-    dates = pc.unique(ds.dataset(path, format="parquet").to_table(columns=["date"])["date"])
+    table = ds.dataset(path, format="parquet").to_table(
+        columns=["date"], filter=_date_filter(dates)
+    )
+    dates = pc.unique(table["date"])
     return tuple(sorted(pd.to_datetime(dates.to_pandas()).dt.strftime("%Y-%m-%d")))
 
 
@@ -213,24 +227,29 @@ def downsample_negatives(
     return frame[keep]
 
 
-def load_split(spec: FeatureSpec, settings: RankerSettings) -> Split:
-    """Read ``training/ranking`` batch by batch into the calibration split, down-sampling the
-    training rows' negatives as they are read: memory holds the sampled rows plus the held-out
-    day, never the whole window.
+def load_split(
+    spec: FeatureSpec, settings: RankerSettings, dates: Sequence[str] | None = None
+) -> Split:
+    """Read ``training/ranking`` (the rows of ``dates``, default all) batch by batch into the
+    calibration split, down-sampling the training rows' negatives as they are read: memory holds
+    the sampled rows plus the held-out day, never the whole window.
 
     Raises:
-        RankerTrainingError: the table is missing or empty.
+        RankerTrainingError: the table is missing or has no rows on those days.
     """
-    dates = ranking_dates(spec)
+    wanted = dates
+    dates = ranking_dates(spec, wanted)
     if not dates:
+        on = "" if wanted is None else f" on {', '.join(wanted)}"
         raise RankerTrainingError(
-            f"{spec.table_path(RANKING_TABLE)} has no rows: the training days had no impressions"
+            f"{spec.table_path(RANKING_TABLE)} has no rows{on}: the training days had no "
+            "impressions"
         )
     fit: list[pd.DataFrame] = []
     held: list[pd.DataFrame] = []
     fit_seen = 0
     part = None
-    for batch in iter_ranking_rows(spec):
+    for batch in iter_ranking_rows(spec, dates):
         part = split_for_calibration(batch, settings, dates)
         fit_seen += len(part.fit)
         fit.append(
@@ -280,6 +299,7 @@ def train_ranker(
     *,
     similarity: SimilarityProvider | None = None,
     progress: bool = True,
+    dates: Sequence[str] | None = None,
 ) -> TrainedRanker:
     """Train, calibrate and measure the ranker (and the LR baseline) from ``spec``'s folder.
 
@@ -289,6 +309,8 @@ def train_ranker(
         similarity: two-tower scores; given → the model takes ``sim_user_ad`` and
             ``sim_context_ad`` as inputs and records the embeddings version.
         progress: show Keras progress bars.
+        dates: train and calibrate on these training days only (default: all). With
+            ``similarity``, days the towers did not learn from (pipelines/training_days.py).
 
     Returns:
         The trained ranker; ``metrics`` holds held-out (calibration-day) AUC, logloss and
@@ -301,7 +323,7 @@ def train_ranker(
     started = time.perf_counter()
     keras.utils.set_random_seed(settings.seed)
     label = spec.label
-    split = load_split(spec, settings)
+    split = load_split(spec, settings, dates)
     fit_rows = split.fit
     _check_labels(fit_rows, label, "training")
     _check_labels(split.calibration, label, "held-out calibration")

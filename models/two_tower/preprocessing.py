@@ -9,8 +9,9 @@ its row at training time, in the Spark embed job and at serving. Everything here
   then an ``Embedding``. Empty strings are read as the spec's missing value first, so a request
   that sends ``""`` and a table that stored ``__missing__`` land on the same row.
 - numeric: missing (NaN) → the spec's ``default``; ``log1p(max(x, 0))`` when flagged; then
-  ``(x - mean) / std``, clipped to ±:data:`CLIP_STD` so a value far outside the training range
-  (a huge count at serving) cannot blow up the tower.
+  ``(x - mean) / std`` (0 for a feature constant in training: ``standard_scale``), clipped to
+  ±:data:`CLIP_STD` so a value far outside the training range (a huge count at serving) cannot
+  blow up the tower.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from models.feature_spec import Feature, FeatureSpec
+from models.feature_spec import Feature, FeatureSpec, standard_scale
 
 CLIP_STD = 5.0
 """Standardised numeric inputs are clipped to this many standard deviations."""
@@ -71,7 +72,8 @@ class NumericEncoder(keras.layers.Layer):
     def __init__(self, mean: float, std: float, log1p: bool, default: float, **kwargs) -> None:
         super().__init__(**kwargs)
         self.mean = float(mean)
-        self.std = float(std) if std else 1.0
+        self.std = float(std)
+        self.scale = standard_scale(self.std, self.mean)
         self.log1p = bool(log1p)
         self.default = float(default)
 
@@ -80,7 +82,7 @@ class NumericEncoder(keras.layers.Layer):
         values = tf.where(tf.math.is_nan(values), self.default, values)
         if self.log1p:
             values = tf.math.log1p(tf.maximum(values, 0.0))
-        scaled = (values - self.mean) / self.std
+        scaled = (values - self.mean) * self.scale
         return tf.clip_by_value(scaled, -CLIP_STD, CLIP_STD)
 
 
@@ -125,7 +127,7 @@ def build_encoder(
     default = feature.default if isinstance(feature.default, int | float) else feature.mean
     return NumericEncoder(
         mean=feature.mean or 0.0,
-        std=feature.std or 1.0,
+        std=1.0 if feature.std is None else feature.std,
         log1p=feature.log1p,
         default=float(default or 0.0),
         name=name,

@@ -10,8 +10,9 @@ same vectors.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import keras
@@ -45,6 +46,8 @@ class TrainedTowers:
     history: dict[str, list[float]] = field(default_factory=dict)
     examples: int = 0
     seconds: float = 0.0
+    dates: tuple[str, ...] | None = None
+    """The training days it learned from (None: every day of the window)."""
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -113,8 +116,10 @@ def build_towers(spec: FeatureSpec, settings: TwoTowerSettings) -> dict[str, Tow
     return towers
 
 
-def read_retrieval(spec: FeatureSpec, columns: list[str]) -> pd.DataFrame:
-    """The named columns of ``training/retrieval``.
+def read_retrieval(
+    spec: FeatureSpec, columns: list[str], dates: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """The named columns of ``training/retrieval`` (only the rows of ``dates``, when given).
 
     Raises:
         FeatureSpecError: the table is missing, empty, or lacks a column the towers need.
@@ -130,9 +135,15 @@ def read_retrieval(spec: FeatureSpec, columns: list[str]) -> pd.DataFrame:
         raise FeatureSpecError(
             f"{path} lacks columns {', '.join(missing)} that the two-tower model needs"
         )
-    frame = pd.read_parquet(path, columns=columns)
+    filters = None
+    if dates is not None:
+        filters = [("date", "in", [dt.date.fromisoformat(d) for d in dates])]
+    frame = pd.read_parquet(path, columns=columns, filters=filters)
     if len(frame) < 2:
-        raise FeatureSpecError(f"{path} has {len(frame)} clicked rows; training needs at least 2")
+        where = "" if dates is None else f" on {', '.join(dates)}"
+        raise FeatureSpecError(
+            f"{path} has {len(frame)} clicked rows{where}; training needs at least 2"
+        )
     return frame
 
 
@@ -168,7 +179,11 @@ def shuffled_batches(
 
 
 def train_two_tower(
-    spec: FeatureSpec, settings: TwoTowerSettings, *, progress: bool = True
+    spec: FeatureSpec,
+    settings: TwoTowerSettings,
+    *,
+    progress: bool = True,
+    dates: Sequence[str] | None = None,
 ) -> TrainedTowers:
     """Fit the towers on the clicked impressions of ``spec``'s features folder.
 
@@ -176,6 +191,7 @@ def train_two_tower(
         spec: a feature spec loaded from a published features folder (``spec.folder`` set).
         settings: sizes, optimisation and seed.
         progress: show Keras progress bars.
+        dates: train on these days of the window only (default: every training day).
 
     Returns:
         the trained towers with their offsets, per-epoch ``loss`` history and timing.
@@ -184,7 +200,7 @@ def train_two_tower(
     towers = build_towers(spec, settings)
     needed = {f.name for tower in towers.values() for f in tower.features}
     columns = [*sorted(needed | {ROLE_KEY["ad"]}), LOG_Q_COLUMN]
-    inputs = training_inputs(read_retrieval(spec, columns), towers)
+    inputs = training_inputs(read_retrieval(spec, columns, dates), towers)
     n = len(inputs[LOG_Q_COLUMN])
     batch_size = min(settings.batch_size, n)
     dataset = shuffled_batches(inputs, batch_size, settings.seed)
@@ -204,4 +220,5 @@ def train_two_tower(
         history={k: [float(v) for v in vs] for k, vs in fitted.history.items()},
         examples=n,
         seconds=seconds,
+        dates=None if dates is None else tuple(dates),
     )

@@ -450,7 +450,7 @@ def _describe(
             replace(
                 feature,
                 mean=mean,
-                std=std if std > 0 else 1.0,
+                std=std,  # 0: constant over the training rows (models.feature_spec.standard_scale)
                 min=float(s["min"]) if seen else 0.0,
                 max=float(s["max"]) if seen else 0.0,
                 default=default,

@@ -1,0 +1,39 @@
+"""The towers and the ranker split the training window so that the ranker's two-tower inputs
+never saw the ranker's own clicks."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.training_days import split_training_days
+
+WEEK = tuple(f"2024-01-0{d}" for d in range(1, 8))
+
+
+def test_with_scores_the_towers_leave_out_the_rankers_days() -> None:
+    days = split_training_days(WEEK, similarity=True, ranker_days=2)
+    assert days.similarity
+    assert days.towers == WEEK[:5] and days.ranker == WEEK[5:]
+    assert not set(days.towers) & set(days.ranker)
+
+
+def test_without_scores_both_learn_from_every_day() -> None:
+    days = split_training_days(list(reversed(WEEK)), similarity=False, ranker_days=2)
+    assert days.towers == days.ranker == WEEK
+    assert not days.similarity
+
+
+@pytest.mark.parametrize(
+    ("window", "towers", "ranker"),
+    [(WEEK[:3], WEEK[:1], WEEK[1:3]), (WEEK[:2], WEEK[:1], WEEK[1:2])],
+)
+def test_a_short_window_gives_the_ranker_fewer_days(window, towers, ranker) -> None:
+    days = split_training_days(window, similarity=True, ranker_days=3)
+    assert (days.towers, days.ranker, days.similarity) == (towers, ranker, True)
+
+
+def test_one_day_leaves_the_ranker_without_scores() -> None:
+    days = split_training_days(WEEK[:1], similarity=True, ranker_days=2)
+    assert not days.similarity
+    assert days.towers == days.ranker == WEEK[:1]
+    assert "no two-tower scores" in days.why
