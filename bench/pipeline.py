@@ -63,6 +63,11 @@ def _timed(fn: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
+def scan_days(spark: Any, day_dirs: list[Path]) -> int:
+    """The baseline: a plain Spark read + count of the days' raw CSV files."""
+    return spark.read.csv([str(d / "raw_sample.csv") for d in day_dirs], header=True).count()
+
+
 def run_size(impressions: int, days: int, root: Path, spark_settings: SparkSettings) -> list[dict]:
     settings = Settings(root=root, spark=spark_settings)
     raw = settings.raw_dir / "marketplace"
@@ -70,11 +75,7 @@ def run_size(impressions: int, days: int, root: Path, spark_settings: SparkSetti
     summary, t_sim = _timed(lambda: run_simulate(simulate_settings(impressions, days, 7), raw))
     day_dirs = [raw / d.date for d in summary.days]
 
-    def scan() -> int:
-        files = [str(d / "raw_sample.csv") for d in day_dirs]
-        return spark.read.csv(files, header=True).count()
-
-    scanned, t_scan = _timed(scan)
+    scanned, t_scan = _timed(lambda: scan_days(spark, day_dirs))
     spec = load_spec("marketplace")
     reports, t_ingest = _timed(
         lambda: [
@@ -144,12 +145,8 @@ def run_daily_size(
         dates = [dt.date.fromisoformat(d.date) for d in summary.days]
         rows.append({"stage": "simulate (set-up)", "seconds": t_sim})
 
-        def scan() -> int:
-            files = [str(raw / d.isoformat() / "raw_sample.csv") for d in dates]
-            return spark.read.csv(files, header=True).count()
-
         with peak.phase("scan (baseline)"):
-            scanned, t_scan = _timed(scan)
+            scanned, t_scan = _timed(lambda: scan_days(spark, [raw / d.isoformat() for d in dates]))
         rows.append({"stage": "scan (baseline)", "seconds": t_scan, "rows": scanned})
         quiet = Console(file=io.StringIO())
         with peak.phase("ingest earlier days (set-up)"):

@@ -69,9 +69,10 @@ def publish_champion(
     version = exported.name
     previous = current_version(parent) if parent.exists() else None
     target = parent / version
-    if previous == version and _matches(target, manifest_name):
+    published = _matches(target, manifest_name)
+    if previous == version and published:
         return target
-    if not _matches(target, manifest_name):
+    if not published:
         with publishing(parent, version, manifest_name=manifest_name) as staging:
             staging.path.rmdir()
             shutil.copytree(exported, staging.path, copy_function=_link_or_copy)
