@@ -4,16 +4,21 @@ Every stage writes into a hidden staging folder beside its destination, fills it
 renames it into place as ``<parent>/<version>`` (and, where the stage keeps one, moves the
 ``CURRENT`` pointer by atomic rename). Readers therefore see a published version or nothing: a crash
 leaves at most a hidden ``.staging-*`` folder, which readers and Spark ignore (Hadoop skips names
-starting with ``.`` or ``_``). Each published folder carries a manifest with the version, creation
+starting with ``.`` or ``_``) and the next publish of that folder removes (:func:`clean_leftovers`).
+Republishing a name swaps the folders in one atomic exchange, so no kill leaves ``CURRENT`` naming a
+missing folder. Each published folder carries a manifest with the version, creation
 time, input versions, counts, metrics and a SHA-256 of every file, which loaders verify.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
+import errno as _errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +29,28 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_ENOSYS, _EINVAL, _ENOTSUP = _errno.ENOSYS, _errno.EINVAL, _errno.ENOTSUP
+
+
+def _load_renameat2() -> Any:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    return function
+
+
+_RENAMEAT2 = _load_renameat2()
 
 
 class PublishError(RuntimeError):
@@ -83,21 +110,84 @@ def _fsync_tree(folder: Path) -> None:
             os.close(descriptor)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False
+    where the kernel or file system cannot, so the caller falls back to two renames."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (_ENOSYS, _EINVAL, _ENOTSUP):
+        return False
+    raise OSError(errno, os.strerror(errno), str(a), None, str(b))
+
+
 def _swap_into_place(staging: Path, target: Path) -> None:
-    """Replace ``target`` with ``staging``. Each rename is atomic; the old folder is renamed aside
-    (not deleted) before the new one takes its name, so at no moment is a partial folder visible."""
-    trash: Path | None = None
-    if target.exists():
-        trash = target.parent / f".trash-{target.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(target, trash)
-    try:
+    """Replace ``target`` with ``staging`` so that ``target`` always names a complete folder,
+    even if the process dies between any two system calls (issue 12, item 6).
+
+    A new name is one rename. Republishing an existing name exchanges the two folders in one
+    atomic step where the kernel offers it (the old contents land in a ``.trash-*`` folder, then
+    removed); elsewhere the old folder is renamed aside first, and a crash in that window is
+    repaired by :func:`clean_leftovers` at the next publish or read of the folder."""
+    if not target.exists():
         os.rename(staging, target)
-    except OSError:
-        if trash is not None:
+        return
+    trash = target.parent / _leftover_name("trash", target.name)
+    if _exchange(staging, target):
+        os.rename(staging, trash)
+    else:
+        os.rename(target, trash)
+        try:
+            os.rename(staging, target)
+        except OSError:
             os.rename(trash, target)
-        raise
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+            raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _leftover_name(kind: str, name: str) -> str:
+    """``.staging-<name>-<pid>-<random>`` / ``.trash-<name>-<pid>-<random>``: hidden from readers
+    (and Spark), and naming the process that owns it so a later publish knows when it is dead."""
+    return f".{kind}-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(parent: Path, name: str) -> list[Path]:
+    """Remove the ``.staging-<name>-*`` and ``.trash-<name>-*`` folders that killed publishers
+    left beside ``<parent>/<name>``; return what was removed.
+
+    A folder whose owner process is still alive is left alone (a publish in progress). When
+    ``<name>`` itself is missing but a dead publisher's trash holds it (a crash between the two
+    renames where no atomic exchange exists), the trash is renamed back first, so the published
+    version is restored rather than lost."""
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.(staging|trash)-{re.escape(name)}-(\d+)-[0-9a-f]{{8}}$")
+    dead: list[tuple[str, Path]] = []
+    for path in parent.iterdir():
+        match = pattern.match(path.name)
+        if match and not _pid_alive(int(match.group(2))):
+            dead.append((match.group(1), path))
+    target = parent / name
+    removed: list[Path] = []
+    for kind, path in sorted(dead, key=lambda item: item[1].name):
+        if kind == "trash" and not target.exists() and (path / MANIFEST).is_file():
+            os.rename(path, target)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def set_current(parent: Path, version: str) -> None:
@@ -126,7 +216,8 @@ def publishing(
     """
     parent.mkdir(parents=True, exist_ok=True)
     name = target_name or version
-    staging = Staging(parent / f".staging-{name}-{uuid.uuid4().hex[:8]}", version)
+    clean_leftovers(parent, name)
+    staging = Staging(parent / _leftover_name("staging", name), version)
     staging.path.mkdir()
     try:
         yield staging
