@@ -206,6 +206,20 @@ class ServingSettings(_Section):
     warmup_timeout_s: float = Field(
         60.0, gt=0, description="deadline of the warmup prediction that validates a release"
     )
+    max_in_flight: int = Field(
+        4, ge=1, description="/v1/rank requests one worker serves at once; beyond it a fast 503 "
+        "with Retry-After (admission control: overload is answered, not queued)",
+    )  # fmt: skip
+    request_deadline_ms: int = Field(
+        250, ge=1, description="end-to-end budget of a /v1/rank request from arrival: a request "
+        "that waited past it is answered 503, and the ranker gets only what is left of it",
+    )  # fmt: skip
+    body_timeout_s: float = Field(
+        5.0, gt=0, description="a request body not received within this time gets 408"
+    )
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="requests with more header bytes get 431"
+    )
 
 
 class MlflowSettings(_Section):

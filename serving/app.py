@@ -15,14 +15,18 @@ unexpected exception is a counted 500 with a generic message (details go to the 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,6 +43,13 @@ from .schemas import Problem, RankRequest, RankResponse, Readiness, ReleaseInfo
 log = logging.getLogger(__name__)
 
 ROUTES_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+ADMITTED_PATHS = frozenset({"/v1/rank"})
+ARRIVED = "deepclick.arrived"
+"""Scope key: ``time.perf_counter()`` when the request reached the app (the deadline's start)."""
+RETRY_AFTER = ((b"retry-after", b"1"),)
+DISCONNECTED = 499
+"""Status counted for a request whose client disconnected before any answer (nginx's code): a
+client going away is not a server error, and must not fire a 5xx alert."""
 READINESS_DEADLINE_S = 1.0
 """Least time a readiness probe gives the ranker: readiness asks "does it answer", not "is it
 fast" — a momentarily busy ranker must not take the worker out of rotation (degraded answers
@@ -49,15 +60,33 @@ cover slowness)."""
 
 
 class BodyLimitMiddleware:
-    """Answer 413 to request bodies over ``limit`` bytes, declared (``content-length``) or
-    streamed (chunked), before the app parses them; smaller bodies are buffered and replayed."""
+    """Answer 431 to requests whose headers exceed ``max_header_bytes``, 413 to request bodies
+    over ``limit`` bytes, declared (``content-length``) or streamed (chunked), and 408 to a body
+    not received within ``body_timeout_s`` — all before the app parses anything; smaller bodies
+    are buffered and replayed. A client that disconnects mid-body gets nothing (counted 499)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        *,
+        body_timeout_s: float = 5.0,
+        max_header_bytes: int = 16 * 1024,
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.body_timeout_s = body_timeout_s
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ROUTES_WITH_BODY:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+        if header_bytes > self.max_header_bytes:
+            await _problem(send, 431, f"request headers larger than {self.max_header_bytes} bytes")
+            return
+        if scope["method"] not in ROUTES_WITH_BODY:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
@@ -72,8 +101,14 @@ class BodyLimitMiddleware:
                 return
         chunks: list[bytes] = []
         size, more = 0, True
+        deadline = time.monotonic() + self.body_timeout_s
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except TimeoutError:
+                await _problem(send, 408, f"request body not received within "
+                               f"{self.body_timeout_s:g} s")  # fmt: skip
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -99,7 +134,53 @@ class BodyLimitMiddleware:
         await _problem(send, 413, f"request body larger than {self.limit} bytes")
 
 
-async def _problem(send: Send, status: int, detail: str) -> None:
+class AdmissionMiddleware:
+    """Overload is answered, not queued (issue 12, item 7): at most ``max_in_flight`` requests
+    to ``paths`` run at once in this worker; the next one gets an immediate 503 with
+    ``Retry-After`` (counted as ``deepclick_rejected{reason="overload"}``) instead of waiting in
+    the thread pool's queue. It also stamps each request's arrival time (``ARRIVED`` in the
+    scope), from which the route enforces the end-to-end deadline. One event loop per worker, so
+    a plain counter is exact."""
+
+    def __init__(
+        self, app: ASGIApp, metrics: ServingMetrics, max_in_flight: int, paths: frozenset[str]
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_in_flight = max_in_flight
+        self.paths = paths
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        scope[ARRIVED] = time.perf_counter()
+        if self.in_flight >= self.max_in_flight:
+            self.metrics.rejected.labels("overload").inc()
+            await _problem(
+                send, 503, f"overloaded: {self.in_flight} requests in progress; retry shortly",
+                headers=RETRY_AFTER, close=False,
+            )  # fmt: skip
+            return
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+
+
+async def _problem(
+    send: Send,
+    status: int,
+    detail: str,
+    *,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+    close: bool = True,
+) -> None:
+    """An error answer from middleware; ``close`` ends the connection (the body was not read)."""
     payload = json.dumps({"detail": detail}).encode()
     await send(
         {
@@ -108,7 +189,8 @@ async def _problem(send: Send, status: int, detail: str) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
-                (b"connection", b"close"),
+                *([(b"connection", b"close")] if close else []),
+                *headers,
             ],
         }
     )
@@ -127,7 +209,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        status = DISCONNECTED  # no answer was started: the client went away first
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -137,10 +219,22 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_status)
+        except BaseException:
+            status = 500 if status == DISCONNECTED else status
+            raise
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = getattr(scope.get("route"), "path", None) or _known_path(scope["path"])
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+
+
+def _known_path(path: str) -> str:
+    """A label for requests answered before routing (middleware): the path when it is one of
+    ours, else ``unmatched`` (bounded label values)."""
+    return path if path in KNOWN_PATHS else "unmatched"
+
+
+KNOWN_PATHS = frozenset({"/v1/rank", "/v1/release", "/readyz", "/healthz", "/metrics"})
 
 
 # --------------------------------------------------------------------------- dependencies
@@ -186,21 +280,48 @@ ReleaseDep = Annotated[LoadedRelease, Depends(get_release)]
 # --------------------------------------------------------------------------- routes
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    408: {"model": Problem, "description": "request body not received in time"},
     413: {"model": Problem, "description": "request body too large"},
     422: {"model": Problem, "description": "invalid request; detail names the field"},
-    503: {"model": Problem, "description": "no release loaded"},
+    431: {"model": Problem, "description": "request headers too large"},
+    503: {
+        "model": Problem,
+        "description": "no release loaded, or overloaded (with Retry-After): retry shortly",
+    },
 }
 
 
 def rank_ads(
-    body: RankRequest, release: ReleaseDep, limits: LimitsDep, metrics: MetricsDep
+    body: RankRequest,
+    release: ReleaseDep,
+    limits: LimitsDep,
+    metrics: MetricsDep,
+    settings: SettingsDep,
+    request: Request,
 ) -> Response:
     """Rank ads for one user on one placement (lookup → ANN + popular → ranker → sort).
 
     A plain ``def``: FastAPI runs it on its thread pool, where ANNOY and TensorFlow release the
     GIL, so concurrent requests overlap. The answer is a :class:`RankResponse` serialised here
     once; letting FastAPI re-validate it would cost a second thread-pool hop per request.
+
+    The end-to-end deadline (``serving.request_deadline_ms`` from arrival) is enforced here: a
+    request that already waited past it is answered 503 (``deepclick_rejected{reason=
+    "deadline"}``), and the ranker gets at most what is left of it, so a degraded answer still
+    comes back within the deadline.
     """
+    arrived = request.scope.get(ARRIVED)
+    if arrived is not None:
+        left = settings.serving.request_deadline_ms / 1000.0 - (time.perf_counter() - arrived)
+        if left <= 0:
+            metrics.rejected.labels("deadline").inc()
+            raise HTTPException(
+                status_code=503,
+                detail="overloaded: the request waited past its deadline; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        if left < limits.timeout_s:
+            limits = dataclasses.replace(limits, timeout_s=left)
     try:
         answer = rank(release, body, limits, metrics)
     except RequestFieldError as exc:
@@ -217,11 +338,16 @@ async def healthz() -> dict[str, str]:
 
 
 def readyz(holder: HolderDep, request: Request, settings: SettingsDep) -> JSONResponse:
-    """Ready when a release is loaded and its ranker answers a one-candidate request (within
-    ``READINESS_DEADLINE_S`` at least)."""
+    """Readiness means "can answer" (issue 12): 200 whenever a release is loaded. When its
+    ranker does not answer a one-candidate request (within ``READINESS_DEADLINE_S`` at least)
+    the status is ``degraded`` — still 200, because ``/v1/rank`` still answers (in retrieval
+    order), and a probe that pulled every replica would turn a degraded service into an outage.
+    ``note`` says when the release is a last-known-good fallback or was loaded degraded. 503
+    only while no release is loaded."""
     release = holder.current
+    reloader: Reloader | None = request.app.state.reloader
+    note = reloader.note if reloader is not None else None
     if release is None:
-        reloader: Reloader | None = request.app.state.reloader
         detail = (reloader.last_error if reloader else None) or "no release loaded yet"
         body = Readiness(status="not ready", detail=detail)
         return JSONResponse(body.model_dump(), status_code=503)
@@ -229,9 +355,11 @@ def readyz(holder: HolderDep, request: Request, settings: SettingsDep) -> JSONRe
     try:
         release.backend.predict(release.probe.common, release.probe.candidates, timeout_s=deadline)
     except RankerError as exc:
-        body = Readiness(status="not ready", release=release.version, detail=str(exc))
-        return JSONResponse(body.model_dump(), status_code=503)
-    return JSONResponse(Readiness(status="ready", release=release.version).model_dump())
+        body = Readiness(
+            status="degraded", release=release.version, detail=f"ranker: {exc}", note=note
+        )
+        return JSONResponse(body.model_dump())
+    return JSONResponse(Readiness(status="ready", release=release.version, note=note).model_dump())
 
 
 async def metrics_endpoint(metrics: MetricsDep) -> Response:
@@ -239,9 +367,38 @@ async def metrics_endpoint(metrics: MetricsDep) -> Response:
     return Response(content=content, media_type=media_type)
 
 
-async def release_info(release: ReleaseDep) -> ReleaseInfo:
-    """The versions, backend and sizes of the release being served."""
-    return ReleaseInfo(**release.describe())
+async def release_info(release: ReleaseDep, request: Request) -> ReleaseInfo:
+    """The versions, backend and sizes of the release being served, and ``note`` when it is not
+    plainly CURRENT's (a last-known-good fallback, a degraded start)."""
+    reloader: Reloader | None = request.app.state.reloader
+    return ReleaseInfo(**release.describe(), note=reloader.note if reloader else None)
+
+
+def _printable(value: Any) -> Any:
+    """A JSON-safe copy of an error field: non-finite floats as text, lone surrogates escaped
+    (the client's own input, echoed naively, made the error answer itself fail with a 500)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    return _printable(str(value))
+
+
+async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """422 naming each offending field (``loc``, ``msg``, ``type``) without echoing the input:
+    the input may hold what JSON cannot encode (NaN, 1e400, ``"\\ud800"``)."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = [
+        {
+            "loc": [_printable(part) for part in error.get("loc", ())],
+            "msg": _printable(error.get("msg", "")),
+            "type": _printable(error.get("type", "")),
+        }
+        for error in errors
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 def create_app(
@@ -316,7 +473,16 @@ def create_app(
         return JSONResponse({"detail": "internal error (logged)"}, status_code=500)
 
     app.add_exception_handler(Exception, unexpected)
-    # Last added = outermost: count everything, including 413s.
-    app.add_middleware(BodyLimitMiddleware, limit=settings.serving.max_body_bytes)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    # Last added = outermost: count everything, including 413s; admit before reading bodies.
+    serving = settings.serving
+    app.add_middleware(
+        BodyLimitMiddleware, limit=serving.max_body_bytes, body_timeout_s=serving.body_timeout_s,
+        max_header_bytes=serving.max_header_bytes,
+    )  # fmt: skip
+    app.add_middleware(
+        AdmissionMiddleware, metrics=metrics, max_in_flight=serving.max_in_flight,
+        paths=ADMITTED_PATHS,
+    )  # fmt: skip
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -77,8 +77,17 @@ class ServingMetrics:
             "deepclick_candidates", "candidates scored per /v1/rank request",
             buckets=CANDIDATE_BUCKETS, registry=r,
         )  # fmt: skip
+        self.rejected = Counter(
+            "deepclick_rejected", "/v1/rank requests answered 503 without ranking: overload "
+            "(in-flight bound reached) or deadline (waited past it)", ["reason"], registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "deepclick_in_flight", "/v1/rank requests being served", multiprocess_mode="livesum",
+            registry=r,
+        )  # fmt: skip
         self.reloads = Counter(
-            "deepclick_release_reloads", "release loads by outcome (loaded, refused, retry)",
+            "deepclick_release_reloads",
+            "release loads by outcome (loaded, refused, retry, fallback, degraded)",
             ["outcome"], registry=r,
         )  # fmt: skip
         self.release_loaded = Gauge(

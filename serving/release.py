@@ -70,6 +70,7 @@ from .features import (
     RankerInputs,
     write_entity_table,
 )
+from .index_probe import IndexProbeError, probe_index
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ RANKER_MANIFEST = "deepclick_manifest.json"
 """The exported ranker's manifest (models.ranker.predictor.RANKER_MANIFEST; not imported from
 there, which would load TensorFlow in workers that rank remotely)."""
 ROLES = ("user", "context", "ad")
+INDEX_PROBE_MIN_S = 60.0
+"""Least time the child process gets to search a candidate index (a 1M-ad forest takes seconds)."""
 ENTITY_FILES = {role: f"entities/{ROLE_TABLE[role]}.arrow" for role in ROLES}
 
 
@@ -89,7 +92,15 @@ class ReleaseError(ValueError):
 
 class ReleaseWarmupError(ReleaseError):
     """The release is consistent but its ranker did not answer the warmup prediction (for a
-    remote ranker, TF Serving may not have loaded that version yet: worth retrying)."""
+    remote ranker, TF Serving may not have loaded that version yet: worth retrying).
+
+    ``release`` is the release, fully loaded except for the ranker's answer: a process that
+    serves nothing yet serves it degraded (retrieval order) rather than not at all (issue 12,
+    item 3); otherwise the caller closes it."""
+
+    def __init__(self, message: str, release: LoadedRelease | None = None) -> None:
+        super().__init__(message)
+        self.release = release
 
 
 def releases_dir(settings: Settings) -> Path:
@@ -327,7 +338,8 @@ class LoadedRelease:
     def describe(self) -> dict[str, Any]:
         return {
             "versions": self.versions,
-            "folder": str(self.folder),
+            # Relative to the state root: absolute server paths are not the client's business.
+            "folder": f"{RELEASES}/{self.folder.name}",
             **self.backend.describe(),
             "ads": len(self.candidates.index),
             "entities": {r: len(t) for r, t in self.features.tables.items()},
@@ -403,6 +415,10 @@ def load_release(
     embeddings_folder = _component(release, "embeddings", root, MANIFEST)
     index_folder = _component(release, "index", root, MANIFEST)
     try:
+        probe_index(index_folder, timeout_s=max(serving.warmup_timeout_s, INDEX_PROBE_MIN_S))
+    except IndexProbeError as exc:
+        raise ReleaseError(f"{where}: {exc}") from None
+    try:
         service = CandidateService.load(
             index_folder, embeddings_folder, popular_quota=index_settings.popular_quota
         )
@@ -438,37 +454,41 @@ def load_release(
         raise ReleaseError(f"{where}: the ranker cannot be loaded: {exc}") from None
     version = str(release.get("version", folder.name))
     try:
-        probe, warmed = _warm_up(version, service, assembler, backend, serving, run=warmup)
-    except ReleaseError:
+        probe = _probe_request(service, assembler, serving)
+    except (EntityTableError, ValueError) as exc:
         backend.close()
-        raise
-    return LoadedRelease(
-        folder=folder,
-        version=version,
-        key=key,
-        manifest=release,
-        spec=spec,
-        candidates=service,
-        features=assembler,
-        backend=backend,
-        probe=probe,
-        load_seconds=time.perf_counter() - started,
-        warmup=warmed,
-    )
+        raise ReleaseError(f"{where}: the warmup request cannot be built: {exc}") from None
+
+    def loaded(warmed: dict[str, Any]) -> LoadedRelease:
+        return LoadedRelease(
+            folder=folder,
+            version=version,
+            key=key,
+            manifest=release,
+            spec=spec,
+            candidates=service,
+            features=assembler,
+            backend=backend,
+            probe=probe[1],
+            load_seconds=time.perf_counter() - started,
+            warmup=warmed,
+        )
+
+    if not warmup:
+        return loaded({})
+    try:
+        warmed = _warm_up(version, probe, backend, serving)
+    except ReleaseWarmupError as exc:
+        raise ReleaseWarmupError(str(exc), loaded({"error": str(exc)})) from None
+    return loaded(warmed)
 
 
-def _warm_up(
-    version: str,
-    service: CandidateService,
-    assembler: FeatureAssembler,
-    backend: RankerBackend,
-    serving: ServingSettings,
-    *,
-    run: bool,
-) -> tuple[Gathered, dict[str, Any]]:
-    """Rank the default number of candidates for the first known user and placement through the
-    whole flow (retrieval, features, backend) — it traces the model for real request shapes and
-    proves the ranker answers — and keep a one-candidate request for readiness probes."""
+def _probe_request(
+    service: CandidateService, assembler: FeatureAssembler, serving: ServingSettings
+) -> tuple[Gathered, Gathered]:
+    """The default number of candidates for the first known user and placement through
+    retrieval and features (the warmup request), and its first candidate alone (the readiness
+    probe)."""
     tables = assembler.tables
     user = tables["user"].ids[0].decode() if len(tables["user"]) else "__warmup__"
     placement = tables["context"].ids[0].decode() if len(tables["context"]) else "__warmup__"
@@ -477,8 +497,18 @@ def _warm_up(
     lookup = assembler.lookup(user, placement)
     gathered = assembler.gather(user, placement, result.ad_ids, lookup=lookup)
     probe = Gathered(gathered.common, {k_: v[:1] for k_, v in gathered.candidates.items()})
-    if not run:
-        return probe, {}
+    return gathered, probe
+
+
+def _warm_up(
+    version: str,
+    requests: tuple[Gathered, Gathered],
+    backend: RankerBackend,
+    serving: ServingSettings,
+) -> dict[str, Any]:
+    """Rank the warmup request and the probe through the backend — it traces the model for real
+    request shapes and proves the ranker answers."""
+    gathered, probe = requests
     started = time.perf_counter()
     try:
         scores = backend.predict(
@@ -492,8 +522,8 @@ def _warm_up(
         ) from None
     if not np.all(np.isfinite(scores)):
         raise ReleaseWarmupError(f"release {version}: warmup pctr not finite")
-    return probe, {
-        "candidates": len(result.candidates),
+    return {
+        "candidates": int(scores.size),
         "seconds": round(time.perf_counter() - started, 3),
         "mean_pctr": float(scores.mean()) if scores.size else None,
     }

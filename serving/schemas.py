@@ -13,14 +13,35 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
 
 MAX_ADS = 100
 MAX_ID_CHARS = 128
 MAX_FEATURES = 64
 
-EntityId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)]
-FeatureValue = StrictStr | StrictInt | StrictFloat
+
+def _encodable(text: str) -> str:
+    """Refuse lone surrogates (``"\\ud800"`` is valid JSON but not text): ids are encoded to
+    UTF-8 for lookups, which would fail with a 500 on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_encodable)]
+EntityId = Annotated[Text, Field(min_length=1, max_length=MAX_ID_CHARS)]
+FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+FeatureValue = Text | StrictInt | FiniteFloat
 
 
 class RankRequest(BaseModel):
@@ -35,12 +56,12 @@ class RankRequest(BaseModel):
 
     user_id: EntityId
     placement_id: EntityId
-    user_features: dict[StrictStr, FeatureValue] | None = Field(
+    user_features: dict[Text, FeatureValue] | None = Field(
         None,
         max_length=MAX_FEATURES,
         description="features of an unknown user (cold start), by feature-spec name",
     )
-    context_features: dict[StrictStr, FeatureValue] | None = Field(
+    context_features: dict[Text, FeatureValue] | None = Field(
         None,
         max_length=MAX_FEATURES,
         description="features of an unknown placement, or event features the tables lack",
@@ -112,9 +133,15 @@ class ReleaseInfo(BaseModel):
     timezone: str
     load_seconds: float
     warmup: dict
+    note: str | None = None
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "not ready"]
+    status: Literal["ready", "degraded", "not ready"] = Field(
+        description="degraded: the ranker does not answer, requests get retrieval order (200)"
+    )
     release: str | None = None
     detail: str | None = None
+    note: str | None = Field(
+        None, description="why the release served is not plainly CURRENT's (fallback, degraded)"
+    )

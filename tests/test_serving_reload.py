@@ -158,7 +158,7 @@ def test_watcher_retries_a_ranker_that_is_not_ready_and_skips_a_refused_release(
 
         return FakeRelease(release_key(path))  # type: ignore[return-value]
 
-    holder = ReleaseHolder()
+    holder = ReleaseHolder(FakeRelease("serving:0"))  # serving something: no fallback search
     reloader = Reloader(settings, holder, ServingMetrics(), loader=loader)
     set_current(world.root / "releases", folder.name)
     assert reloader.poll_once() == "retry"  # warmup failed: transient, try again
