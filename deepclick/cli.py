@@ -127,11 +127,13 @@ def print_ingest_report(report: Any) -> None:
 def features(date: DateOption, config: ConfigOption = None) -> None:
     """Build vocabularies, entity tables and training/evaluation sets from events before D."""
     settings = _settings(config)
+    from pipelines.daily import ServingPinnedError, stage_guard
     from pipelines.features.runner import run_features
 
     try:
-        folder = run_features(settings, _date(date))
-    except (ValueError, FileNotFoundError) as exc:
+        with stage_guard(settings, _date(date), "features"):
+            folder = run_features(settings, _date(date))
+    except (ServingPinnedError, ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
     manifest = json.loads((folder / "manifest.json").read_text())
     print_counts(f"features {date} → {folder}", manifest.get("counts", {}))
@@ -141,11 +143,13 @@ def features(date: DateOption, config: ConfigOption = None) -> None:
 def towers(date: DateOption, config: ConfigOption = None) -> None:
     """Train the two-tower model on D's retrieval set and publish its exported towers."""
     settings = _settings(config)
+    from pipelines.daily import ServingPinnedError, stage_guard
     from pipelines.towers import run_towers
 
     try:
-        folder = run_towers(settings, _date(date))
-    except (ValueError, FileNotFoundError) as exc:
+        with stage_guard(settings, _date(date), "towers"):
+            folder = run_towers(settings, _date(date))
+    except (ServingPinnedError, ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
     manifest = json.loads((folder / "manifest.json").read_text())
     print_counts(f"towers {date} → {folder}", {**manifest["counts"], "dim": manifest["dim"]})
@@ -155,11 +159,13 @@ def towers(date: DateOption, config: ConfigOption = None) -> None:
 def embed(date: DateOption, config: ConfigOption = None) -> None:
     """Embed every user, placement and ad with D's towers (Spark) and publish the tables."""
     settings = _settings(config)
+    from pipelines.daily import ServingPinnedError, stage_guard
     from pipelines.embed import run_embed
 
     try:
-        folder = run_embed(settings, _date(date))
-    except (ValueError, FileNotFoundError) as exc:
+        with stage_guard(settings, _date(date), "embed"):
+            folder = run_embed(settings, _date(date))
+    except (ServingPinnedError, ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
     manifest = json.loads((folder / "manifest.json").read_text())
     print_counts(f"embeddings {date} → {folder}", manifest.get("counts", {}))
@@ -170,10 +176,12 @@ def index(date: DateOption, config: ConfigOption = None) -> None:
     """Build the ANNOY index over D's ad vectors, measure its recall and publish it."""
     settings = _settings(config)
     from pipelines.build_index import run_index
+    from pipelines.daily import stage_guard
 
     try:
-        folder = run_index(settings, _date(date))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        with stage_guard(settings, _date(date), "index"):
+            folder = run_index(settings, _date(date))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # ServingPinnedError too
         raise _fail(exc) from None
     manifest = json.loads((folder / "manifest.json").read_text())
     print_counts(

@@ -267,6 +267,24 @@ def _guard_serving(stage: Stage, ctx: DayContext) -> None:
             )
 
 
+@contextlib.contextmanager
+def stage_guard(settings: Settings, date: dt.date | str, stage: str) -> Iterator[None]:
+    """Hold what ``deepclick run`` holds around a stage, for a stand-alone stage command
+    (``deepclick features|towers|embed|index --date D``): the day's run lock, so two commands
+    for the same day never write the same folder at once (the last writer won), and the serving
+    guard, so a re-run never republishes a folder the serving release reads (issue 12, item 4).
+
+    Raises:
+        ServingPinnedError: the stage would republish a folder the serving release reads.
+    """
+    day = dt.date.fromisoformat(date) if isinstance(date, str) else date
+    chosen = get_stage(stage)
+    ctx = DayContext(settings, day, settings.lifecycle.dataset, settings.raw_dir)
+    with RunLedger.locked(settings, day):
+        _guard_serving(chosen, ctx)
+        yield
+
+
 def _input_versions(inputs: Mapping[str, Any]) -> dict[str, Any]:
     """Data versions for the tracker: each upstream manifest's version (and creation time)."""
     found: dict[str, Any] = {}
