@@ -65,4 +65,29 @@ def test_compose_wires_tf_serving_to_the_api_and_config_files() -> None:
     # batching merges requests along the first dimension: only serving_default batches
     assert "--enable_batching=true" in args
     assert api_env["DEEPCLICK_PREDICTOR__SIGNATURE"] == "serving_default"
-    assert "postgresql://" in " ".join(services["mlflow"]["command"])
+    assert "--app-name=basic-auth" in services["mlflow"]["command"]
+
+
+def test_compose_reads_credentials_from_an_env_file_and_exposes_no_unauthenticated_port() -> None:
+    # Issue 12 item 8: Postgres credentials were hard-coded, MLflow and TF Serving published.
+    text = (DEPLOY / "compose.yaml").read_text()
+    compose = yaml.safe_load(text)
+    services = compose["services"]
+    assert not re.search(r"(?i)password\s*[:=]\s*\S", text)
+    assert "postgresql://" not in text
+    for name in ("postgres", "mlflow", "api"):
+        assert services[name]["env_file"] == ["deploy.env"], name
+    example = dict(
+        line.split("=", 1)
+        for line in (DEPLOY / "deploy.env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert example["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    assert {"POSTGRES_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD"} <= set(
+        example
+    )
+    ignored = (DEPLOY.parent / ".gitignore").read_text().splitlines()
+    assert "deploy/deploy.env" in ignored
+    assert "ports" not in services["tfserving"]  # no authentication of its own
+    assert all(port.startswith("127.0.0.1:") for port in services["mlflow"]["ports"])
+    assert "mlflow[auth]" in (DEPLOY / "mlflow.Dockerfile").read_text()
