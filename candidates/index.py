@@ -113,6 +113,16 @@ def build_annoy(
     return index
 
 
+def loaded_trees(path: Path, dim: int, metric: Metric) -> int:
+    """The tree count ANNOY reports for a saved file when a reader loads it."""
+    forest = AnnoyIndex(annoy_dim(dim, metric), metric)
+    forest.load(str(path))
+    try:
+        return int(forest.get_n_trees())
+    finally:
+        forest.unload()
+
+
 def exact_top_k(ads: np.ndarray, queries: np.ndarray, k: int, *, chunk: int = 32) -> np.ndarray:
     """Rows of the ``k`` largest ``query·ad`` per query (unordered), by brute force in chunks."""
     k = min(k, ads.shape[0])
@@ -224,6 +234,10 @@ def build_index(
             found = ann_top_k(index, queries, k, metric=metric, search_k=search_k)
             recall = recall_at_k(found, exact)
         index.unload()
+        # Opened the way readers open it: with a catalogue that fits in one leaf, ANNOY's loader
+        # counts a different number of roots than were built (1 ad, 100 trees: 201), so the
+        # count readers check against is the one a fresh load reports.
+        ann_trees = loaded_trees(staging.path / ANN_FILE, embeddings.dim, metric)
         shutil.copyfile(embeddings_folder / IDS_FILE, staging.path / IDS_FILE)
         write_popular(staging.path / POPULAR_FILE, popular)
         ann_size = (staging.path / ANN_FILE).stat().st_size
@@ -233,6 +247,7 @@ def build_index(
                 "metric": metric,
                 "dim": embeddings.dim,
                 "n_trees": n_trees,
+                "ann_trees": ann_trees,
                 "seed": seed,
                 "search_k": search_k,
                 "search_k_tuned": tune_search_k,
@@ -396,11 +411,12 @@ def open_index(
             f"holds {forest.get_n_items()} items but {IDS_FILE} has {ids.shape[0]} ids: "
             "item i must be row i of the id map",
         )
-    if forest.get_n_trees() != manifest["n_trees"]:
+    expected_trees = manifest.get("ann_trees", manifest["n_trees"])
+    if forest.get_n_trees() != expected_trees:
         forest.unload()
         raise _fail(
             ann_path,
-            f"has {forest.get_n_trees()} trees but the manifest says n_trees="
-            f"{manifest['n_trees']}: built with another dimension or corrupted",
+            f"has {forest.get_n_trees()} trees but the manifest says {expected_trees} "
+            f"(n_trees={manifest['n_trees']}): built with another dimension or corrupted",
         )
     return CandidateIndex(folder, manifest, forest, ids, popular)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -33,14 +34,50 @@ ConfigOption = Annotated[
     ),
 ]
 DateOption = Annotated[str, typer.Option("--date", "-d", help="day to process, YYYY-MM-DD")]
+_verbose = {"on": False}
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="show library output (TensorFlow, Spark, warnings) on the console instead of "
+            "the log file under <root>/logs",
+        ),
+    ] = False,
+) -> None:
+    """Ad click prediction: Spark pipelines, two-tower candidates, a TF Serving CTR ranker."""
+    _verbose["on"] = verbose
+
+
+def _quiet_libraries(settings: Settings) -> None:
+    """Library banners and progress bars go to a log file (deepclick/library_logs.py); the
+    stage table, warnings that need a person and errors stay here. Undone when the command
+    ends."""
+    ctx = click.get_current_context(silent=True)
+    if _verbose["on"] or ctx is None or ctx.meta.get("deepclick.library_logs"):
+        return
+    if ctx.info_name == "serve":  # the server's own access and error logs belong on the console
+        return
+    from deepclick.library_logs import route_library_output
+
+    routed = route_library_output(settings.root)
+    ctx.meta["deepclick.library_logs"] = routed
+    ctx.call_on_close(routed.restore)
+    console.print(f"[dim]library output (TensorFlow, Spark): {routed.path}[/dim]")
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
     try:
-        return load_settings(config, **overrides)
+        settings = load_settings(config, **overrides)
     except SettingsError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    _quiet_libraries(settings)
+    return settings
 
 
 def _date(value: str, option: str = "--date") -> dt.date:
@@ -124,16 +161,25 @@ def print_ingest_report(report: Any) -> None:
 
 
 @app.command()
-def features(date: DateOption, config: ConfigOption = None) -> None:
+def features(
+    date: DateOption,
+    config: ConfigOption = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="dataset whose days form the window (default: the one of D's events)"),
+    ] = None,
+) -> None:
     """Build vocabularies, entity tables and training/evaluation sets from events before D."""
     settings = _settings(config)
     from pipelines.daily import ServingPinnedError, stage_guard
     from pipelines.features.runner import run_features
+    from pipelines.specs import SpecError, load_spec
 
     try:
+        name = load_spec(dataset).name if dataset else None
         with stage_guard(settings, _date(date), "features"):
-            folder = run_features(settings, _date(date))
-    except (ServingPinnedError, ValueError, FileNotFoundError) as exc:
+            folder = run_features(settings, _date(date), dataset=name)
+    except (ServingPinnedError, ValueError, FileNotFoundError, SpecError) as exc:
         raise _fail(exc) from None
     manifest = json.loads((folder / "manifest.json").read_text())
     print_counts(f"features {date} → {folder}", manifest.get("counts", {}))

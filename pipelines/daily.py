@@ -593,16 +593,22 @@ def run_backfill(
     (there is nothing to train on yet); the days after it train on it. Stops at the first failure.
     Keyword arguments are those of :func:`run_daily`.
     """
-    from pipelines.features.runner import list_partitions
+    from pipelines.features.runner import list_partitions, partition_dataset
+    from pipelines.specs import load_spec
 
     first = dt.date.fromisoformat(start) if isinstance(start, str) else start
     last = dt.date.fromisoformat(end) if isinstance(end, str) else end
     if last < first:
         raise ValueError(f"backfill end {last} is before its start {first}")
     reports = []
+    name = load_spec(kwargs.get("dataset") or settings.lifecycle.dataset).name
     for offset in range((last - first).days + 1):
         day = first + dt.timedelta(days=offset)
-        before = [p for p in list_partitions(settings.warehouse / "events") if p.day < day]
+        before = [  # this dataset's days only: a state root may hold several side by side
+            p
+            for p in list_partitions(settings.warehouse / "events")
+            if p.day < day and partition_dataset(p) == name
+        ]
         enough = len(before) >= settings.features.min_train_days
         report = run_daily(settings, day, stages=None if enough else ("ingest",), **kwargs)
         if not enough:

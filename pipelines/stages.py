@@ -226,9 +226,22 @@ def _is_day(name: str) -> bool:
     return len(name) == 10
 
 
+def spec_files(ctx: DayContext) -> list[Path]:
+    """The files of D's source that the dataset spec reads (its events and side-table globs):
+    only these decide whether D must be ingested again, not notes or files beside them."""
+    files = source_files(ctx)
+    if ctx.source.is_file():
+        return files
+    spec = ctx.spec()
+    read: set[Path] = set()
+    for part in [spec.events, *spec.tables.values()]:
+        read.update(p for p in ctx.source.glob(part.file) if p.is_file())
+    return [p for p in files if p in read]
+
+
 def _ingest_inputs(ctx: DayContext) -> dict[str, Any]:
     files = []
-    for path in source_files(ctx):
+    for path in spec_files(ctx):
         stat = path.stat()
         name = path.name if path == ctx.source else path.relative_to(ctx.source).as_posix()
         files.append([name, stat.st_size, stat.st_mtime_ns])
@@ -271,7 +284,7 @@ def _ingest_adopt(ctx: DayContext) -> Outcome | None:
         return None
     if manifest.get("source") != str(ctx.source) or manifest.get("dataset") != ctx.spec().name:
         return None
-    newest = max((p.stat().st_mtime for p in source_files(ctx)), default=0.0)
+    newest = max((p.stat().st_mtime for p in spec_files(ctx)), default=0.0)
     created = dt.datetime.fromisoformat(str(manifest.get("created_at"))).timestamp()
     if created < newest:
         return None
@@ -284,7 +297,7 @@ def _ingest_adopt(ctx: DayContext) -> Outcome | None:
 def _features_inputs(ctx: DayContext) -> dict[str, Any]:
     from pipelines.features.runner import find_inputs
 
-    found = find_inputs(ctx.settings.warehouse, ctx.date, ctx.settings.features)
+    found = find_inputs(ctx.settings.warehouse, ctx.date, ctx.settings.features, ctx.spec().name)
     return {
         "events": [p.manifest for p in found.events],
         "side": {s.table: [p.manifest for p in s.used] for s in found.sides.values()},
@@ -294,7 +307,7 @@ def _features_inputs(ctx: DayContext) -> dict[str, Any]:
 def _features_run(ctx: DayContext) -> Outcome:
     from pipelines.features.runner import run_features
 
-    folder = run_features(ctx.settings, ctx.date, spark=ctx.spark())
+    folder = run_features(ctx.settings, ctx.date, spark=ctx.spark(), dataset=ctx.spec().name)
     manifest = read_manifest(folder)
     metrics = {**numeric(manifest.get("counts", {})), **numeric(manifest.get("metrics", {}))}
     days = len(manifest.get("train_dates", []))

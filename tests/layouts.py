@@ -185,7 +185,7 @@ def open_bandit_source(folder: Path) -> dict[str, object]:
         ]
         for i in range(4)
     ]
-    write_csv(folder / "bts_all.csv", header, rows)
+    write_csv(folder / "all.csv", header, rows)  # obp's obd/<policy>/<campaign>/all.csv
     write_csv(
         folder / "item_context.csv",
         ["", "item_id", "item_feature_0", "item_feature_1", "item_feature_2", "item_feature_3"],

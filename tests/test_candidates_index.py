@@ -262,3 +262,23 @@ def test_index_read_with_another_dimension_is_refused(index_copy: Path) -> None:
     (index_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CandidateIndexError, match=rf"ads.ann: .*dim {DIM + 8}, metric dot"):
         open_index(index_copy)
+
+
+@pytest.mark.parametrize("n_ads", [1, 7, 35])
+def test_small_catalogue_index_opens_as_its_readers_open_it(tmp_path: Path, n_ads: int) -> None:
+    """Issue 11 item 2: a catalogue that fits in one ANNOY leaf loads with another tree count
+    than was built (1 ad, 100 trees: 201); the published index must still open and serve."""
+    small = two_tower_like(
+        n_ads=n_ads, n_users=20, n_placements=2, dim=DIM, clusters=1, spread=0.5, seed=3
+    )
+    emb = publish_embeddings(tmp_path / "embeddings", VERSION, small.tables, small.fallbacks)
+    folder = build_index(emb, tmp_path / "index", metric="angular", n_trees=100, recall_floor=0.9)
+    index = open_index(folder)
+    try:
+        assert index.manifest["n_trees"] == 100
+        assert index.manifest["ann_recall_at_k"] == 1.0
+        query = small.vectors("users")[0]
+        found = index.search(query, n_ads)
+        assert sorted(found) == list(range(n_ads))
+    finally:
+        index.close()

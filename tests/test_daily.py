@@ -51,6 +51,7 @@ from pipelines.daily import (
     StageFailed,
     StageNotConfirmed,
     confirm_stage,
+    make_context,
     resolve_source,
     run_backfill,
     run_daily,
@@ -402,3 +403,30 @@ def test_the_source_is_a_day_folder_or_a_whole_source(tmp_path: Path) -> None:
     assert resolve_source(settings, "marketplace", dt.date(2024, 1, 6), None) == day.parent
     single = tmp_path / "all.csv"
     assert resolve_source(settings, "marketplace", dt.date(2024, 1, 5), single) == single
+
+
+def test_files_the_spec_does_not_read_do_not_force_a_new_ingest(tmp_path: Path) -> None:
+    """Issue 11 item 11: a note or any other file beside the log must not change D's ingest
+    fingerprint nor make an already ingested source look newer."""
+    from pipelines.daily import fingerprint
+    from pipelines.stages import get_stage, spec_files
+
+    settings = Settings(root=tmp_path)
+    day = settings.raw_dir / "marketplace" / "2024-01-05"
+    day.mkdir(parents=True)
+    for name in ("raw_sample.csv", "ad_feature.csv", "user_profile.csv", "placement_feature.csv"):
+        (day / name).write_text("x\n")
+    (day / "README.txt").write_text("notes\n")
+    ctx = make_context(settings, "2024-01-05")
+    before, _ = fingerprint(get_stage("ingest"), ctx)
+    assert sorted(p.name for p in spec_files(ctx)) == [
+        "ad_feature.csv",
+        "placement_feature.csv",
+        "raw_sample.csv",
+        "user_profile.csv",
+    ]
+    (day / "README.txt").write_text("newer notes\n")
+    (day / "scratch.csv").write_text("y\n")
+    assert fingerprint(get_stage("ingest"), ctx)[0] == before
+    os.utime(day / "raw_sample.csv", (1, 1))
+    assert fingerprint(get_stage("ingest"), ctx)[0] != before

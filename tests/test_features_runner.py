@@ -463,3 +463,28 @@ def test_inputs_are_the_last_train_days_with_events_before_d_and_the_newest_snap
     assert inputs.sides["ad"].as_of == {D2: D1, D3: D3, D: D}
     assert inputs.sides["user"].as_of == {D2: D1, D3: D1, D: D1}
     assert [p.rows for p in inputs.events] == [40, 40, 20]
+
+
+def test_the_window_is_the_datasets_own_days(tmp_path):
+    """Issue 11 item 8: after ingesting another dataset into the same state root (Avazu 2014 next
+    to the marketplace 2024, or another log on days just before D), each dataset's features see
+    only that dataset's days, and D's events may not be built as another dataset."""
+    write_warehouse(tmp_path, toy_events(), toy_side())
+    other = {dt.date(2023, 12, 28): toy_events()[OLD], dt.date(2023, 12, 29): toy_events()[OLD]}
+    write_warehouse(
+        tmp_path, other, {"ads": {dt.date(2023, 12, 28): toy_side()["ads"][D1]}}, "avazu"
+    )
+
+    inputs = runner.find_inputs(tmp_path, D, FeatureSettings(train_days=30))
+    assert inputs.dataset == "toy" and inputs.window == [OLD, *TRAIN]
+    assert [p.day for p in inputs.sides["ad"].used] == [D1, D3, D]
+
+    theirs = runner.find_inputs(tmp_path, dt.date(2023, 12, 30), FeatureSettings(), "avazu")
+    assert theirs.window == [dt.date(2023, 12, 28), dt.date(2023, 12, 29)]
+    assert [p.day for p in theirs.sides["ad"].used] == [dt.date(2023, 12, 28)]
+    with pytest.raises(
+        FeaturesInputError, match=r"events of 2024-01-04 are dataset 'toy', not 'avazu'"
+    ):
+        runner.find_inputs(tmp_path, D, FeatureSettings(), "avazu")
+    with pytest.raises(FeaturesInputError, match=r"several datasets \(avazu, toy\) and none on"):
+        runner.find_inputs(tmp_path, dt.date(2024, 2, 1), FeatureSettings())

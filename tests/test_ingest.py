@@ -129,10 +129,12 @@ def test_avazu_layout_derives_user_and_placement_keys(spark, settings, tmp_path)
     assert {"ad__C15", "ctx__site_category", "user__device_model"} <= set(events.columns)
 
 
-def test_open_bandit_layout_reads_iso_times_and_unnamed_index(spark, settings, tmp_path) -> None:
-    planted = open_bandit_source(tmp_path / "obd")
+def test_open_bandit_reads_obp_all_csv_as_it_ships(spark, settings, tmp_path) -> None:
+    """Issue 11 item 3: obp ships obd/<policy>/<campaign>/all.csv (+ item_context.csv)."""
+    folder = tmp_path / "obd" / "random" / "all"
+    planted = open_bandit_source(folder)
     report = run_ingest(
-        settings, load_spec("open_bandit"), tmp_path / "obd", dt.date(2019, 11, 24), spark=spark
+        settings, load_spec("open_bandit"), folder, dt.date(2019, 11, 24), spark=spark
     )
     assert report.rows_written == planted["rows"] and report.rows_quarantined == 0
     events = _events(settings, planted["date"])

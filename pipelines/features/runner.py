@@ -190,29 +190,64 @@ def _features_of(manifests: list[dict[str, Any]], source: str) -> list[Feature]:
     ]
 
 
-def find_inputs(warehouse: Path, target: dt.date, cfg: FeatureSettings) -> Inputs:
-    """Choose the event partitions and side snapshots for ``target`` and check they fit together.
+def partition_dataset(partition: Partition) -> str:
+    """The dataset a partition was ingested from (``unknown`` for manifests that predate it)."""
+    return str(partition.manifest.get("dataset", "unknown"))
+
+
+def choose_dataset(partitions: list[Partition], target: dt.date, dataset: str | None) -> str:
+    """The dataset a run is for: the one asked for, else the one of D's events, else the only
+    dataset in the warehouse.
 
     Raises:
-        FeaturesInputError: too few days with events, mixed datasets, or a feature present both
-            in the event rows and in a side table.
+        FeaturesInputError: several datasets and nothing says which one is meant.
     """
-    by_day = {p.day: p for p in list_partitions(warehouse / "events")}
+    if dataset is not None:
+        return dataset
+    held = sorted({partition_dataset(p) for p in partitions})
+    on_target = [partition_dataset(p) for p in partitions if p.day == target]
+    if on_target:
+        return on_target[0]
+    if len(held) > 1:
+        raise FeaturesInputError(
+            f"the warehouse holds events of several datasets ({', '.join(held)}) and none on "
+            f"{target.isoformat()}; name the dataset (--dataset)"
+        )
+    return held[0] if held else "unknown"
+
+
+def find_inputs(
+    warehouse: Path, target: dt.date, cfg: FeatureSettings, dataset: str | None = None
+) -> Inputs:
+    """Choose the event partitions and side snapshots for ``target`` and check they fit together.
+
+    The window is the last ``train_days`` days *of this dataset* before D: a state root may
+    hold several datasets side by side (days of other datasets are not looked at).
+
+    Raises:
+        FeaturesInputError: too few days with events, D's events from another dataset, or a
+            feature present both in the event rows and in a side table.
+    """
+    everything = list_partitions(warehouse / "events")
+    name = choose_dataset(everything, target, dataset)
+    on_target = [p for p in everything if p.day == target and partition_dataset(p) != name]
+    if on_target:
+        raise FeaturesInputError(
+            f"events of {target.isoformat()} are dataset {partition_dataset(on_target[0])!r}, "
+            f"not {name!r}; one features version is built from one dataset"
+        )
+    by_day = {p.day: p for p in everything if partition_dataset(p) == name}
     window = training_window(list(by_day), target, cfg.train_days, cfg.min_train_days)
     events = [by_day[d] for d in window] + ([by_day[target]] if target in by_day else [])
-    datasets = sorted({str(p.manifest.get("dataset", "unknown")) for p in events})
-    if len(datasets) != 1:
-        raise FeaturesInputError(
-            f"events for {target} come from several datasets ({', '.join(datasets)}); "
-            "one features version is built from one dataset"
-        )
     event_features = _features_of([p.manifest for p in events], "events")
     event_names = {f.name for f in event_features}
     sides: dict[str, SideInputs] = {}
     for role in ROLES:
         table = ROLE_TABLE[role]
         snapshots = {
-            p.day: p for p in list_partitions(warehouse / "side" / table) if p.day <= target
+            p.day: p
+            for p in list_partitions(warehouse / "side" / table)
+            if p.day <= target and partition_dataset(p) == name
         }
         if not snapshots:
             continue
@@ -226,7 +261,7 @@ def find_inputs(warehouse: Path, target: dt.date, cfg: FeatureSettings) -> Input
                 f"{table}; the ingest must put each feature in one place"
             )
         sides[role] = SideInputs(table, role, ROLE_KEY[role], features, used, as_of)
-    return Inputs(target, window, events, datasets[0], event_features, sides)
+    return Inputs(target, window, events, name, event_features, sides)
 
 
 def _history_features(role: str) -> list[Feature]:
@@ -291,7 +326,12 @@ def _validate(expected: dict[str, int]) -> Callable[[Staging], None]:
     return check
 
 
-def run_features(settings: Settings, date: dt.date, spark: SparkSession | None = None) -> Path:
+def run_features(
+    settings: Settings,
+    date: dt.date,
+    spark: SparkSession | None = None,
+    dataset: str | None = None,
+) -> Path:
     """Build and publish the features of target day ``date``; return the published folder.
 
     Nothing is published unless every table, vocabulary and the spec were written and checked.
@@ -299,7 +339,7 @@ def run_features(settings: Settings, date: dt.date, spark: SparkSession | None =
     Raises:
         FeaturesInputError: too few days with events before ``date``, or inputs that disagree.
     """
-    inputs = find_inputs(settings.warehouse, date, settings.features)
+    inputs = find_inputs(settings.warehouse, date, settings.features, dataset)
     if spark is None:
         from pipelines.spark import get_spark
 

@@ -10,6 +10,7 @@ re-running a date replaces its partition whole. Every input row is accounted for
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import uuid
@@ -177,16 +178,24 @@ def run_ingest(
     other dates are counted per date in the report and left for the run of their own date. Side
     tables are snapshotted under that first date too.
     """
-    spark = spark or get_spark(settings.spark)
     end = end or start
     dates = date_range(start, end)
+    day_folders = _day_folders(spec, source)
+    if day_folders:
+        return _ingest_day_folders(settings, spec, source, dates, day_folders, spark)
+    spark = spark or get_spark(settings.spark)
     report = IngestReport(dataset=spec.name, source=str(source), start=dates[0], end=dates[-1])
     warehouse = settings.warehouse
     warehouse.mkdir(parents=True, exist_ok=True)
+    _refuse_other_datasets(warehouse, spec, dates)
     run_dir = warehouse / f".ingest-{uuid.uuid4().hex[:12]}"
     raw_columns = list(spec.events.columns)
+    latest = dt.datetime.now(dt.UTC) + FUTURE_TOLERANCE
     try:
-        checked = nodes.check_events(read_raw(spark, spec, source, spec.events, "events"), spec)
+        raw = read_raw(spark, spec, source, spec.events, "events")
+        if spec.event_time.row_order:
+            raw = nodes.add_row_order(raw)
+        checked = nodes.check_events(raw, spec, latest=latest)
         checked = checked.persist(StorageLevel.MEMORY_AND_DISK)
         status = checked.withColumn("ok", F.col(nodes.REASON) == "")
         totals = _count_by(status, "date", "ok")
@@ -208,7 +217,7 @@ def run_ingest(
             totals[(present[0], False)] = totals.get((present[0], False), 0) + undated
         checked = checked.withColumn("date", F.coalesce(F.col("date"), F.lit(present[0])))
         valid = checked.filter(F.col(nodes.REASON) == "")
-        deduped = nodes.drop_exact_duplicates(valid, raw_columns)
+        deduped = nodes.drop_exact_duplicates(valid, raw_columns) if spec.drop_duplicates else valid
         kept = {d: n for (d,), n in _count_by(deduped, "date").items()}
         for (date, ok), n in sorted(totals.items(), key=str):
             if date not in dates:
@@ -223,6 +232,7 @@ def run_ingest(
         report.rows_written = sum(c.rows_written for c in report.per_date.values())
         report.rows_quarantined = sum(c.rows_quarantined for c in report.per_date.values())
         report.duplicates_dropped = sum(c.duplicates_dropped for c in report.per_date.values())
+        in_range_rows = report.rows_written + report.rows_quarantined + report.duplicates_dropped
 
         in_range = F.col("date").isin(dates)
         events = nodes.to_canonical(deduped.filter(in_range), spec)
@@ -230,6 +240,7 @@ def run_ingest(
         rejected = checked.filter((F.col(nodes.REASON) != "") & in_range)
         reasons = rejected.groupBy(nodes.REASON).count().orderBy(F.desc("count")).limit(20)
         report.quarantine_reasons = {r[nodes.REASON]: r["count"] for r in reasons.collect()}
+        _refuse_large_quarantine(spec, report, in_range_rows)
         quarantine = [
             rejected.select(
                 F.col(nodes.SOURCE).alias("source"),
@@ -252,6 +263,95 @@ def run_ingest(
         return report
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+FUTURE_TOLERANCE = dt.timedelta(days=1)
+"""Event times later than now plus this are quarantined (a broken clock, e.g. dates in 2099)."""
+
+
+def _refuse_large_quarantine(spec: DatasetSpec, report: IngestReport, rows: int) -> None:
+    """Fail (nothing published) when more than ``max_quarantined_share`` of the rows of the
+    requested dates were quarantined: a label or time declared wrong, not a few bad lines."""
+    share = report.rows_quarantined / rows if rows else 0.0
+    if share <= spec.max_quarantined_share:
+        return
+    reasons = list(report.quarantine_reasons.items())[:3]
+    top = "; ".join(f"{n:,} × {reason}" for reason, n in reasons)
+    raise IngestError(
+        f"dataset spec {spec.name!r}: {report.rows_quarantined:,} of {rows:,} rows of "
+        f"{report.start}..{report.end} ({share:.1%}) would be quarantined, more than "
+        f"max_quarantined_share {spec.max_quarantined_share:.0%}; nothing was published. Most "
+        f"common reasons: {top}. Fix the spec (label values, event time, keys) or raise "
+        "max_quarantined_share."
+    )
+
+
+def _refuse_other_datasets(warehouse: Path, spec: DatasetSpec, dates: list[str]) -> None:
+    """A day's events partition holds one dataset: refuse to replace another dataset's day."""
+    for date in dates:
+        manifest = warehouse / "events" / f"date={date}" / PARTITION_MANIFEST
+        if not manifest.is_file():
+            continue
+        held = json.loads(manifest.read_text()).get("dataset")
+        if held and held != spec.name:
+            raise IngestError(
+                f"events of {date} in {warehouse} are already dataset {held!r}; ingesting "
+                f"{spec.name!r} there would replace them. Use another state root for "
+                f"{spec.name!r} (--config with another root, or DEEPCLICK_ROOT)"
+            )
+
+
+def _day_folders(spec: DatasetSpec, source: Path) -> dict[str, Path]:
+    """``<YYYY-MM-DD>`` sub-folders of ``source`` when the events file is not in ``source``
+    itself (the layout ``deepclick simulate`` writes), else nothing."""
+    if not source.is_dir() or any(p.is_file() for p in source.glob(spec.events.file)):
+        return {}
+    found = {}
+    for child in source.iterdir():
+        if child.is_dir() and len(child.name) == 10:
+            try:
+                dt.date.fromisoformat(child.name)
+            except ValueError:
+                continue
+            found[child.name] = child
+    return found
+
+
+def _ingest_day_folders(
+    settings: Settings,
+    spec: DatasetSpec,
+    source: Path,
+    dates: list[str],
+    folders: dict[str, Path],
+    spark: SparkSession | None,
+) -> IngestReport:
+    """Each requested day from its own day folder; one report for the range."""
+    wanted = [d for d in dates if d in folders]
+    if not wanted:
+        shown = ", ".join(sorted(folders)[:3]) + (", …" if len(folders) > 3 else "")
+        raise IngestError(
+            f"no day folder of {dates[0]}..{dates[-1]} in {source}; day folders found: {shown}"
+        )
+    total = IngestReport(dataset=spec.name, source=str(source), start=dates[0], end=dates[-1])
+    for date in wanted:
+        day = dt.date.fromisoformat(date)
+        part = run_ingest(settings, spec, folders[date], day, spark=spark)
+        total.rows_in += part.rows_in
+        total.rows_written += part.rows_written
+        total.rows_quarantined += part.rows_quarantined
+        total.duplicates_dropped += part.duplicates_dropped
+        for other, n in part.rows_other_dates.items():
+            total.rows_other_dates[other] = total.rows_other_dates.get(other, 0) + n
+        total.per_date.update(part.per_date)
+        for reason, n in part.quarantine_reasons.items():
+            total.quarantine_reasons[reason] = total.quarantine_reasons.get(reason, 0) + n
+        for name, counts in part.side_tables.items():
+            seen = total.side_tables.setdefault(name, SideCounts())
+            seen.rows_in += counts.rows_in
+            seen.rows_written += counts.rows_written
+            seen.rows_quarantined += counts.rows_quarantined
+    total.missing_dates = [d for d in dates if d not in wanted]
+    return total
 
 
 def _publish_all(

@@ -9,6 +9,7 @@ not code. Built-in specs live beside this module (``marketplace``, ``avazu``, ``
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -46,16 +47,117 @@ Feature = Annotated[FeatureDef, BeforeValidator(_feature_shorthand)]
 
 
 class EventTime(_Strict):
-    column: str
+    """When each event happened, declared one of three ways (exactly one must be given):
+
+    - ``column`` (+ ``format``): one timestamp column;
+    - ``date_column`` + ``hour_column`` (+ ``date_format``): a day and an hour of day (0-23);
+    - ``start`` + ``rows_per_day``: no time in the log at all; row *i* of the files (in name
+      order) is on day ``start + i // rows_per_day``, spread evenly over that day.
+    """
+
+    column: str | None = None
     format: str = Field(
         "unix_seconds",
         description="unix_seconds | unix_millis | iso | a Spark datetime pattern such as yyMMddHH",
     )
+    date_column: str | None = None
+    date_format: str = Field("yyyy-MM-dd", description="Spark datetime pattern of date_column")
+    hour_column: str | None = None
+    start: dt.date | None = Field(None, description="row order: the day of the first row")
+    rows_per_day: int | None = Field(None, ge=1, description="row order: rows of each day")
     timezone: str = Field("UTC", description="zone of wall-clock values; also for ctx__hour")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> EventTime:
+        ways = {
+            "column": self.column is not None,
+            "date_column + hour_column": self.date_column is not None
+            or self.hour_column is not None,
+            "start + rows_per_day": self.start is not None or self.rows_per_day is not None,
+        }
+        chosen = [name for name, given in ways.items() if given]
+        if len(chosen) != 1:
+            raise ValueError(
+                "give exactly one of 'column', 'date_column + hour_column' or "
+                f"'start + rows_per_day' (given: {', '.join(chosen) or 'none'})"
+            )
+        if chosen[0] == "date_column + hour_column" and None in (
+            self.date_column,
+            self.hour_column,
+        ):
+            raise ValueError("'date_column' and 'hour_column' go together")
+        if chosen[0] == "start + rows_per_day" and None in (self.start, self.rows_per_day):
+            raise ValueError("'start' and 'rows_per_day' go together")
+        return self
+
+    @property
+    def columns(self) -> list[str]:
+        """The source columns the event time is read from (none for row order)."""
+        return [c for c in (self.column, self.date_column, self.hour_column) if c is not None]
+
+    @property
+    def row_order(self) -> bool:
+        return self.start is not None
+
+    def describe(self) -> str:
+        """How the time is read, for messages: ``'hour' as yyMMddHH``."""
+        if self.column is not None:
+            return f"'{self.column}' as {self.format}"
+        if self.date_column is not None:
+            return f"'{self.date_column}' ({self.date_format}) + hour '{self.hour_column}'"
+        return f"row order from {self.start} at {self.rows_per_day} rows per day"
 
 
 class Label(_Strict):
+    """Which values of ``column`` are a click. By default 1 is a click and 0 is not; any other
+    value is quarantined. ``positive``/``negative`` list other encodings (``negative: null``
+    takes every other non-empty value as no click); ``threshold`` reads a number and counts
+    values at or above it as clicks."""
+
     column: str
+    positive: list[str] = Field(default_factory=lambda: ["1"])
+    negative: list[str] | None = Field(default_factory=lambda: ["0"])
+    threshold: float | None = None
+
+    @model_validator(mode="after")
+    def _one_mapping(self) -> Label:
+        if self.threshold is not None and (self.positive != ["1"] or self.negative != ["0"]):
+            raise ValueError("give either 'threshold' or 'positive'/'negative', not both")
+        if not self.positive:
+            raise ValueError("'positive' must list at least one value")
+        overlap = set(self.positive) & set(self.negative or [])
+        if overlap:
+            raise ValueError(f"values {sorted(overlap)} are both positive and negative")
+        return self
+
+
+class MissingKey(_Strict):
+    """What an event whose key is empty becomes: ``quarantine`` (default), or ``value`` (one
+    entity standing for every unknown one)."""
+
+    action: Literal["quarantine", "value"] = "quarantine"
+    value: str | None = None
+
+    @model_validator(mode="after")
+    def _value_given(self) -> MissingKey:
+        if (self.action == "value") != bool(self.value and self.value.strip()):
+            raise ValueError("'value' is the non-empty key of unknown entities (action value)")
+        return self
+
+
+def _missing_shorthand(value: Any) -> Any:
+    """``missing: quarantine`` / ``missing: unknown`` / ``missing: {value: anonymous}``."""
+    if value == "quarantine":
+        return {"action": "quarantine"}
+    if value == "unknown":
+        return {"action": "value", "value": UNKNOWN_KEY}
+    if isinstance(value, dict) and "value" in value and "action" not in value:
+        return {"action": "value", **value}
+    return value
+
+
+UNKNOWN_KEY = "__unknown__"
+"""The key an empty key becomes under ``missing: unknown``: one entity for all unknown ones."""
 
 
 class EntityRole(_Strict):
@@ -67,6 +169,10 @@ class EntityRole(_Strict):
         description="when the log has no id column: the columns whose values make the key",
     )
     features: dict[str, Feature] = Field(default_factory=dict)
+    missing: Annotated[MissingKey, BeforeValidator(_missing_shorthand)] = Field(
+        default_factory=MissingKey,
+        description="an empty key: quarantine (default), unknown, or {value: <key>}",
+    )
 
     @model_validator(mode="after")
     def _one_key(self) -> EntityRole:
@@ -105,6 +211,28 @@ class DatasetSpec(_Strict):
     context: EntityRole
     ad: EntityRole
     tables: dict[Literal["users", "placements", "ads"], SideTable] = Field(default_factory=dict)
+    duplicates: Literal["keep", "drop_exact"] | None = Field(
+        None,
+        description="rows whose raw values are all equal: drop_exact keeps one (re-deliveries), "
+        "keep keeps all (logs at hour granularity repeat lines legitimately); default: "
+        "drop_exact with an event_id, keep without",
+    )
+    max_field_chars: int = Field(
+        4096, ge=1, description="rows holding a longer value are quarantined, never written"
+    )
+    max_quarantined_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="an ingest that quarantines a larger share of its rows fails, publishing "
+        "nothing (a label or time declared wrong)",
+    )
+
+    @property
+    def drop_duplicates(self) -> bool:
+        if self.duplicates is None:
+            return self.event_id is not None
+        return self.duplicates == "drop_exact"
 
     @model_validator(mode="after")
     def _columns_exist(self) -> DatasetSpec:
@@ -125,7 +253,8 @@ class DatasetSpec(_Strict):
         return self
 
     def _event_column_uses(self) -> list[tuple[str, str]]:
-        uses = [("event_time", self.event_time.column), ("label", self.label.column)]
+        uses = [("event_time", c) for c in self.event_time.columns]
+        uses.append(("label", self.label.column))
         if self.event_id:
             uses.append(("event_id", self.event_id))
         for role in ("user", "context", "ad"):
