@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,8 +48,9 @@ from typing import Any, Literal
 import numpy as np
 from annoy import AnnoyIndex
 
-from deepclick.publish import PublishError, Staging, publishing, read_manifest, verify
+from deepclick.publish import PublishError, Staging, checksums, publishing, read_manifest, verify
 
+from .funnel import FunnelParams, popularity_prior
 from .popular import PopularAds, rank_popular, read_popular, write_popular
 from .store import Embeddings, EmbeddingStoreError, ids_file, read_embeddings
 
@@ -60,6 +61,7 @@ DEFAULT_METRIC: Metric = "angular"
 ANN_FILE = "ads.ann"
 IDS_FILE = ids_file("ads")
 POPULAR_FILE = "popular.json"
+PRIOR_FILE = "prior.npy"
 
 
 class CandidateIndexError(ValueError):
@@ -187,6 +189,9 @@ def build_index(
     tune_search_k: bool = False,
     version: str | None = None,
     update_current: bool = True,
+    clicks: Mapping[str, float] | None = None,
+    funnel: FunnelParams | None = None,
+    check: Callable[[CandidateIndex], dict[str, Any]] | None = None,
 ) -> Path:
     """Build the ANNOY index for one embeddings version and publish it (contracts §5).
 
@@ -199,6 +204,12 @@ def build_index(
     default ``n_trees * k`` gives recall@100 ≈ 0.45). With ``tune_search_k`` a build below the
     floor doubles ``search_k`` until the floor is met (at most up to an exhaustive search) and
     records the value it settled on, which serving then uses.
+
+    ``clicks`` (ad id → training clicks) give every ad its popularity prior ``log(clicks +
+    smoothing)`` (``prior.npy``, row i = ad i), which serving adds to ``query·ad`` with the weight
+    of ``funnel`` (recorded in the manifest, so serving scores exactly as the build was checked).
+    ``check`` gets the staged index before it is published and returns numbers for the manifest's
+    ``funnel`` section; raising refuses the index (nothing published, CURRENT stays).
     """
     embeddings = read_embeddings(embeddings_folder)
     ads = embeddings.ads
@@ -219,9 +230,20 @@ def build_index(
                 "published — raise n_trees or search_k"
             )
 
+    funnel = funnel or FunnelParams()
     version = version or embeddings.version
+
+    def validate(staging: Staging) -> None:
+        refuse_below_floor(staging)
+        if check is not None:
+            staged = open_staged_index(staging)
+            try:
+                staging.manifest["funnel"]["check"] = check(staged)
+            finally:
+                staged.close()
+
     with publishing(
-        index_parent, version, validate=refuse_below_floor, update_current=update_current
+        index_parent, version, validate=validate, update_current=update_current
     ) as staging:
         started = time.perf_counter()
         index = build_annoy(ads.vectors, metric=metric, n_trees=n_trees, seed=seed, n_jobs=n_jobs)
@@ -240,6 +262,8 @@ def build_index(
         ann_trees = loaded_trees(staging.path / ANN_FILE, embeddings.dim, metric)
         shutil.copyfile(embeddings_folder / IDS_FILE, staging.path / IDS_FILE)
         write_popular(staging.path / POPULAR_FILE, popular)
+        prior = popularity_prior(ads.ids, clicks or {}, funnel.prior_smoothing)
+        np.save(staging.path / PRIOR_FILE, prior, allow_pickle=False)
         ann_size = (staging.path / ANN_FILE).stat().st_size
         staging.manifest.update(
             {
@@ -254,6 +278,12 @@ def build_index(
                 "recall_k": k,
                 "ann_recall_at_k": round(recall, 6),
                 "inputs": {"embeddings": embeddings.version},
+                "funnel": {
+                    **funnel.describe(),
+                    "ads_with_clicks": sum(
+                        1 for a in ads.ids if (clicks or {}).get(bytes(a).decode(), 0) > 0
+                    ),
+                },
                 "counts": {
                     "ads": len(ads),
                     "ann_nodes": ann_size // node_bytes(embeddings.dim, metric),
@@ -284,6 +314,13 @@ class CandidateIndex:
     annoy: AnnoyIndex
     ad_ids: np.ndarray
     popular: PopularAds
+    prior: np.ndarray | None = None
+    """``log(clicks + smoothing)`` per item (``prior.npy``); None for indexes built without it."""
+
+    @property
+    def funnel(self) -> FunnelParams:
+        """How serving orders this index's candidates (the manifest's ``funnel`` section)."""
+        return FunnelParams.from_manifest(self.manifest)
 
     @property
     def metric(self) -> Metric:
@@ -390,7 +427,22 @@ def open_index(
     ``deepclick.publish.verify``, which catches altered bytes that keep the size; finally the loaded
     forest's item and tree counts. ``prefault=False`` maps lazily; pages are shared by all workers.
     """
-    manifest = read_manifest(folder)
+    return _open(
+        folder, read_manifest(folder), verify_checksums=verify_checksums, prefault=prefault
+    )
+
+
+def open_staged_index(staging: Staging) -> CandidateIndex:
+    """A staged (not yet published) index opened as serving will open it, so a build can check
+    its candidates before publishing: the manifest as it will be written, checksums included."""
+    manifest = {**staging.manifest, "version": staging.version}
+    manifest["checksums"] = checksums(staging.path, "manifest.json")
+    return _open(staging.path, manifest, verify_checksums=False, prefault=False)
+
+
+def _open(
+    folder: Path, manifest: dict[str, Any], *, verify_checksums: bool, prefault: bool
+) -> CandidateIndex:
     _check_manifest(folder, manifest)
     ann_path = folder / ANN_FILE
     _check_ann_file(ann_path, manifest)
@@ -419,4 +471,20 @@ def open_index(
             f"has {forest.get_n_trees()} trees but the manifest says {expected_trees} "
             f"(n_trees={manifest['n_trees']}): built with another dimension or corrupted",
         )
-    return CandidateIndex(folder, manifest, forest, ids, popular)
+    return CandidateIndex(folder, manifest, forest, ids, popular, _read_prior(folder, ids.shape[0]))
+
+
+def _read_prior(folder: Path, n_ads: int) -> np.ndarray | None:
+    """``prior.npy`` (one float per item), or None for an index built before it existed."""
+    path = folder / PRIOR_FILE
+    if not path.is_file():
+        return None
+    try:
+        prior = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise _fail(path, f"not a readable .npy file ({exc})") from None
+    if prior.shape != (n_ads,) or prior.dtype.kind != "f" or not np.isfinite(prior).all():
+        raise _fail(
+            path, f"must hold {n_ads} finite floats (one per item), got {prior.dtype} {prior.shape}"
+        )
+    return prior

@@ -7,8 +7,12 @@ strongest first, from the request (cold start computed elsewhere from features),
 table, or the documented fallback vector of the embeddings folder (``fallback_user.npy`` /
 ``fallback_placement.npy``); the result says which applied.
 
-Candidates are the ANNOY neighbours of the query plus a quota of ads popular on the placement
-(its own list, else the overall list), without duplicates and without the ads the caller excludes.
+Candidates, without duplicates and without the ads the caller excludes, come in three parts
+(``candidates.funnel`` says why): most by ``query·ad + prior_weight · log(clicks + smoothing)``
+over the ANNOY neighbours and the most clicked ads (the index's prior and weight); a share
+``explore_share`` by similarity alone (cold-start ads get in there); and a quota of ads popular on
+the placement (its own list, else the overall list). An index without a prior (weight 0) gives
+the neighbours plus the popular quota, as before.
 
 Thread safety: a service never changes after loading. ANNOY's ``get_nns_by_vector`` is a read-only
 traversal of the mmapped forest that releases the GIL, and the numpy tables are read-only maps, so
@@ -31,6 +35,8 @@ from .index import CandidateIndex, open_index
 from .store import Embeddings, EmbeddingTable, ids_file, read_embeddings
 
 VectorSource = Literal["request", "table", "fallback"]
+PRIOR_POOL_CAP = 10_000
+"""At most this many most clicked ads join a request's prior-ordered pool (k of them do)."""
 CandidateSource = Literal["ann", "popular"]
 
 
@@ -119,6 +125,15 @@ class CandidateService:
         self.embeddings = embeddings
         self.popular_quota = popular_quota
         self.search_k = int(index.manifest.get("search_k", -1) if search_k is None else search_k)
+        self.funnel = index.funnel
+        self._prior = index.prior if index.prior is not None and self.funnel.prior_weight else None
+        # The most clicked rows, the popular half of the prior-ordered pool (capped: a request
+        # never needs more than its k of them).
+        self._prior_top = (
+            np.argsort(-self._prior, kind="stable")[:PRIOR_POOL_CAP].astype(np.int64)
+            if self._prior is not None
+            else np.empty(0, dtype=np.int64)
+        )
         # Popular ads resolved to rows once: a few hundred per placement, not the whole catalogue.
         ads = embeddings.ads
         self._popular_global = _with_rows(index.popular.global_ads, ads)
@@ -206,6 +221,7 @@ class CandidateService:
         own = self._popular_by_placement.get(placement_id, ()) if placement_id else ()
         popular = own + self._popular_global  # the placement's list, continued by the overall one
         quota = min(k, int(k * self.popular_quota + 0.5))  # half up, unlike round()
+        explore = min(k - quota, int(k * self.funnel.explore_share + 0.5))
 
         def take_ann(rows: list[int], limit: int) -> None:
             for row in rows:
@@ -234,6 +250,8 @@ class CandidateService:
                 rows = self.index.search(query, want, self.search_k)
                 take_ann(rows, limit)
 
+        if self._prior is not None:
+            self._take_by_prior(query, rows, k, k - quota - explore, banned, picked)
         fill_ann(k - quota)
         take_popular(k)
         fill_ann(k)
@@ -258,6 +276,32 @@ class CandidateService:
                 if src == "fallback"
             ),
         )
+
+    def _take_by_prior(
+        self,
+        query: np.ndarray,
+        neighbours: list[int],
+        k: int,
+        limit: int,
+        banned: set[str],
+        picked: dict[int, CandidateSource],
+    ) -> None:
+        """Add up to ``limit`` rows with the best ``query·ad + weight · prior`` from the pool of
+        the neighbours and the ``k`` most clicked ads (exact over the pool: the prior moves ads
+        that ANNOY, searching by similarity, would not return)."""
+        if limit <= 0:
+            return
+        popular = self._prior_top[:k]
+        pool = np.unique(np.concatenate([np.asarray(neighbours, dtype=np.int64), popular]))
+        scores = np.asarray(self.embeddings.ads.vectors[pool]) @ query
+        scores = scores + self.funnel.prior_weight * self._prior[pool]
+        from_ann = set(neighbours)
+        for i in np.argsort(-scores, kind="stable"):
+            if len(picked) >= limit:
+                return
+            row = int(pool[i])
+            if row not in picked and not (banned and self.index_id(row) in banned):
+                picked[row] = "ann" if row in from_ann else "popular"
 
     def index_id(self, row: int) -> str:
         return bytes(self.index.ad_ids[row]).decode("utf-8")

@@ -169,6 +169,34 @@ class IndexSettings(_Section):
     popular_quota: float = Field(
         0.1, ge=0, le=1, description="share of candidates from popular ads"
     )
+    prior_weight: float = Field(
+        1.0,
+        ge=0,
+        description="weight of log(training clicks + prior_smoothing) added to query·ad when "
+        "ordering candidates (0: similarity only); recorded in the index (candidates/funnel.py)",
+    )
+    prior_smoothing: float = Field(1.0, gt=0, description="clicks added before the log")
+    explore_share: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="share of candidates chosen by similarity alone, the way in for ads without "
+        "clicks yet (cold start)",
+    )
+    funnel_refuse: bool = Field(
+        True,
+        description="refuse to publish an index whose candidates hold fewer of D's clicks than "
+        "as many most clicked ads at any K of lifecycle.recall_ks",
+    )
+    funnel_tolerance: float = Field(
+        0.0, ge=0, le=1, description="recall the candidates may lose to popularity (absolute)"
+    )
+    funnel_min_clicks: int = Field(
+        200,
+        ge=1,
+        description="fewer sampled clicks on D cannot decide: the index is published and the "
+        "manifest says insufficient_evidence",
+    )
     seed: int = 7
 
 

@@ -1,21 +1,32 @@
 """``deepclick index --date D``: build, measure and publish the ANNOY index over D's ad vectors.
 
-Reads the embeddings published for D and the popular-ads table of D's features, and hands them to
-``candidates.index.build_index``, which measures ANN recall against exact search and refuses to
-publish below the configured floor.
+Reads the embeddings published for D, the popular-ads table and the training clicks per ad of D's
+features, and hands them to ``candidates.index.build_index``, which measures ANN recall against
+exact search and refuses to publish below the configured floor. Before publishing, the funnel
+check (``candidates.funnel``) asks the staged index for candidates exactly as serving will, for a
+sample of D's clicked impressions, and refuses the index when they hold fewer of D's clicks than
+the same number of most clicked training ads at any K of ``lifecycle.recall_ks``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import pyarrow.parquet as pq
 
-from candidates.index import build_index
+from candidates.funnel import FunnelParams, FunnelRefused, funnel_check, refusal_message
+from candidates.index import CandidateIndex, build_index
+from candidates.service import CandidateService
+from candidates.store import read_embeddings
 from deepclick.publish import resolve, version_for
 from deepclick.settings import Settings
 from pipelines.towers import features_folder
+
+EVAL_COLUMNS = ["user_id", "placement_id", "ad_id", "label"]
 
 
 def popularity_rows(features: Path) -> list[tuple[str, str, int]]:
@@ -24,14 +35,96 @@ def popularity_rows(features: Path) -> list[tuple[str, str, int]]:
     return list(zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True))
 
 
+def training_clicks(features: Path) -> dict[str, float]:
+    """Clicks per ad over the training days (``training/ranking``), aggregated by Arrow."""
+    table = pq.read_table(features / "training" / "ranking", columns=["ad_id", "label"])
+    grouped = table.group_by("ad_id").aggregate([("label", "sum")]).to_pydict()
+    return {str(ad): float(n) for ad, n in zip(grouped["ad_id"], grouped["label_sum"], strict=True)}
+
+
+def most_clicked(clicks: dict[str, float], n: int) -> list[str]:
+    """The ``n`` ads with the most training clicks, ties by id (the popularity baseline)."""
+    ranked = sorted(((-c, a) for a, c in clicks.items() if c > 0))
+    return [ad for _, ad in ranked[:n]]
+
+
+def day_clicks(features: Path, n: int, seed: int) -> pd.DataFrame:
+    """Up to ``n`` clicked impressions of D (``eval``), a seeded sample; empty without eval."""
+    table = features / "eval"
+    if not table.exists():
+        return pd.DataFrame(columns=EVAL_COLUMNS)
+    rows = pd.read_parquet(table, columns=EVAL_COLUMNS)
+    clicked = rows[rows["label"] == 1]
+    return clicked.sample(n=min(n, len(clicked)), random_state=seed) if len(clicked) else clicked
+
+
+def candidates_check(
+    embeddings_folder: Path,
+    queries: list[tuple[str, str]],
+    clicked: list[str],
+    popular: list[str],
+    ks: list[int],
+    *,
+    popular_quota: float,
+    tolerance: float,
+    min_clicks: int,
+    refuse: bool,
+    date: str,
+) -> Callable[[CandidateIndex], dict[str, Any]]:
+    """The check ``build_index`` runs on a staged index: serving's candidates for each clicked
+    ``(user, placement)`` query against the ``popular`` ads, at every K; raises FunnelRefused
+    (when ``refuse``) if the candidates lose at any K."""
+
+    def check(index: CandidateIndex) -> dict[str, Any]:
+        service = CandidateService(
+            index, read_embeddings(embeddings_folder), popular_quota=popular_quota
+        )
+        # One request per K, as serving gets them (a list for 500 is not the list for 100 extended).
+        candidates = {k: [service.candidates(u, p, k).ad_ids for u, p in queries] for k in ks}
+        result = funnel_check(
+            candidates, popular, clicked, tolerance=tolerance, min_clicks=min_clicks
+        )
+        if refuse and result["decision"] == "refuse":
+            raise FunnelRefused(refusal_message(index.manifest["version"], date, result))
+        return result
+
+    return check
+
+
+def funnel_checker(
+    settings: Settings, date: dt.date, embeddings_folder: Path, clicks: dict[str, float]
+) -> Callable[[CandidateIndex], dict[str, Any]]:
+    """:func:`candidates_check` on a seeded sample of D's clicked impressions (``eval``, at most
+    ``lifecycle.recall_queries``) at every K of ``lifecycle.recall_ks``."""
+    cfg = settings.index
+    ks = sorted(set(settings.lifecycle.recall_ks))
+    sample = day_clicks(
+        features_folder(settings, date), settings.lifecycle.recall_queries, cfg.seed
+    )
+    return candidates_check(
+        embeddings_folder,
+        list(zip(sample["user_id"].astype(str), sample["placement_id"].astype(str), strict=True)),
+        sample["ad_id"].astype(str).tolist(),
+        most_clicked(clicks, max(ks)),
+        ks,
+        popular_quota=cfg.popular_quota,
+        tolerance=cfg.funnel_tolerance,
+        min_clicks=cfg.funnel_min_clicks,
+        refuse=cfg.funnel_refuse,
+        date=date.isoformat(),
+    )
+
+
 def run_index(settings: Settings, date: dt.date) -> Path:
     version = version_for(date)
     embeddings = resolve(settings.artifacts / "embeddings", version, what="embeddings")
     cfg = settings.index
+    features = features_folder(settings, date)
+    clicks = training_clicks(features)
     return build_index(
         embeddings,
         settings.artifacts / "index",
-        popularity=popularity_rows(features_folder(settings, date)),
+        popularity=popularity_rows(features),
         metric=cfg.metric,
         n_trees=cfg.n_trees,
         search_k=cfg.search_k,
@@ -41,4 +134,7 @@ def run_index(settings: Settings, date: dt.date) -> Path:
         seed=cfg.seed,
         tune_search_k=cfg.tune_search_k,
         version=version,
+        clicks=clicks,
+        funnel=FunnelParams(cfg.prior_weight, cfg.prior_smoothing, cfg.explore_share),
+        check=funnel_checker(settings, date, embeddings, clicks),
     )
