@@ -235,7 +235,7 @@ class ServingSettings(_Section):
         60.0, gt=0, description="deadline of the warmup prediction that validates a release"
     )
     max_in_flight: int = Field(
-        4, ge=1, description="/v1/rank requests one worker serves at once; beyond it a fast 503 "
+        2, ge=1, description="/v1/rank requests one worker serves at once; beyond it a fast 503 "
         "with Retry-After (admission control: overload is answered, not queued)",
     )  # fmt: skip
     request_deadline_ms: int = Field(

@@ -14,16 +14,19 @@ process-global ``mlflow.set_tracking_uri``, no active-run stack).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import logging
 import math
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlparse
 
 from deepclick.registry import MlflowRegistry, ModelKind
 from deepclick.settings import Settings
@@ -154,6 +157,12 @@ class MlflowTracker(Tracker):
         uri = settings.mlflow_tracking_uri
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if settings.mlflow.tracking_uri is None:  # the embedded store belongs to this root
+            relocate_embedded_store(
+                Path(uri.removeprefix("sqlite:///")),
+                settings.mlflow.experiment,
+                settings.mlflow_artifact_location,
+            )
         self.client = client or MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.settings = settings
         self.experiment_id = ensure_experiment(
@@ -301,6 +310,50 @@ def _json(value: Any) -> str:
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+RELOCATED_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("model_versions", "source"),
+    ("model_versions", "storage_location"),
+)
+
+
+def relocate_embedded_store(db: Path, experiment: str, artifact_location: str) -> int:
+    """Point the embedded SQLite store's artifact URIs at this state root; return rows changed.
+
+    MLflow records absolute artifact locations (the experiment's, each run's, each model
+    version's). A state root that was copied or moved would otherwise keep writing artifacts into
+    the old root — or fail where it is gone (issue 12, item 8). Only the embedded store is
+    rewritten: it lives inside the root, so its paths are the root's by definition; a tracking
+    server keeps its own artifact store.
+    """
+    if not db.is_file():
+        return 0
+    with contextlib.closing(sqlite3.connect(db)) as connection, connection:
+        row = connection.execute(
+            "SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)
+        ).fetchone()
+        if row is None or str(row[0]).rstrip("/") == artifact_location.rstrip("/"):
+            return 0
+        old = str(row[0]).rstrip("/")
+        if not old.startswith("file:"):
+            return 0
+        new = artifact_location.rstrip("/")
+        changed = 0
+        for old_prefix, new_prefix in ((old, new), (urlparse(old).path, urlparse(new).path)):
+            for table, column in RELOCATED_COLUMNS:
+                columns = {c[1] for c in connection.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    continue
+                changed += connection.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                    f"WHERE substr({column}, 1, ?) = ?",
+                    (new_prefix, len(old_prefix) + 1, len(old_prefix), old_prefix),
+                ).rowcount
+    log.warning("the state root moved: MLflow artifacts now go to %s (was %s)", new, old)
+    return changed
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str) -> str:

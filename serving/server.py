@@ -12,6 +12,7 @@ reports the sum over all of them.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import shutil
@@ -32,6 +33,9 @@ def app_from_environment() -> FastAPI:
     """The app of one worker, from the settings :func:`run` put in the environment."""
     from .app import create_app
 
+    # A fatal signal (a native crash in a library) prints every thread's traceback to stderr
+    # instead of dying silently (issue 12: a segfault left nothing in the log).
+    faulthandler.enable()
     raw = os.environ.get(SETTINGS_ENV)
     if raw is None:
         raise RuntimeError(

@@ -107,7 +107,10 @@ def test_a_corrupt_release_is_refused_and_the_old_one_keeps_serving(
     with ann.open("r+b") as handle:
         handle.truncate(ann.stat().st_size // 2)
     world.set_current(world.spare_release)
-    time.sleep(1.0)  # ten polls
+    deadline = time.monotonic() + 60  # validation includes a search in a child process
+    while app.state.reloader.last_error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # ten more polls: not retried
     answers = _versions_seen(watched, 0.3)
     assert all(status == 200 and version == serving["release"] for status, version in answers)
     assert app.state.holder.current.versions == serving

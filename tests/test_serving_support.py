@@ -56,12 +56,14 @@ class World:
 
     def settings(self, **serving: object) -> Settings:
         """Settings rooted in the world (tests pass small reload intervals etc.). The ranker
-        deadline is generous: the test machine is shared, and only the deadline tests (with
-        their own settings) may see a degraded answer."""
+        deadline and the request deadline are generous and the in-flight bound wide: the test
+        machine is shared, and only the deadline and overload tests (with their own settings)
+        may see a degraded answer or a 503."""
+        serving = {"request_deadline_ms": 30_000, "max_in_flight": 64, **serving}
         return Settings(
             root=self.root,
             predictor=PredictorSettings(timeout_ms=10_000),
-            serving=ServingSettings(**serving),
+            serving=ServingSettings(**serving),  # type: ignore[arg-type]
         )
 
     def set_current(self, release: Path) -> None:

@@ -130,3 +130,32 @@ def test_code_version_names_the_package_and_the_commit() -> None:
     assert found["package_version"] != "unknown"
     if (Path(__file__).resolve().parent.parent / ".git").exists():
         assert len(found["git_commit"]) == 40
+
+
+def test_a_copied_state_root_writes_mlflow_artifacts_into_itself(tmp_path: Path) -> None:
+    # Issue 12 item 8: the experiment's artifact location was absolute, so a copied or moved
+    # state root kept writing artifacts into the old one.
+    import shutil
+
+    first = Settings(root=tmp_path / "first")
+    tracker = MlflowTracker(first)
+    tracker.start(date="2024-01-03", dataset="marketplace", run_key="k", params={})
+    note = tmp_path / "note.txt"
+    note.write_text("first")
+    tracker.stage(StageRecord("ranker", "done", 1.0, artifacts=[("notes", note)]))
+    shutil.copytree(first.root, tmp_path / "second")
+    shutil.rmtree(first.root)  # moved, not copied: the old root is gone
+    second = Settings(root=tmp_path / "second")
+    moved = MlflowTracker(second)
+    experiment = moved.client.get_experiment(moved.experiment_id)
+    assert experiment.artifact_location == second.mlflow_artifact_location
+    moved.start(date="2024-01-04", dataset="marketplace", run_key="k2", params={})
+    run_id = moved.stage(StageRecord("ranker", "done", 1.0, artifacts=[("notes", note)]))
+    run = moved.client.get_run(str(run_id))
+    assert run.info.artifact_uri.startswith(second.mlflow_artifact_location)
+    assert list((second.root / "mlflow" / "artifacts").rglob("note.txt"))
+    assert not first.root.exists()
+    old_runs = moved.client.search_runs(
+        [moved.experiment_id], "tags.`deepclick.date` = '2024-01-03'"
+    )
+    assert all(r.info.artifact_uri.startswith(second.mlflow_artifact_location) for r in old_runs)
