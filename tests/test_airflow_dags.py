@@ -195,3 +195,26 @@ def test_the_spark_submit_driver_runs_one_stage(monkeypatch) -> None:
     assert args[1:] == ("2024-01-03", "embed") and kwargs["run_key"] == "r1"
     with pytest.raises(ValueError, match="does not run on Spark"):
         daily.spark_submit_options(Settings(root=Path("/x")), "towers", "2024-01-03", "r1")
+
+
+def test_the_readme_airflow_command_is_absolute_migrated_and_without_back_off(
+    monkeypatch,
+) -> None:
+    """Issue 11 item 14: `airflow dags test` as the README prints it failed on a relative
+    SQLite path, needed `airflow db migrate`, and waited out production retry back-off (about
+    9 minutes) on a failing stage."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = readme.split("export AIRFLOW_HOME=", 1)[1].split("```", 1)[0]
+    exports = dict(
+        item.split("=", 1) for item in ("AIRFLOW_HOME=" + command.splitlines()[0]).split()
+    )
+    assert exports["AIRFLOW_HOME"].startswith("$PWD/")
+    assert "airflow db migrate && " in command and "dags test deepclick_daily" in command
+    for key, value in exports.items():
+        if key.startswith("DEEPCLICK_"):
+            monkeypatch.setenv(key, value)
+    from airflow_dags.deepclick_daily import DAG_ID, build_dag
+
+    with restored_logging():
+        dag = build_dag(DAG_ID, cluster=False)
+    assert {task.retries for task in dag.tasks} == {0}

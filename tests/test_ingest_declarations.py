@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import json
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -219,3 +220,21 @@ def test_talkingdata_layout_reads_with_the_builtin_spec(spark, settings, tmp_pat
     assert written.ad_id.tolist() == ["12", "12", "25"] and written.event_id.is_unique
     assert written.user_id.nunique() == 2
     assert "attributed_time" not in " ".join(written.columns)
+
+
+def test_the_readmes_bring_your_own_log_example_ingests_as_written(spark, settings, tmp_path):
+    """The README's "Bring your own log" spec and sample lines, taken from the README itself."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Bring your own log", 1)[1].split("\n## ", 1)[0]
+    blocks = section.split("```")
+    sample = next(b for b in blocks[1::2] if b.startswith("\nday\t"))
+    spec_text = next(b for b in blocks[1::2] if b.startswith("yaml\n"))
+    (tmp_path / "rtb.yaml").write_text(spec_text.removeprefix("yaml\n"))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "impressions-1.tsv").write_text(sample.lstrip("\n"))
+    spec = load_spec(tmp_path / "rtb.yaml")
+    report = run_ingest(settings, spec, tmp_path / "logs", dt.date(2024, 3, 1), spark=spark)
+    assert (report.rows_written, report.rows_quarantined) == (2, 0)
+    written = events(settings, "2024-03-01").sort_values("ad_id")
+    assert written.user_id.tolist() == [UNKNOWN_KEY, "c81f"]  # cr12 had no cookie
+    assert written.label.tolist() == [1, 0] and set(written.ctx__hour) == {"0"}

@@ -4,7 +4,9 @@ The runner reads through the spec, calls the pure checks in ``nodes``, lets Spar
 into one hidden run folder, and only then publishes each date partition by atomic rename
 (``deepclick.publish``). A failure before that point leaves every published partition untouched;
 re-running a date replaces its partition whole. Every input row is accounted for:
-``rows_in = rows_written + rows_quarantined + duplicates_dropped + rows_other_dates``.
+``rows_in = rows_written + rows_quarantined + duplicates_dropped + rows_other_dates``. A run that
+would quarantine more than the spec's ``max_quarantined_share`` publishes nothing: a wrongly
+declared label or time must fail loudly, not leave a dataset of the rows that happened to pass.
 """
 
 from __future__ import annotations

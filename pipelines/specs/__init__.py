@@ -3,8 +3,11 @@
 A spec (YAML) names, for a source nobody here wrote, which columns carry the event time, the label,
 the user, the context (placement) and the ad, their features, and the side tables joined by key.
 Ingest reads a source only through its spec, so supporting a new layout means writing a YAML file,
-not code. Built-in specs live beside this module (``marketplace``, ``avazu``, ``taobao``,
-``open_bandit``); ``load_spec`` also takes a path to any YAML file.
+not code — including what real logs need beyond a column mapping: which label values are a click,
+what an empty key means, whether identical lines are re-deliveries, where the time comes from
+(one column, a date and an hour, or row order) and how much quarantine is too much. Built-in specs
+live beside this module (``marketplace``, ``avazu``, ``taobao``, ``open_bandit``,
+``talkingdata``); ``load_spec`` also takes a path to any YAML file.
 """
 
 from __future__ import annotations
