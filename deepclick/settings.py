@@ -292,8 +292,35 @@ class LifecycleSettings(_Section):
     gate_auc_tolerance: float = Field(
         0.005, ge=0, description="a challenger may lose at most this much AUC to the champion"
     )
-    gate_calibration_min: float = Field(0.9, gt=0, description="lowest predicted/observed clicks")
-    gate_calibration_max: float = Field(1.1, gt=0, description="highest predicted/observed clicks")
+    gate_calibration_min: float = Field(
+        0.98,
+        gt=0,
+        description="lowest predicted/observed clicks the ratio's interval (from the interval of "
+        "D's click count) must reach; the interval, not this tolerance, dominates on small days",
+    )
+    gate_calibration_max: float = Field(
+        1.02, gt=0, description="highest predicted/observed clicks the interval must reach"
+    )
+    gate_min_clicks: int = Field(
+        100, ge=0, description="fewer clicks on D: insufficient evidence, the champion stays"
+    )
+    gate_peers: bool = Field(
+        True,
+        description="refuse a ranker whose AUC is below the best peer's beyond the paired CI",
+    )
+    peers: list[Literal["logistic_regression", "gbdt", "ad_ctr_prior"]] = Field(
+        default_factory=lambda: ["logistic_regression", "gbdt", "ad_ctr_prior"],
+        description="peers fitted on the training days and scored on D beside the ranker",
+    )
+    peer_max_rows: int = Field(
+        300_000, ge=100, description="training rows the peers are fitted on (seeded sample)"
+    )
+    replay_requests: int = Field(
+        1000, ge=0, description="requests of D replayed against the truth (0: no replay)"
+    )
+    replay_all_ads: bool = Field(
+        True, description="the replay also ranks every live ad (no candidate stage)"
+    )
     gate_recall_method: Literal["two_tower_ann", "two_tower_popular"] = Field(
         "two_tower_ann",
         description="retriever whose recall@K is gated: the ANNOY index alone, or with the "

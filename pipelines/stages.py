@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,11 +54,15 @@ if TYPE_CHECKING:
     import pandas as pd
     from pyspark.sql import SparkSession
 
+log = logging.getLogger(__name__)
+
 PARTITION_MANIFEST = "_manifest.json"
 RANKER_MANIFEST = "deepclick_manifest.json"
 """The exported ranker's manifest (models.ranker.predictor.RANKER_MANIFEST, not imported from
 there: that would load TensorFlow to schedule a Spark stage)."""
 SUMMARY_FILE = "summary.json"
+CHALLENGERS = "challengers"
+"""Under the root: the challenger of each day as a release that is never served (the replay's)."""
 DECISION_FILE = "decision.json"
 EVAL_COLUMNS = ["event_id", "user_id", "placement_id", "ad_id", "label"]
 
@@ -456,15 +461,20 @@ def measure(
     ranker: Path,
     out: Path,
     back_test: bool,
+    peers: Any | None = None,
 ) -> dict[str, float]:
     """The numbers the gate compares for one (embeddings + index, ranker) pair, all measured on
-    D's evaluation set (``features/<D>/eval``): ranking AUC, logloss, normalized entropy and
-    calibration ratio (report, ROC and reliability plots written to ``out/ranking``), recall@K of
-    the clicked ads, and the index's measured ANN recall. ``back_test`` scores a model built for
-    an earlier day (the champion) on D's rows, pairing it with its own embeddings."""
+    D's evaluation set (``features/<D>/eval``): ranking AUC with its interval, logloss,
+    normalized entropy and calibration ratio with the interval from D's click count (report, ROC
+    and reliability plots written to ``out/ranking``), recall@K of the clicked ads with its
+    binomial interval, and the index's measured ANN recall. ``back_test`` scores a model built
+    for an earlier day (the champion) on D's rows, pairing it with its own embeddings. ``peers``
+    (``models.evaluation.peers.Peers``) are scored on the same rows, and the best one's AUC and
+    the paired interval of the ranker's difference to it join the summary."""
     import pandas as pd
 
     from candidates.store import read_embeddings
+    from models.evaluation.ranking import proportion_interval
     from models.evaluation.report import evaluate_ranking
     from models.ranker.similarity import EmbeddingSimilarity
 
@@ -481,6 +491,7 @@ def measure(
         truth=truth,
         bootstrap=cfg.eval_bootstrap,
         allow_version_mismatch=back_test,
+        baselines=None if peers is None else dict(peers.models.items()),
     )
     ranked = report.metrics["models"]["ranker"]
     summary = {
@@ -488,6 +499,20 @@ def measure(
         for key in ("auc", "logloss", "normalized_entropy", "calibration_ratio", "predicted_ctr")
         if isinstance(ranked.get(key), int | float)
     }
+    for key, interval in (("auc", "auc_ci95"), ("calibration", "calibration_ci95")):
+        if ranked.get(interval):
+            summary[f"{key}_ci_low"], summary[f"{key}_ci_high"] = map(float, ranked[interval])
+    for name, peer in report.metrics["models"].items():
+        if name != "ranker":
+            summary[f"peer_{name}_auc"] = float(peer["auc"])
+            summary[f"peer_{name}_calibration_ratio"] = float(peer["calibration_ratio"])
+    best = report.metrics.get("best_peer")
+    if best:
+        summary["best_peer_auc"] = float(best["auc"])
+        summary["auc_vs_best_peer"] = float(ranked["auc"] - best["auc"])
+        summary["auc_vs_best_peer_ci_low"], summary["auc_vs_best_peer_ci_high"] = map(
+            float, best["auc_ci95"]
+        )
     summary["eval_rows"] = float(report.metrics["evaluation_set"]["rows"])
     summary["eval_clicks"] = float(report.metrics["evaluation_set"]["clicks"])
     summary["observed_ctr"] = float(report.metrics["evaluation_set"]["ctr"])
@@ -496,10 +521,69 @@ def measure(
     rows = pd.read_parquet(ctx.features / "eval", columns=EVAL_COLUMNS)
     recall = recall_on_day(ctx.settings, rows, embeddings, index, cfg.recall_ks)
     summary.update({recall_metric(k): v for k, v in recall.items()})
+    queries = min(cfg.recall_queries, int(rows["label"].sum()))
+    for k, value in recall.items():
+        low, high = proportion_interval(round(value * queries), queries)
+        summary[f"{recall_metric(k)}_ci_low"], summary[f"{recall_metric(k)}_ci_high"] = low, high
     ann = read_manifest(index).get("ann_recall_at_k")
     if isinstance(ann, int | float):
         summary["ann_recall"] = float(ann)
     return summary
+
+
+def fit_day_peers(settings: Settings, features: Path) -> Any | None:
+    """The peers of ``lifecycle.peers`` fitted on the features folder's training rows, or None
+    (no peers configured, or training rows they cannot learn from — said in the log)."""
+    from models.evaluation.peers import PeerError, fit_peers, read_training_rows
+    from models.feature_spec import load_feature_spec
+
+    cfg = settings.lifecycle
+    if not cfg.peers:
+        return None
+    spec = load_feature_spec(features)
+    try:
+        rows = read_training_rows(spec, cfg.peer_max_rows, seed=settings.ranker.seed)
+        return fit_peers(spec, rows, names=cfg.peers, seed=settings.ranker.seed)
+    except PeerError as exc:
+        log.warning("no peers on %s: %s", spec.version, exc)
+        return None
+
+
+def replay_challenger(ctx: DayContext, out: Path, peers: Any | None) -> dict[str, Any]:
+    """Combine D's challenger into a release that is never served (``<root>/challengers/<D>``)
+    and replay D's requests through it (``pipelines/replay.py``): against the truth on generated
+    data, the funnel recall elsewhere. The section is appended to ``ranking/report.md``."""
+    from models.evaluation.replay import render_replay_markdown
+    from pipelines.replay import render_funnel_markdown, replay_day
+    from serving.release import publish_release
+
+    settings = ctx.settings
+    folder = publish_release(
+        settings,
+        ctx.features,
+        ctx.embeddings,
+        ctx.index,
+        ctx.ranker,
+        version=ctx.version,
+        update_current=False,
+        parent=settings.root / CHALLENGERS,
+    )
+    report = replay_day(
+        settings,
+        ctx.date,
+        release_folder=folder,
+        features_folder=ctx.features,
+        truth_dir=ctx.truth_dir() if settings.lifecycle.replay_requests else None,
+        out=out / "replay",
+        peers=peers,
+    )
+    markdown = out / "ranking" / "report.md"
+    if markdown.is_file():
+        section = render_replay_markdown(report) if report["systems"] else ""
+        section += "\n" + render_funnel_markdown(report["funnel_recall"])
+        section += "\n![Replay](../replay/replay.png)\n" if report["systems"] else ""
+        markdown.write_text(markdown.read_text() + "\n" + section, encoding="utf-8")
+    return report
 
 
 def _evaluate_inputs(ctx: DayContext) -> dict[str, Any]:
@@ -520,6 +604,11 @@ def _evaluate_config(ctx: DayContext) -> dict[str, Any]:
         "eval_bootstrap": cfg.eval_bootstrap,
         "retrieval_als": cfg.retrieval_als,
         "popular_quota": ctx.settings.index.popular_quota,
+        "peers": cfg.peers,
+        "peer_max_rows": cfg.peer_max_rows,
+        "replay_requests": cfg.replay_requests,
+        "replay_all_ads": cfg.replay_all_ads,
+        "default_candidates": ctx.settings.serving.default_candidates,
     }
 
 
@@ -530,6 +619,7 @@ def _evaluate_run(ctx: DayContext) -> Outcome:
     cfg = ctx.settings.lifecycle
     parent = ctx.evaluation.parent
     ks = tuple(sorted(cfg.recall_ks))
+    peers = fit_day_peers(ctx.settings, ctx.features)
     with publishing(parent, ctx.version, update_current=False) as staging:
         summary = measure(
             ctx,
@@ -538,7 +628,10 @@ def _evaluate_run(ctx: DayContext) -> Outcome:
             ranker=ctx.ranker,
             out=staging.path,
             back_test=False,
+            peers=peers,
         )
+        replayed = replay_challenger(ctx, staging.path, peers)
+        summary.update(replayed["summary"])
         retrieval = evaluate_retrieval(
             ctx.settings,
             ctx.date,
@@ -570,15 +663,31 @@ def _evaluate_run(ctx: DayContext) -> Outcome:
             }
         )
     extra = numeric(retrieval.get("recall_at_k", {}), "retrieval.")
-    recall = summary.get(recall_metric(cfg.gate_recall_k), float("nan"))
     return Outcome(
         ctx.evaluation,
-        note=f"AUC {summary.get('auc', float('nan')):.4f}, calibration "
-        f"{summary.get('calibration_ratio', float('nan')):.3f}, recall@{cfg.gate_recall_k} "
-        f"{recall:.3f}",
+        note=evaluation_note(summary, cfg.gate_recall_k),
         metrics={**summary, **extra},
         artifacts=[("evaluation", ctx.evaluation)],
     )
+
+
+def evaluation_note(summary: dict[str, float], recall_k: int) -> str:
+    """The evaluate stage's line on the console: AUC against the best peer, calibration with
+    its interval, recall@K and, on generated data, the replay's top-10 slate."""
+    nan = float("nan")
+    text = f"AUC {summary.get('auc', nan):.4f}"
+    if "best_peer_auc" in summary:
+        text += f" (best peer {summary['best_peer_auc']:.4f})"
+    text += f", calibration {summary.get('calibration_ratio', nan):.3f}"
+    if "calibration_ci_low" in summary:
+        text += f" [{summary['calibration_ci_low']:.2f}–{summary['calibration_ci_high']:.2f}]"
+    text += f", recall@{recall_k} {summary.get(recall_metric(recall_k), nan):.3f}"
+    if "deepclick_top10_share_of_oracle" in summary:
+        text += (
+            f", replay top-10 {summary['deepclick_top10_share_of_oracle']:.2f} of oracle, "
+            f"{summary.get('deepclick_top10_x_popularity', nan):.2f}× popularity"
+        )
+    return text
 
 
 # --------------------------------------------------------------------------- gate and publish
@@ -685,7 +794,7 @@ def _gate_run(ctx: DayContext) -> Outcome:
     metrics = {"promote": float(result.promote), **numeric({"champion": champion_metrics or {}})}
     return Outcome(
         ctx.gate,
-        note=("pass: " if result.promote else "") + result.reason,
+        note=("pass: " if result.verdict == "promote" else "") + result.reason,
         metrics=metrics,
         artifacts=[("gate", ctx.gate)],
         extra={"promote": result.promote},

@@ -196,13 +196,17 @@ def publish_release(
     *,
     version: str | None = None,
     update_current: bool = True,
+    parent: Path | None = None,
 ) -> Path:
     """Combine published components into ``<root>/releases/<version>`` and (by default) point
     ``releases/CURRENT`` at it; return the folder.
 
-    ``version`` defaults to the feature spec's (the target day). The components are checked first
-    (checksums, index ↔ embeddings, ranker ↔ spec and embeddings); the entity tables are written
-    from the features folder's ``entities/*`` with exactly the columns the ranker reads.
+    ``version`` defaults to the feature spec's (the target day). ``parent`` (a folder directly
+    under ``root``, default ``<root>/releases``) may hold releases that are never served, such as
+    the challenger release the evaluation replays (``pipelines/replay.py``). The components are
+    checked first (checksums, index ↔ embeddings, ranker ↔ spec and embeddings); the entity
+    tables are written from the features folder's ``entities/*`` with exactly the columns the
+    ranker reads.
 
     Raises:
         ReleaseError: the components do not belong together; nothing is published.
@@ -232,9 +236,12 @@ def publish_release(
         for role in ROLES:
             EntityTable.open(staging.path / ENTITY_FILES[role], ROLE_KEY[role])
 
-    with publishing(
-        releases_dir(settings), version, validate=validate, update_current=update_current
-    ) as staging:
+    parent = releases_dir(settings) if parent is None else Path(parent)
+    if parent.resolve().parent != root.resolve():
+        raise ReleaseError(
+            f"{where}: releases live in a folder directly under {root}, not {parent}"
+        )
+    with publishing(parent, version, validate=validate, update_current=update_current) as staging:
         shutil.copyfile(features_folder / SPEC_FILE, staging.path / SPEC_FILE)
         shutil.copyfile(ranker_folder / RANKER_MANIFEST, staging.path / RANKER_COPY)
         counts: dict[str, int] = {}
@@ -298,7 +305,7 @@ def publish_release(
             }
         )
     log.info("published release %s (%s)", version, release)
-    return releases_dir(settings) / version
+    return parent / version
 
 
 # --------------------------------------------------------------------------- loading

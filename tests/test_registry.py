@@ -187,3 +187,95 @@ def test_registering_makes_a_challenger_and_promotion_moves_champion(
     assert registry.alias("ranker", CHAMPION) == "2"  # a refusal moves nothing
     assert registry.alias("ranker", CHALLENGER) == third
     assert client.get_model_version("deepclick-ranker", third).tags["deepclick.decision"] == REFUSED
+
+
+# --------------------------------------------------------------------------- uncertainty (issue 10)
+
+WITH_CI = {
+    **GOOD,
+    "auc_ci_low": 0.68,
+    "auc_ci_high": 0.72,
+    "calibration_ci_low": 0.95,
+    "calibration_ci_high": 1.09,
+    "eval_clicks": 800.0,
+}
+
+
+def test_every_check_passes_on_its_interval_and_the_verdict_is_promote() -> None:
+    result = judge(WITH_CI, None, GATES)
+    assert result.promote and result.verdict == "promote"
+    assert result.to_dict()["verdict"] == "promote"
+
+
+def test_an_auc_interval_across_the_floor_is_insufficient_evidence_not_a_refusal() -> None:
+    shaky = {**WITH_CI, "auc": 0.61, "auc_ci_low": 0.58, "auc_ci_high": 0.64}  # floor 0.6
+    result = judge(shaky, dict(shaky), GATES)
+    assert result.verdict == "insufficient_evidence" and not result.promote
+    assert result.reason.startswith("insufficient evidence: keep the champion")
+    below = {**WITH_CI, "auc": 0.57, "auc_ci_low": 0.55, "auc_ci_high": 0.59}
+    assert judge(below, None, GATES).verdict == "refuse"
+
+
+def test_with_no_champion_insufficient_evidence_still_promotes_the_first_model() -> None:
+    few = {**WITH_CI, "eval_clicks": 40.0}
+    result = judge(few, None, GATES)
+    assert result.verdict == "insufficient_evidence" and result.promote
+    assert "fewer than gate_min_clicks 100" in result.reason
+    assert "promoted, as no champion serves" in result.reason
+
+
+def test_too_few_clicks_keeps_the_champion_whatever_the_numbers() -> None:
+    few = {**WITH_CI, "eval_clicks": 40.0, "auc": 0.9, "auc_ci_low": 0.85, "auc_ci_high": 0.95}
+    result = judge(few, {**WITH_CI, "auc": 0.7}, GATES)
+    assert result.verdict == "insufficient_evidence" and not result.promote
+
+
+def test_the_calibration_bound_comes_from_the_interval_of_the_click_count() -> None:
+    # ratio 1.15 is outside the fixed [0.9, 1.1], but 30 clicks cannot tell: the interval reaches
+    small = {
+        **WITH_CI,
+        "calibration_ratio": 1.15,
+        "calibration_ci_low": 0.8,
+        "calibration_ci_high": 1.7,
+    }
+    assert judge(small, None, GATES).promote
+    # the same ratio on many clicks is a refusal
+    big = {
+        **WITH_CI,
+        "calibration_ratio": 1.15,
+        "calibration_ci_low": 1.12,
+        "calibration_ci_high": 1.18,
+    }
+    result = judge(big, None, GATES)
+    assert result.verdict == "refuse" and failed(result) == {"calibration_ratio"}
+
+
+def test_the_gate_refuses_a_ranker_worse_than_the_best_peer_beyond_the_interval() -> None:
+    worse = {
+        **WITH_CI,
+        "best_peer_auc": 0.73,
+        "auc_vs_best_peer": -0.03,
+        "auc_vs_best_peer_ci_low": -0.04,
+        "auc_vs_best_peer_ci_high": -0.02,
+    }
+    result = judge(worse, None, GATES)
+    assert result.verdict == "refuse" and failed(result) == {"auc_vs_best_peer"}
+    assert "worse than a peer beyond the CI" in result.reason
+    tied = {**worse, "auc_vs_best_peer_ci_high": 0.005}
+    assert judge(tied, None, GATES).promote
+    off = GATES.model_copy(update={"gate_peers": False})
+    assert judge(worse, None, off).promote
+
+
+def test_a_champion_comparison_wider_than_the_tolerance_is_insufficient_evidence() -> None:
+    champion = {**WITH_CI, "auc": 0.70}
+    # challenger 0.005 below, but each AUC ±0.02: the difference's interval exceeds tolerance 0.01
+    result = judge({**WITH_CI, "auc": 0.695}, champion, GATES)
+    assert result.verdict == "insufficient_evidence" and not result.promote
+    check = next(c for c in result.checks if c.name == "auc_vs_champion")
+    assert check.undecided
+    # a clear win passes, a clear loss refuses
+    won = {**WITH_CI, "auc": 0.76, "auc_ci_low": 0.75, "auc_ci_high": 0.77}
+    assert judge(won, champion, GATES).promote
+    lost = {**WITH_CI, "auc": 0.62, "auc_ci_low": 0.61, "auc_ci_high": 0.63}
+    assert failed(judge(lost, champion, GATES)) == {"auc_vs_champion"}

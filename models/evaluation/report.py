@@ -27,6 +27,7 @@ from models.evaluation.ranking import (
     EmptyEvaluationError,
     EvaluationError,
     SingleClassError,
+    auc_difference_interval,
     ranking_metrics,
 )
 from models.feature_spec import FeatureSpec, load_feature_spec
@@ -38,6 +39,9 @@ Scorer = Callable[[pd.DataFrame], np.ndarray]
 
 EVAL_TABLE = "eval"
 PLACEMENT = "placement_id"
+PREDICTIONS_FILE = "predictions.parquet"
+"""Every evaluation row's label and each model's probability, in row order: what a later paired
+comparison on the same rows (champion vs challenger) reads."""
 MARKDOWN_PLACEMENTS = 20
 """Placements listed in the markdown report (all of them are in metrics.json)."""
 
@@ -254,10 +258,21 @@ def evaluate_ranking(
         metrics["oracle"] = ranking_metrics(labels, oracle, bootstrap=0)
     for name in scores:
         if name != "ranker":
+            difference, low, high = auc_difference_interval(
+                labels, scores["ranker"], scores[name], samples=bootstrap, seed=seed
+            )
             metrics.setdefault("gaps", {})[name] = {
-                "auc": per_model["ranker"]["auc"] - per_model[name]["auc"],
+                "auc": difference,
+                "auc_ci95": [low, high],
                 "logloss": per_model[name]["logloss"] - per_model["ranker"]["logloss"],
             }
+    if len(scores) > 1:
+        best = max((n for n in scores if n != "ranker"), key=lambda n: per_model[n]["auc"])
+        metrics["best_peer"] = {
+            "name": best,
+            "auc": per_model[best]["auc"],
+            **metrics["gaps"][best],
+        }
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     title = f"ranker {predictor.version} on {data.description}"
@@ -271,6 +286,8 @@ def evaluate_ranking(
     files["markdown"].write_text(render_markdown(metrics, title), encoding="utf-8")
     files["json"] = out / "metrics.json"
     files["json"].write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    files["predictions"] = out / PREDICTIONS_FILE
+    pd.DataFrame({"label": labels, **scores}).to_parquet(files["predictions"], index=False)
     return RankingReport(out, metrics, files)
 
 
@@ -296,28 +313,42 @@ def render_markdown(metrics: Mapping[str, Any], title: str) -> str:
     lines += [f"- note: {note}" for note in metrics.get("notes", [])]
     lines += [
         "",
-        "| model | AUC | AUC 95% CI | logloss | normalized entropy | calibration (pred/obs) |",
-        "|---|---|---|---|---|---|",
+        "| model | AUC | AUC 95% CI | logloss | normalized entropy | calibration (pred/obs) "
+        "| calibration 95% CI |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, m in metrics["models"].items():
         ci = m.get("auc_ci95")
         interval = f"{ci[0]:.4f} – {ci[1]:.4f}" if ci else "—"
+        cal = m.get("calibration_ci95")
+        cal_interval = f"{cal[0]:.3f} – {cal[1]:.3f}" if cal else "—"
         lines.append(
             f"| {name} | {m['auc']:.4f} | {interval} | {m['logloss']:.4f} | "
-            f"{m['normalized_entropy']:.4f} | {m['calibration_ratio']:.3f} |"
+            f"{m['normalized_entropy']:.4f} | {m['calibration_ratio']:.3f} | {cal_interval} |"
         )
     if "oracle" in metrics:
         o = metrics["oracle"]
         lines.append(
             f"| oracle (true p) | {o['auc']:.4f} | — | {o['logloss']:.4f} | "
-            f"{o['normalized_entropy']:.4f} | {o['calibration_ratio']:.3f} |"
+            f"{o['normalized_entropy']:.4f} | {o['calibration_ratio']:.3f} | — |"
         )
+    if metrics.get("gaps"):
+        lines += ["", "Ranker minus each peer on the same rows (paired bootstrap 95% CI):", ""]
     for name, gap in metrics.get("gaps", {}).items():
-        lines.append("")
+        ci = gap.get("auc_ci95")
+        span = f" (CI {ci[0]:+.4f} … {ci[1]:+.4f})" if ci else ""
         lines.append(
-            f"Ranker vs {name}: AUC {gap['auc']:+.4f} (target ≥ +0.01), "
-            f"logloss {gap['logloss']:+.4f} lower"
+            f"- vs {name}: AUC {gap['auc']:+.4f}{span}, logloss {gap['logloss']:+.4f} lower"
         )
+    best = metrics.get("best_peer")
+    if best:
+        ci = best.get("auc_ci95") or [best["auc"], best["auc"]]
+        verdict = "worse than" if ci[1] < 0 else "not worse than"
+        lines += [
+            "",
+            f"The ranker is **{verdict}** the best peer ({best['name']}, AUC {best['auc']:.4f}) "
+            "beyond the interval.",
+        ]
     ranker = metrics["models"]["ranker"]
     if ranker.get("per_placement"):
         shown = ranker["per_placement"][:MARKDOWN_PLACEMENTS]

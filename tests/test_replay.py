@@ -1,0 +1,183 @@
+"""The replay against the truth (issue 10, item 1): hand-checkable numbers, then the real path.
+
+The pure report is checked on tiny slates whose expected CTRs are computed by hand. The driver is
+checked on the serving tests' real release (features, embeddings, ANNOY, exported ranker) with a
+planted world over the same ids in which an ad's true click probability is ``sigmoid(quality)``
+whatever the user: the oracle slate is the 10 best-quality ads, the popularity slate's value is
+the mean of its ads' probabilities, and a "ranker" that scores the truth itself, swapped into the
+release, must give exactly the oracle when it ranks every live ad.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_serving_support import serving_world
+
+from models.evaluation.replay import replay_report, slate_ctr
+
+# --------------------------------------------------------------------------- pure numbers
+
+
+def test_slate_ctr_averages_the_first_k_slots_and_counts_empty_slots_as_zero() -> None:
+    slates = np.array([[0.4, 0.2, np.nan], [0.1, 0.1, 0.1]])
+    np.testing.assert_allclose(slate_ctr(slates, 1), [0.4, 0.1])
+    np.testing.assert_allclose(slate_ctr(slates, 3), [0.2, 0.1])
+    # K beyond the slate: the missing slots earn nothing.
+    np.testing.assert_allclose(slate_ctr(slates, 4), [0.15, 0.075])
+
+
+def test_replay_report_gives_share_of_oracle_and_multiple_of_popularity() -> None:
+    slates = {
+        "oracle": np.array([[0.5, 0.3], [0.3, 0.1]]),  # top-2 means 0.4, 0.2 → 0.3
+        "popularity": np.array([[0.1, 0.1], [0.1, 0.1]]),  # 0.1
+        "deepclick": np.array([[0.3, 0.3], [0.15, 0.15]]),  # 0.3, 0.15 → 0.225
+    }
+    report = replay_report(slates, ks=(1, 2), bootstrap=50)
+    top2 = report["systems"]["deepclick"]["top_2"]
+    assert top2["expected_ctr"] == pytest.approx(0.225)
+    assert top2["share_of_oracle"] == pytest.approx(0.225 / 0.3)
+    assert top2["x_popularity"] == pytest.approx(2.25)
+    top1 = report["systems"]["deepclick"]["top_1"]
+    assert top1["share_of_oracle"] == pytest.approx(0.225 / 0.4)
+    assert report["systems"]["oracle"]["top_2"]["share_of_oracle"] == pytest.approx(1.0)
+    low, high = top2["share_of_oracle_ci95"]
+    assert low <= top2["share_of_oracle"] <= high
+    # popularity is constant: its multiple of itself has no spread
+    assert report["systems"]["popularity"]["top_2"]["x_popularity_ci95"] == [1.0, 1.0]
+
+
+def test_replay_report_refuses_comparators_answering_different_requests() -> None:
+    with pytest.raises(ValueError, match="same requests"):
+        replay_report({"oracle": np.zeros((2, 1)), "x": np.zeros((3, 1))})
+
+
+# --------------------------------------------------------------------------- the real path
+
+
+def planted_world(users: list[str], placements: list[str], ads: list[str], quality: np.ndarray):
+    """A world over the release's ids where p(click) = sigmoid(quality[ad]) for everyone."""
+    from pipelines.simulate import World
+    from pipelines.simulate.world import NEVER
+
+    def ids(values: list[str]) -> np.ndarray:
+        return np.asarray(values)
+
+    nu, npl, na = len(users), len(placements), len(ads)
+    zeros = np.zeros
+    return World(
+        seed=0, start_date="2024-01-01", days=3, latent_dim=1, intercept=0.0, scale=0.0,
+        price_affinity=0.0, hour_traffic=np.ones(24), hour_effect=zeros(24),
+        user_ids=ids(users), user_segid=zeros(nu, int), user_group=zeros(nu, int),
+        user_gender=zeros(nu, int), user_age=zeros(nu, int), user_pvalue=np.full(nu, 2),
+        user_shopping=zeros(nu, int), user_occupation=zeros(nu, int),
+        user_new_class=zeros(nu, int), user_factor=zeros((nu, 1)), user_bias=zeros(nu),
+        user_activity=np.ones(nu),
+        placement_ids=ids(placements), placement_page=zeros(npl, int),
+        placement_slot=zeros(npl, int), placement_position=zeros(npl, int),
+        placement_factor=zeros((npl, 1)), placement_bias=zeros(npl),
+        placement_traffic=np.ones(npl), placement_birth=zeros(npl, int),
+        ad_ids=ids(ads), ad_cate=zeros(na, int), ad_campaign=zeros(na, int),
+        ad_customer=zeros(na, int), ad_brand=zeros(na, int), ad_price=np.ones(na),
+        ad_bid=np.ones(na), ad_factor=zeros((na, 1)), ad_quality=quality,
+        ad_log_price_z=zeros(na), ad_popularity=np.ones(na), ad_birth=zeros(na, int),
+        ad_end=np.full(na, NEVER),
+    )  # fmt: skip
+
+
+class TruthPeer:
+    """A "ranker" that knows the world: it scores each candidate by its true probability."""
+
+    name = "truth"
+
+    def __init__(self, p_by_ad: dict[str, float]) -> None:
+        self.p_by_ad = p_by_ad
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        return frame["ad_id"].map(self.p_by_ad).to_numpy(dtype=np.float64)
+
+
+def test_replay_through_the_serving_path_against_a_planted_world(tmp_path_factory) -> None:
+    from pipelines.replay import (
+        DEEPCLICK,
+        POPULARITY,
+        RANDOM,
+        RANKER_ALL,
+        RANKER_POPULAR,
+        PeerBackend,
+        replay,
+        sample_requests,
+        write_replay,
+    )
+    from pipelines.retrieval_eval import training_counts
+    from serving.release import load_release
+
+    world_dir = serving_world(tmp_path_factory.mktemp("serving"))
+    folder = world_dir.features
+    release = load_release(world_dir.release, world_dir.settings())
+    ad_table = folder.table("entities/ads")["ad_id"].astype(str).tolist()
+    ads = [f"a{i:05d}" for i in range(len(ad_table))]
+    assert sorted(ad_table) == ads
+    users = [f"u{i:05d}" for i in range(len(folder.table("entities/users")))]
+    placements = [f"p{i:03d}" for i in range(len(folder.table("entities/placements")))]
+    # Ten "star" ads with high quality; every other ad low and slightly falling with its index.
+    quality = -3.0 - 0.001 * np.arange(len(ads))
+    stars = np.arange(5, len(ads), len(ads) // 10)[:10]
+    quality[stars] = -1.0 - 0.01 * np.arange(10)
+    world = planted_world(users, placements, ads, quality)
+    p = 1.0 / (1.0 + np.exp(-quality))
+    day = dt.date(2024, 1, 3)
+    eval_rows = folder.table("eval")
+    requests = sample_requests(eval_rows, 40, seed=1)
+    counts = training_counts(folder.path)
+
+    truth_ranked = dataclasses.replace(
+        release, backend=PeerBackend(TruthPeer(dict(zip(ads, p, strict=True))))
+    )
+    report = replay(truth_ranked, world, requests, day, counts=counts, num_candidates=50)
+    systems = report["systems"]
+    oracle_ctr = float(p[stars].mean())
+    assert systems["oracle"]["top_10"]["expected_ctr"] == pytest.approx(oracle_ctr)
+    # the truth ranking every live ad IS the oracle
+    assert systems[RANKER_ALL]["top_10"]["expected_ctr"] == pytest.approx(oracle_ctr)
+    assert systems[RANKER_ALL]["top_10"]["share_of_oracle"] == pytest.approx(1.0)
+    # popularity: the 10 ads with the most training clicks (ties: impressions, then id)
+    by_ad = counts.groupby("ad_id")[["clicks", "impressions"]].sum().reset_index()
+    top = by_ad.sort_values(["clicks", "impressions", "ad_id"], ascending=[False, False, True])
+    popular_idx = [ads.index(a) for a in top["ad_id"].astype(str).head(10)]
+    assert systems[POPULARITY]["top_10"]["expected_ctr"] == pytest.approx(p[popular_idx].mean())
+    # random live ads average the catalogue's probability (within sampling noise)
+    random_ctr = systems[RANDOM]["top_10"]["expected_ctr"]
+    assert abs(random_ctr - p.mean()) < 4 * p.std() / math.sqrt(400)
+    # nobody beats the oracle; the truth over fewer candidates is at most the oracle
+    for name in (DEEPCLICK, RANKER_POPULAR, POPULARITY, RANDOM):
+        assert systems[name]["top_10"]["share_of_oracle"] <= 1.0 + 1e-9, name
+    files = write_replay(report, tmp_path_factory.mktemp("replay"))
+    assert files["plot"].stat().st_size > 0
+    assert "| oracle |" in files["markdown"].read_text()
+
+    # The release's own ranker through the same path: served ads are real ads of the catalogue.
+    served = replay(release, world, requests.head(10), day, counts=counts, all_ads=False)
+    assert served["systems"][DEEPCLICK]["top_10"]["expected_ctr"] > 0
+    assert len(served["examples"][DEEPCLICK][0]) == 10
+    assert set(served["examples"][DEEPCLICK][0]) <= set(ads)
+    release.close()
+
+
+def test_requests_carry_the_hour_of_the_impression() -> None:
+    from pipelines.replay import request_times, sample_requests
+
+    rows = pd.DataFrame(
+        {"user_id": ["u1", "u2"], "placement_id": ["p1", "p2"], "ctx__hour": [3, 23]}
+    )
+    requests = sample_requests(rows, 5, seed=0)
+    assert sorted(requests["hour"]) == [3, 23]
+    times = request_times(dt.date(2024, 1, 4), np.array([23]), "UTC")
+    assert times[0].isoformat() == "2024-01-04T23:30:00+00:00"
+    with pytest.raises(ValueError, match="no impressions"):
+        sample_requests(rows.iloc[:0], 5)
