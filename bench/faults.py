@@ -83,6 +83,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "dc-bench-faults"
     )
     parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument(
+        "--backoff-s", type=float, default=0.0,
+        help="also measure each load with clients that wait this long after a 503",
+    )  # fmt: skip
+    parser.add_argument("--load-only", action="store_true", help="skip faults and kills")
     parser.add_argument("--name", default="faults")
     parser.add_argument("--seed", type=int, default=7)
     return parser.parse_args(argv)
@@ -244,9 +249,12 @@ def api_server(root: Path, backend: str = "in_process", target: str = "") -> Ite
 # --------------------------------------------------------------------------- the load
 
 
-async def _connection(port: int, bodies: Sequence[bytes], until: float, out: dict) -> None:
+async def _connection(
+    port: int, bodies: Sequence[bytes], until: float, out: dict, backoff_s: float = 0.0
+) -> None:
     """One keep-alive client: requests back to back until ``until``; reconnects after a closed
-    or broken connection (a broken one counts as an error)."""
+    or broken connection (a broken one counts as an error); waits ``backoff_s`` after a 503
+    (a client honouring ``Retry-After``; 0: retry at once, the worst case)."""
     writer = None
     while time.perf_counter() < until:
         try:
@@ -274,6 +282,8 @@ async def _connection(port: int, bodies: Sequence[bytes], until: float, out: dic
                 out["degraded"] += b'"degraded":true' in payload
             else:
                 out["refusal_latencies"].append(seconds)
+                if backoff_s:
+                    await asyncio.sleep(min(backoff_s, max(0.0, until - time.perf_counter())))
             if close:
                 writer.close()
                 writer = None
@@ -287,8 +297,15 @@ async def _connection(port: int, bodies: Sequence[bytes], until: float, out: dic
         writer.close()
 
 
-def load(port: int, bodies: Sequence[bytes], connections: int, seconds: float,
-         middle: Any = None, end: Any = None) -> dict[str, Any]:  # fmt: skip
+def load(
+    port: int,
+    bodies: Sequence[bytes],
+    connections: int,
+    seconds: float,
+    middle: Any = None,
+    end: Any = None,
+    backoff_s: float = 0.0,
+) -> dict[str, Any]:
     """``connections`` clients for ``seconds``; ``middle()`` runs (in a thread) at half time,
     ``end()`` after the load."""
     out: dict[str, Any] = {"statuses": Counter(), "latencies": [], "refusal_latencies": [],
@@ -296,7 +313,7 @@ def load(port: int, bodies: Sequence[bytes], connections: int, seconds: float,
 
     async def main() -> None:
         until = time.perf_counter() + seconds
-        clients = [asyncio.create_task(_connection(port, bodies, until, out))
+        clients = [asyncio.create_task(_connection(port, bodies, until, out, backoff_s))
                    for _ in range(connections)]  # fmt: skip
         if middle is not None:
             await asyncio.sleep(seconds / 2)
@@ -424,7 +441,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             result = load(port, bodies, connections, args.seconds, middle=reload)
             row("hot reload", connections, result, server, port)
-        for version, what in CORRUPT.items():
+            if args.backoff_s:
+                result = load(port, bodies, connections, args.seconds, middle=reload,
+                              backoff_s=args.backoff_s)  # fmt: skip
+                row(f"hot reload, clients wait {args.backoff_s:g} s after a 503", connections,
+                    result, server, port)  # fmt: skip
+        for version, what in CORRUPT.items() if not args.load_only else ():
             outcome = 'outcome="refused"'
             before = metric(port, "deepclick_release_reloads_total", outcome)
             result = load(port, bodies, 8, args.seconds,
@@ -440,8 +462,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # ranker faults: gRPC backend against a stand-in TF Serving in its own process
     ranker = next((root / "model_repository" / MODEL).glob(GOOD))
-    for fault, sig, resume in (("ranker killed", signal.SIGKILL, None),
-                               ("ranker hung", signal.SIGSTOP, signal.SIGCONT)):  # fmt: skip
+    faults = (("ranker killed", signal.SIGKILL, None),
+              ("ranker hung", signal.SIGSTOP, signal.SIGCONT))  # fmt: skip
+    for fault, sig, resume in faults if not args.load_only else ():
         grpc_port = free_port()
         script = [sys.executable, "-c", MODEL_SERVER_SCRIPT, MODEL, str(ranker), str(grpc_port)]
         with process(script, child_env()) as model_server:
@@ -461,7 +484,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 ready = wait_ready(port, 10)
                 row(fault, 8, result, server, port, readyz=ready["status"])
 
-    rows += kill_publishers(root, args.kills, args.seed)
+    if not args.load_only:
+        rows += kill_publishers(root, args.kills, args.seed)
     unloaded = rows[0]["p99_ms"]
     top = max(args.concurrency)
     loaded = next(r for r in rows if r["scenario"] == "hot reload" and r["connections"] == top)
@@ -473,6 +497,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             r["scenario"]: r.get("release_refusals") for r in rows if "release_refusals" in r
         },
     }
+    backoff = [r for r in rows if "clients wait" in r["scenario"] and r["connections"] == top]
+    if backoff:
+        summary[f"p99_at_{top}_over_unloaded_with_backoff"] = backoff[0]["p99_ms"] / unloaded
     shown = [{k: v for k, v in r.items() if k not in ("other_statuses", "refusal_p99_ms")}
              for r in rows]  # fmt: skip
     print_table(f"faults ({args.ads:,} ads, 1 worker, {args.seconds:g} s per scenario)", shown)

@@ -14,7 +14,9 @@ folder, atomic rename, ``releases/CURRENT``) holding
 
 :func:`load_release` re-checks everything a request will rely on — checksums, the pairings
 (index ↔ embeddings version, ids and vectors; ranker ↔ feature spec and embeddings versions),
-dimensions, table layouts — and runs one warmup prediction through the configured backend. A
+dimensions, table layouts, an exhaustive search of the ANNOY file in a child process
+(``serving.index_probe``: a corrupt forest segfaults there, not here) — and runs one warmup
+prediction through the configured backend. A
 broken or mismatched release raises :class:`ReleaseError` naming the rule; nothing half-loaded is
 ever served.
 """
