@@ -156,6 +156,8 @@ def print_ingest_report(report: Any) -> None:
     )
     if report.rows_other_dates:
         console.print(f"rows of other dates (not ingested): {report.rows_other_dates}")
+    if report.missing_dates:
+        console.print(f"[yellow]no rows for:[/yellow] {', '.join(report.missing_dates)}")
     for reason, count in report.quarantine_reasons.items():
         console.print(f"  quarantined {count:,}: {reason}")
 
