@@ -114,7 +114,9 @@ def main() -> None:
         from deepclick.library_logs import route_library_output
 
         routed = route_library_output(args.root.resolve())
-        console.print(f"[dim]library output (TensorFlow, Spark): {routed.path}[/dim]")
+        console.print(
+            f"[dim]library output (TensorFlow, Spark): {routed.path}[/dim]", soft_wrap=True
+        )
     try:
         record = run(args, console)
     finally:
