@@ -28,23 +28,27 @@ from deepclick.settings import LifecycleSettings, Settings
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "talkingdata_sample"
 SHOWN_METRICS = {
-    "ingest": ("rows_in", "rows_written", "rows_quarantined"),
-    "features": ("train_impressions", "eval_impressions"),
-    "index": ("ann_recall_at_k",),
-    "ranker": ("auc", "logloss", "baseline_auc"),
+    "ingest": ("rows_in", "rows_written", "rows_quarantined", "duplicates_dropped"),
+    "features": ("train_impressions", "train_clicks", "eval_impressions", "eval_clicks"),
+    "towers": ("examples",),
+    "index": ("ads", "ann_recall_at_k"),
+    "ranker": ("holdout_auc", "baseline_holdout_auc", "holdout_logloss"),
     "evaluate": (
-        "ranker_auc",
-        "ranker_auc_ci_low",
-        "ranker_auc_ci_high",
-        "ranker_calibration",
-        "ranker_normalized_entropy",
+        "auc",
+        "logloss",
+        "normalized_entropy",
+        "calibration_ratio",
+        "recall_at_100",
+        "retrieval.popularity_overall.100",
     ),
+    "gate": ("promote",),
 }
 
 
-def pick(metrics: dict[str, float], names: tuple[str, ...]) -> dict[str, float]:
-    """The named metrics a stage recorded (any whose name ends with one of ``names``)."""
-    return {k: v for k, v in metrics.items() if any(k == n or k.endswith(n) for n in names)}
+def pick(stage: str, metrics: dict[str, float]) -> dict[str, float]:
+    """The headline metrics of a stage, plus any confidence interval it recorded."""
+    names = SHOWN_METRICS.get(stage, ())
+    return {k: v for k, v in metrics.items() if k in names or "_ci" in k or k.startswith("ci_")}
 
 
 def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -64,11 +68,12 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         run_daily(settings, before, stages=["ingest"], console=console)
     report = run_daily(settings, day, console=console)
     seconds = time.perf_counter() - started
-    rows = []
-    for stage in report.stages:
-        shown = pick(stage.metrics, SHOWN_METRICS.get(stage.name, ()))
-        rows.append({"name": stage.name, "status": stage.status, "seconds": stage.seconds, **shown})
-    print_table(f"{args.dataset} daily run {day} (built-in spec, no conversion)", rows)
+    rows = [
+        {"name": stage.name, "metric": metric, "value": value}
+        for stage in report.stages
+        for metric, value in pick(stage.name, stage.metrics).items()
+    ]
+    print_table(f"{args.dataset} {day}: metrics (built-in spec, no conversion)", rows)
     decision = report.decision or {}
     console.print(
         f"decision: {decision.get('action', 'none')} — {decision.get('reason', '')}\n"
@@ -114,7 +119,9 @@ def main() -> None:
         from deepclick.library_logs import route_library_output
 
         routed = route_library_output(args.root.resolve())
-        console.print(f"[dim]library output (TensorFlow, Spark): {routed.path}[/dim]")
+        console.print(
+            f"[dim]library output (TensorFlow, Spark): {routed.path}[/dim]", soft_wrap=True
+        )
     try:
         record = run(args, console)
     finally:

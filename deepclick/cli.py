@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -34,11 +33,13 @@ ConfigOption = Annotated[
     ),
 ]
 DateOption = Annotated[str, typer.Option("--date", "-d", help="day to process, YYYY-MM-DD")]
-_verbose = {"on": False}
+_invocation: dict[str, Any] = {"verbose": False, "ctx": None}
+"""The current command line's ``--verbose`` and context (set by :func:`_options`)."""
 
 
 @app.callback()
 def _options(
+    ctx: typer.Context,
     verbose: Annotated[
         bool,
         typer.Option(
@@ -50,24 +51,25 @@ def _options(
     ] = False,
 ) -> None:
     """Ad click prediction: Spark pipelines, two-tower candidates, a TF Serving CTR ranker."""
-    _verbose["on"] = verbose
+    _invocation.update(verbose=verbose, ctx=ctx)
+    ctx.call_on_close(lambda: _invocation.update(ctx=None))
 
 
 def _quiet_libraries(settings: Settings) -> None:
     """Library banners and progress bars go to a log file (deepclick/library_logs.py); the
     stage table, warnings that need a person and errors stay here. Undone when the command
     ends."""
-    ctx = click.get_current_context(silent=True)
-    if _verbose["on"] or ctx is None or ctx.meta.get("deepclick.library_logs"):
+    ctx = _invocation["ctx"]
+    if _invocation["verbose"] or ctx is None or ctx.meta.get("deepclick.library_logs"):
         return
-    if ctx.info_name == "serve":  # the server's own access and error logs belong on the console
+    if ctx.invoked_subcommand == "serve":  # the server's access and error logs stay on the console
         return
     from deepclick.library_logs import route_library_output
 
     routed = route_library_output(settings.root)
     ctx.meta["deepclick.library_logs"] = routed
     ctx.call_on_close(routed.restore)
-    console.print(f"[dim]library output (TensorFlow, Spark): {routed.path}[/dim]")
+    console.print(f"[dim]library output (TensorFlow, Spark): {routed.path}[/dim]", soft_wrap=True)
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
@@ -156,6 +158,8 @@ def print_ingest_report(report: Any) -> None:
     )
     if report.rows_other_dates:
         console.print(f"rows of other dates (not ingested): {report.rows_other_dates}")
+    if report.missing_dates:
+        console.print(f"[yellow]no rows for:[/yellow] {', '.join(report.missing_dates)}")
     for reason, count in report.quarantine_reasons.items():
         console.print(f"  quarantined {count:,}: {reason}")
 
