@@ -268,45 +268,104 @@ def evaluate(
     model_version: Annotated[
         str | None, typer.Option(help="ranker version to judge (default: the one built for D)")
     ] = None,
+    peers: Annotated[
+        bool, typer.Option(help="fit the peers (LR, GBDT, ad CTR prior) and score them beside it")
+    ] = True,
     config: ConfigOption = None,
 ) -> None:
-    """Offline evaluation of any exported ranker version on D's evaluation set: AUC with CI,
-    logloss, NE, calibration, per placement, oracle AUC on generated data; JSON, markdown, PNGs."""
+    """Offline evaluation of any exported ranker version on D's evaluation set — the daily run's
+    own evaluation function, so the same model and day give the same numbers and intervals: AUC
+    with CI, logloss, NE, calibration with CI, per placement, the peers, oracle AUC on generated
+    data. Written to <root>/reports/<YYYYMMDD>/ranker-<version>/ (never into the run's published
+    evaluations/ folder)."""
     settings = _settings(config)
-    from candidates.store import read_embeddings
     from deepclick.publish import resolve, version_for
-    from models.evaluation.report import evaluate_ranking
     from models.ranker.predictor import InProcessPredictor
-    from models.ranker.similarity import EmbeddingSimilarity
-    from pipelines.towers import features_folder
+    from pipelines.stages import DayContext, evaluate_model, fit_day_peers
 
     day = _date(date)
     version = model_version or version_for(day)
+    ctx = DayContext(settings, day, settings.lifecycle.dataset, settings.raw_dir)
     try:
-        model = InProcessPredictor(
-            settings.model_repository / settings.predictor.model_name / version
-        )
-        similarity = None
+        folder = settings.model_repository / settings.predictor.model_name / version
+        model = InProcessPredictor(folder)
+        embeddings = None
         if model.uses_similarity:
             embeddings = resolve(
                 settings.artifacts / "embeddings", model.embedding_version, what="embeddings"
             )
-            similarity = EmbeddingSimilarity(read_embeddings(embeddings))
-        out = settings.root / "evaluations" / version_for(day) / f"ranking-model-{version}"
-        report = evaluate_ranking(
-            model,
-            features_folder(settings, day),
-            out,
-            similarity=similarity,
-            allow_version_mismatch=version != version_for(day),
+        out = report_folder(settings, day, version)
+        report = evaluate_model(
+            settings,
+            day,
+            ranker=folder,
+            features=ctx.features,
+            embeddings=embeddings,
+            out=out,
+            truth_dir=ctx.truth_dir(),
+            peers=fit_day_peers(settings, ctx.features) if peers else None,
+            back_test=version != version_for(day),
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise _fail(exc) from None
-    ranked = report.metrics["models"]["ranker"]
-    print_counts(
-        f"evaluate ranker {version} on {date} → {out}",
-        {k: round(float(v), 4) for k, v in ranked.items() if isinstance(v, int | float)},
-    )
+    from pipelines.quality_tables import models_table
+
+    console.print(models_table(f"evaluate ranker {version} on {date} → {out}", report.metrics))
+
+
+def report_folder(settings: Settings, day: dt.date, version: str) -> Path:
+    """Where ``deepclick evaluate`` writes: beside, never inside, the run's published folders."""
+    from deepclick.publish import version_for
+
+    return settings.root / "reports" / version_for(day) / f"ranker-{version}"
+
+
+@app.command()
+def replay(
+    date: DateOption,
+    release: Annotated[
+        Path | None,
+        typer.Option(help="release folder (default: D's challenger, else the serving release)"),
+    ] = None,
+    requests: Annotated[int | None, typer.Option(help="requests of D to replay")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Replay D's requests through the /v1/rank code path (in process) and value every slate with
+    the simulator's truth: oracle, popularity, random, the ranker without its funnel, the LR peer.
+    Where no truth exists, the funnel recall of D's clicks. Written to
+    <root>/reports/<YYYYMMDD>/replay/."""
+    overrides = {} if requests is None else {"lifecycle": {"replay_requests": requests}}
+    settings = _settings(config, **overrides)
+    from deepclick.publish import version_for
+    from pipelines.replay import replay_day
+    from pipelines.stages import CHALLENGERS, DayContext, fit_day_peers
+    from serving.release import current_release_folder
+
+    day = _date(date)
+    ctx = DayContext(settings, day, settings.lifecycle.dataset, settings.raw_dir)
+    folder = release
+    if folder is None:
+        challenger = settings.root / CHALLENGERS / version_for(day)
+        folder = challenger if challenger.is_dir() else current_release_folder(settings.root)
+    if folder is None:
+        raise _fail(ValueError("no release to replay: run the daily pipeline for D first"))
+    out = settings.root / "reports" / version_for(day) / "replay"
+    try:
+        report = replay_day(
+            settings,
+            day,
+            release_folder=folder,
+            features_folder=ctx.features,
+            truth_dir=ctx.truth_dir(),
+            out=out,
+            peers=fit_day_peers(settings, ctx.features),
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise _fail(exc) from None
+    from pipelines.quality_tables import replay_tables
+
+    for table in replay_tables(f"replay of {date} with release {folder.name} → {out}", report):
+        console.print(table)
 
 
 DatasetOption = Annotated[

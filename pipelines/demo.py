@@ -78,12 +78,13 @@ def run_demo(
         ],
         ["date", "decision", "release", "seconds"],
     )
+    _print_quality(settings, summary.days[-1].date, console)
     answers = _serve_and_query(settings, summary.days[-1].date, console)
     console.rule("where things are")
     console.print(f"state root:        {settings.root}")
     console.print(
         f"evaluation:        {settings.root / 'evaluations'}/<YYYYMMDD>/ (ranking/report.md, "
-        "roc.png, reliability.png; retrieval/recall_at_k.png)"
+        "roc.png, reliability.png; retrieval/recall_at_k.png; replay/replay.png)"
     )
     console.print(f"MLflow store:      {settings.mlflow_tracking_uri}")
     console.print(
@@ -92,6 +93,26 @@ def run_demo(
     )
     console.print(f"model repository:  {settings.model_repository} (TF Serving layout)")
     return {"reports": [r.to_dict() for r in reports], "answers": answers}
+
+
+def _print_quality(settings: Settings, date: str, console: Console) -> None:
+    """The last day's evaluation: the ranker beside its peers on the same rows, and the replay
+    of the day's requests against the simulator's truth."""
+    from pipelines.quality_tables import models_table, replay_tables
+
+    folder = settings.root / "evaluations" / date.replace("-", "")
+    metrics_file = folder / "ranking" / "metrics.json"
+    if not metrics_file.is_file():
+        console.print(f"no evaluation for {date}: the daily run stopped before it")
+        return
+    console.rule(f"model quality on {date}")
+    metrics = json.loads(metrics_file.read_text())
+    console.print(models_table(f"ranker and peers on {date} (same rows)", metrics))
+    replay_file = folder / "replay" / "replay.json"
+    if replay_file.is_file():
+        report = json.loads(replay_file.read_text())
+        for table in replay_tables(f"replay of {date} against the truth", report):
+            console.print(table)
 
 
 def _free_port() -> int:

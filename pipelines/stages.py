@@ -453,6 +453,43 @@ def recall_on_day(
     return {k: recall_at_k(retrieved[k], clicked, [k])[k] for k in sorted(ks)}
 
 
+def evaluate_model(
+    settings: Settings,
+    date: dt.date,
+    *,
+    ranker: Path,
+    features: Path,
+    embeddings: Path | None,
+    out: Path,
+    truth_dir: Path | None,
+    peers: Any | None = None,
+    back_test: bool = False,
+) -> Any:
+    """The ranking report of one exported ranker on D's evaluation rows — the one function the
+    daily run's evaluate stage and ``deepclick evaluate`` both call, so the same model on the
+    same day gets the same numbers and the same seeded intervals (``lifecycle.eval_bootstrap``
+    resamples). Truth (generated data) gives the oracle AUC; ``peers`` are scored beside it."""
+    import pandas as pd
+
+    from candidates.store import read_embeddings
+    from models.evaluation.report import evaluate_ranking
+    from models.ranker.similarity import EmbeddingSimilarity
+
+    truth = None
+    if truth_dir is not None and (truth_dir / f"{date.isoformat()}.parquet").is_file():
+        truth = pd.read_parquet(truth_dir / f"{date.isoformat()}.parquet")
+    return evaluate_ranking(
+        ranker,
+        features,
+        out,
+        similarity=None if embeddings is None else EmbeddingSimilarity(read_embeddings(embeddings)),
+        truth=truth,
+        bootstrap=settings.lifecycle.eval_bootstrap,
+        allow_version_mismatch=back_test,
+        baselines=None if peers is None else {n: p.predict for n, p in peers.models.items()},
+    )
+
+
 def measure(
     ctx: DayContext,
     *,
@@ -471,27 +508,19 @@ def measure(
     for an earlier day (the champion) on D's rows, pairing it with its own embeddings. ``peers``
     (``models.evaluation.peers.Peers``) are scored on the same rows, and the best one's AUC and
     the paired interval of the ranker's difference to it join the summary."""
-    import pandas as pd
-
-    from candidates.store import read_embeddings
     from models.evaluation.ranking import proportion_interval
-    from models.evaluation.report import evaluate_ranking
-    from models.ranker.similarity import EmbeddingSimilarity
 
     cfg = ctx.settings.lifecycle
-    truth = None
-    truth_dir = ctx.truth_dir()
-    if truth_dir is not None and (truth_dir / f"{ctx.date.isoformat()}.parquet").is_file():
-        truth = pd.read_parquet(truth_dir / f"{ctx.date.isoformat()}.parquet")
-    report = evaluate_ranking(
-        ranker,
-        ctx.features,
-        out / "ranking",
-        similarity=EmbeddingSimilarity(read_embeddings(embeddings)),
-        truth=truth,
-        bootstrap=cfg.eval_bootstrap,
-        allow_version_mismatch=back_test,
-        baselines=None if peers is None else dict(peers.models.items()),
+    report = evaluate_model(
+        ctx.settings,
+        ctx.date,
+        ranker=ranker,
+        features=ctx.features,
+        embeddings=embeddings,
+        out=out / "ranking",
+        truth_dir=ctx.truth_dir(),
+        peers=peers,
+        back_test=back_test,
     )
     ranked = report.metrics["models"]["ranker"]
     summary = {

@@ -104,6 +104,10 @@ def small_settings(root: Path) -> Settings:
             gate_calibration_max=3.0,
             gate_auc_tolerance=0.03,
             gate_recall_tolerance=0.1,
+            gate_min_clicks=50,
+            # the story's first champion is weak on purpose: peers are measured, not gated here
+            gate_peers=False,
+            replay_requests=60,
         ),
     )
 
@@ -217,6 +221,17 @@ def test_airflow_runs_a_day_end_to_end_and_its_model_becomes_champion(
     assert {"roc.png", "reliability.png", "report.md"} <= {
         p.name for p in (evaluation / "ranking").iterdir()
     }
+    # the peers sat beside the ranker on the same rows, and D was replayed against the truth
+    challenger = decision["metrics"]["challenger"]
+    assert {"peer_logistic_regression_auc", "peer_gbdt_auc", "best_peer_auc"} <= set(challenger)
+    replay = json.loads((evaluation / "replay" / "replay.json").read_text())
+    assert replay["requests"] == 60 and replay["release"] == "20240102"
+    for name, entry in replay["systems"].items():
+        assert entry["top_10"]["share_of_oracle"] <= 1.0 + 1e-9, name
+    assert challenger["deepclick_top10_share_of_oracle"] == pytest.approx(
+        replay["systems"]["deepclick"]["top_10"]["share_of_oracle"]
+    )
+    assert "## Replay against the truth" in (evaluation / "ranking" / "report.md").read_text()
     assert current_version(world.settings.model_repository / "ranker") == "20240102"
     assert tfserving_versions(world) == ["20240102"]
     verify(tfserving_repository(world.settings) / "ranker" / "20240102", RANKER_MANIFEST)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import math
 
 import numpy as np
@@ -181,3 +182,39 @@ def test_requests_carry_the_hour_of_the_impression() -> None:
     assert times[0].isoformat() == "2024-01-04T23:30:00+00:00"
     with pytest.raises(ValueError, match="no impressions"):
         sample_requests(rows.iloc[:0], 5)
+
+
+def test_evaluate_command_prints_intervals_writes_beside_the_run_and_matches_it(
+    tmp_path_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 11, item 13): ``deepclick evaluate`` printed no interval, wrote into the
+    run's published ``evaluations/<v>/`` and drew another bootstrap than the daily run."""
+    from typer.testing import CliRunner
+
+    from candidates.store import read_embeddings
+    from deepclick.cli import app
+    from models.evaluation.report import evaluate_ranking
+    from models.ranker.similarity import EmbeddingSimilarity
+
+    world_dir = serving_world(tmp_path_factory.mktemp("serving"))
+    monkeypatch.setenv("DEEPCLICK_ROOT", str(world_dir.root))
+    monkeypatch.setenv("DEEPCLICK_PREDICTOR__MODEL_NAME", "ranker")
+    monkeypatch.setenv("DEEPCLICK_LIFECYCLE__EVAL_BOOTSTRAP", "30")
+    monkeypatch.setenv("COLUMNS", "200")
+    result = CliRunner().invoke(app, ["evaluate", "--date", "2024-01-03", "--no-peers"])
+    assert result.exit_code == 0, result.output
+    out = world_dir.root / "reports" / "20240103" / "ranker-20240103"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert not (world_dir.root / "evaluations").exists()
+    low, high = metrics["models"]["ranker"]["auc_ci95"]
+    assert f"{low:.4f}–{high:.4f}" in result.output
+    assert "cal. 95% CI" in result.output
+    # the daily run's evaluation: the same rows, resamples (lifecycle.eval_bootstrap) and seed
+    daily = evaluate_ranking(
+        world_dir.ranker,
+        world_dir.features.path,
+        tmp_path_factory.mktemp("daily"),
+        similarity=EmbeddingSimilarity(read_embeddings(world_dir.embeddings)),
+        bootstrap=30,
+    )
+    assert daily.metrics["models"]["ranker"]["auc_ci95"] == [low, high]
