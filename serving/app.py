@@ -165,11 +165,26 @@ class AdmissionMiddleware:
             return
         self.in_flight += 1
         self.metrics.in_flight.inc()
+        done = False
+
+        def leave() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.in_flight -= 1
+                self.metrics.in_flight.dec()
+
+        async def send_and_leave(message: Message) -> None:
+            # Leave as the last byte goes out: the client's next request may arrive before
+            # this coroutine returns, and must not count this one as still in flight.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                leave()
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_and_leave)
         finally:
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
+            leave()
 
 
 async def _problem(
