@@ -38,7 +38,7 @@ from typing import Any
 from rich.console import Console
 
 from bench.common import print_table, write_json
-from deepclick.settings import LifecycleSettings, Settings, SimulateSettings
+from deepclick.settings import Settings, SimulateSettings
 
 ROOT = Path("var/bench-quality")
 
@@ -67,8 +67,8 @@ def scales() -> dict[str, Scale]:
 
 
 def _settings(root: Path, simulate: SimulateSettings | None = None, **lifecycle: Any) -> Settings:
-    base = Settings(root=root)
-    updates: dict[str, Any] = {"lifecycle": LifecycleSettings(**lifecycle)}
+    base = Settings(root=root)  # the environment (DEEPCLICK_*) still applies
+    updates: dict[str, Any] = {"lifecycle": base.lifecycle.model_copy(update=lifecycle)}
     if simulate is not None:
         updates["simulate"] = simulate
     return base.model_copy(update=updates)

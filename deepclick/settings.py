@@ -318,8 +318,11 @@ class LifecycleSettings(_Section):
     replay_requests: int = Field(
         1000, ge=0, description="requests of D replayed against the truth (0: no replay)"
     )
-    replay_all_ads: bool = Field(
-        True, description="the replay also ranks every live ad (no candidate stage)"
+    replay_all_ads: int = Field(
+        200,
+        ge=0,
+        description="of the replayed requests, how many the ranker also answers over every live "
+        "ad (no candidate stage; it scores the whole catalogue per request); 0: none",
     )
     gate_recall_method: Literal["two_tower_ann", "two_tower_popular"] = Field(
         "two_tower_ann",

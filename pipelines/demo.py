@@ -22,6 +22,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from deepclick.publish import current_version
 from deepclick.settings import Settings
 from pipelines.daily import run_daily
 from pipelines.simulate import run_simulate
@@ -79,7 +80,14 @@ def run_demo(
         ["date", "decision", "release", "seconds"],
     )
     _print_quality(settings, summary.days[-1].date, console)
-    answers = _serve_and_query(settings, summary.days[-1].date, console)
+    answers: list[dict[str, Any]] = []
+    if current_version(settings.root / "releases") is None:
+        console.print(
+            "[yellow]no release serves:[/yellow] the gate promoted no challenger (reasons above "
+            f"and in {settings.root / 'registry' / 'decisions.jsonl'}), so the API is not started"
+        )
+    else:
+        answers = _serve_and_query(settings, summary.days[-1].date, console)
     console.rule("where things are")
     console.print(f"state root:        {settings.root}")
     console.print(

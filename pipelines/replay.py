@@ -68,7 +68,8 @@ LR_SAME = "lr_same_candidates"
 DESCRIPTIONS = {
     ORACLE: "the world's 10 best live ads for the request's user, placement and hour",
     DEEPCLICK: "the release through serving.ranking.rank, as POST /v1/rank answers",
-    RANKER_ALL: "the release's ranker over every live ad of the catalogue (no candidate stage)",
+    RANKER_ALL: "the release's ranker over every live ad of the catalogue (no candidate stage), "
+    "on the first requests only (all_ads_requests), ratios against the same requests",
     RANKER_POPULAR: "the release's ranker over the placement's most popular ads as candidates",
     LR_SAME: "the one-hot LR peer ranking the release's own candidates",
     POPULARITY: "the 10 live ads with the most training clicks",
@@ -308,12 +309,16 @@ def replay(
     counts: pd.DataFrame,
     peers: Peers | None = None,
     num_candidates: int = 500,
-    all_ads: bool = True,
+    all_ads: int = 200,
     bootstrap: int = 200,
     seed: int = 7,
 ) -> dict[str, Any]:
     """Every comparator's top-10 over ``requests``, valued by ``world``; the report dict of
-    ``models.evaluation.replay.replay_report`` plus descriptions and timings."""
+    ``models.evaluation.replay.replay_report`` plus descriptions and timings.
+
+    The ranker over every live ad scores the whole catalogue per request, so it answers only the
+    first ``all_ads`` requests; its ratios are taken against the oracle and popularity on those
+    same requests (``report["all_ads_requests"]``)."""
     from pipelines.simulate import live_ads
 
     live = set(world.ad_ids[live_ads(world, date)].tolist())
@@ -330,13 +335,14 @@ def replay(
         timings[name] = round(time.perf_counter() - tick, 3)
 
     timed(DEEPCLICK, lambda: served_slates(release, requests, date, num_candidates=num_candidates))
-    if all_ads:
+    subset = requests.head(min(all_ads, len(requests)))
+    if len(subset):
         everything = FixedCandidates(lambda _: catalogue)
         timed(
             RANKER_ALL,
             lambda: served_slates(
                 dataclasses.replace(release, candidates=everything),
-                requests,
+                subset,
                 date,
                 num_candidates=len(catalogue),
             ),
@@ -377,8 +383,17 @@ def replay(
     oracle_ids, oracle_p = oracle_slates(world, requests, date)
     slates = {ORACLE: oracle_p}
     for name, lists in ids.items():
-        slates[name] = true_slates(world, requests, lists)
+        if name != RANKER_ALL:
+            slates[name] = true_slates(world, requests, lists)
     report = replay_report(slates, bootstrap=bootstrap, seed=seed)
+    if RANKER_ALL in ids:
+        n = len(subset)
+        partial = {name: s[:n] for name, s in slates.items() if name in (ORACLE, POPULARITY)}
+        partial[RANKER_ALL] = true_slates(world, subset, ids[RANKER_ALL])
+        report["systems"][RANKER_ALL] = replay_report(partial, bootstrap=bootstrap, seed=seed)[
+            "systems"
+        ][RANKER_ALL]
+        report["all_ads_requests"] = n
     report["date"] = date.isoformat()
     report["release"] = release.version
     report["catalogue_live_ads"] = len(catalogue)

@@ -508,6 +508,8 @@ def measure(
     for an earlier day (the champion) on D's rows, pairing it with its own embeddings. ``peers``
     (``models.evaluation.peers.Peers``) are scored on the same rows, and the best one's AUC and
     the paired interval of the ranker's difference to it join the summary."""
+    import pandas as pd
+
     from models.evaluation.ranking import proportion_interval
 
     cfg = ctx.settings.lifecycle

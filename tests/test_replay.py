@@ -163,7 +163,7 @@ def test_replay_through_the_serving_path_against_a_planted_world(tmp_path_factor
     assert "| oracle |" in files["markdown"].read_text()
 
     # The release's own ranker through the same path: served ads are real ads of the catalogue.
-    served = replay(release, world, requests.head(10), day, counts=counts, all_ads=False)
+    served = replay(release, world, requests.head(10), day, counts=counts, all_ads=0)
     assert served["systems"][DEEPCLICK]["top_10"]["expected_ctr"] > 0
     assert len(served["examples"][DEEPCLICK][0]) == 10
     assert set(served["examples"][DEEPCLICK][0]) <= set(ads)
