@@ -26,11 +26,16 @@ from models.evaluation.retrieval import recall_at_k
 from models.evaluation.retrieval_report import additive_queries, sample_clicks
 
 
-def clicks_per_ad(features: Path, days: list[str] | None = None) -> pd.Series:
+def clicks_per_ad(features: Path, half_life: float = 0.0) -> pd.Series:
+    """Training clicks per ad; with ``half_life`` (days) a click of d days before the last
+    training day counts 0.5**(d / half_life)."""
     table = pq.read_table(features / "training" / "ranking", columns=["date", "ad_id", "label"])
     frame = table.to_pandas()
-    if days is not None:
-        frame = frame[frame["date"].astype(str).isin(days)]
+    frame = frame[frame["label"] == 1]
+    if half_life > 0:
+        days = pd.to_datetime(frame["date"].astype(str))
+        age = (days.max() - days).dt.days.to_numpy()
+        frame = frame.assign(label=0.5 ** (age / half_life))
     return frame.groupby(frame["ad_id"].astype(str))["label"].sum()
 
 
@@ -67,6 +72,7 @@ def main() -> None:
     parser.add_argument("--betas", default="0,0.25,0.5,0.75,1,1.5,2,3")
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--shares", default="0,0.1,0.2")
+    parser.add_argument("--half-life", type=float, default=0.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     date = dt.date.fromisoformat(args.date)
@@ -85,9 +91,12 @@ def main() -> None:
     q, _, _ = additive_queries(
         emb.users, emb.placements, emb.fallback_user, emb.fallback_placement, users, placements
     )
-    ad_ids = np.array([str(a) for a in emb.ads.ids])
+    ad_ids = np.array([bytes(a).decode() for a in emb.ads.ids])
     ads = np.asarray(emb.ads.vectors, dtype=np.float32)
     clicks = clicks_per_ad(features).reindex(ad_ids).fillna(0).to_numpy(dtype=np.float64)
+    weighted = (
+        clicks_per_ad(features, args.half_life).reindex(ad_ids).fillna(0).to_numpy(np.float64)
+    )
     sims = q @ ads.T
 
     def recall(rows_per_query) -> dict[int, float]:
@@ -99,7 +108,7 @@ def main() -> None:
     pop_recall = recall(np.broadcast_to(pop_rows, (len(q), kmax)))
     results["popularity"] = pop_recall
     pure = top_k(sims, kmax)
-    prior = np.log(clicks + args.alpha)
+    prior = np.log(weighted + args.alpha)
     for beta in [float(b) for b in args.betas.split(",")]:
         boosted = top_k(sims + beta * prior[None, :], kmax)
         for share in [float(s) for s in args.shares.split(",")]:

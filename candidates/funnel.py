@@ -16,7 +16,8 @@ Why the refusal. Whatever the weight, a build may still lose to popularity on so
 towers, a shifted marketplace). :func:`funnel_check` measures, on day D's clicked impressions, the
 share of clicks whose ad is among the query's K candidates and among the K most clicked training
 ads, at every K; the index build refuses to publish (the previous index keeps serving) when the
-candidates hold fewer at any K than popularity does, beyond ``tolerance``.
+candidates hold fewer at any K than popularity does, beyond ``tolerance`` and ``z`` standard errors
+of the paired difference (a few clicks of a few hundred are noise, not a verdict).
 """
 
 from __future__ import annotations
@@ -81,12 +82,11 @@ def popularity_prior(
     return out
 
 
-def share_found(lists: Sequence[Sequence[str]], clicked: Sequence[str], k: int) -> float:
-    """Share of clicks whose ad is in the first ``k`` entries of its query's list."""
-    if not clicked:
-        return 0.0
-    hits = sum(ad in set(ranked[:k]) for ranked, ad in zip(lists, clicked, strict=True))
-    return hits / len(clicked)
+def hits(lists: Sequence[Sequence[str]], clicked: Sequence[str], k: int) -> np.ndarray:
+    """Per click, 1 when its ad is in the first ``k`` entries of its query's list."""
+    return np.array(
+        [ad in set(ranked[:k]) for ranked, ad in zip(lists, clicked, strict=True)], dtype=float
+    )
 
 
 def funnel_check(
@@ -95,9 +95,14 @@ def funnel_check(
     clicked: Sequence[str],
     *,
     tolerance: float = 0.0,
+    z: float = 0.0,
     min_clicks: int = 1,
 ) -> dict[str, Any]:
     """Compare the candidates with the same number of popular ads on one day's clicks.
+
+    The comparison is paired (the same clicks for both), so its noise is the standard error of the
+    per-click difference ``found by candidates − found by popular ads``; a loss smaller than
+    ``z`` standard errors is noise (decision ``pass``, with the loss in ``within_noise_ks``).
 
     Args:
         candidates: ``{K: per clicked impression, the K candidates serving returns}``.
@@ -105,33 +110,40 @@ def funnel_check(
             all there are).
         clicked: per clicked impression, the ad that was clicked.
         tolerance: the candidates may hold this much less (absolute share) than popularity.
+        z: and this many standard errors of the paired difference (0: the strict rule).
         min_clicks: with fewer clicks the day cannot decide; the result says so and passes.
 
     Returns:
         ``{"clicks", "decision", "recall": {K: ...}, "popularity": {K: ...}, "ratio": {K: ...},
-        "losing_ks": [...]}`` with decision ``pass``, ``refuse`` or ``insufficient_evidence``.
+        "difference_se": {K: ...}, "losing_ks": [...], "within_noise_ks": [...]}`` with decision
+        ``pass``, ``refuse`` or ``insufficient_evidence``.
     """
     ks = sorted(candidates)
-    recall = {k: share_found(candidates[k], clicked, k) for k in ks}
-    top = {k: set(popular[:k]) for k in ks}
-    baseline = {
-        k: (sum(ad in top[k] for ad in clicked) / len(clicked)) if clicked else 0.0 for k in ks
-    }
-    losing = [k for k in ks if recall[k] < baseline[k] - tolerance]
-    if len(clicked) < min_clicks:
-        decision = "insufficient_evidence"
-    else:
-        decision = "refuse" if losing else "pass"
+    n = len(clicked)
+    recall, baseline, se = {}, {}, {}
+    for k in ks:
+        ours = hits(candidates[k], clicked, k)
+        top = set(popular[:k])
+        theirs = np.array([ad in top for ad in clicked], dtype=float)
+        recall[k] = float(ours.mean()) if n else 0.0
+        baseline[k] = float(theirs.mean()) if n else 0.0
+        se[k] = float(np.std(ours - theirs, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    behind = [k for k in ks if recall[k] < baseline[k] - tolerance]
+    losing = [k for k in behind if recall[k] < baseline[k] - tolerance - z * se[k]]
+    decision = "insufficient_evidence" if n < min_clicks else "refuse" if losing else "pass"
     return {
-        "clicks": len(clicked),
+        "clicks": n,
         "decision": decision,
         "tolerance": tolerance,
+        "z": z,
         "recall": {str(k): round(recall[k], 6) for k in ks},
         "popularity": {str(k): round(baseline[k], 6) for k in ks},
         "ratio": {
             str(k): round(recall[k] / baseline[k], 4) if baseline[k] > 0 else None for k in ks
         },
+        "difference_se": {str(k): round(se[k], 6) for k in ks},
         "losing_ks": losing,
+        "within_noise_ks": [k for k in behind if k not in losing],
     }
 
 

@@ -143,8 +143,19 @@ class RankerSettings(_Section):
         0.1,
         gt=0,
         lt=1,
-        description="share of rows held out for calibration when there is one training day only "
-        "(otherwise the whole last training day is held out)",
+        description="share of rows held out for calibration and early stopping with holdout "
+        "'fraction' or one training day",
+    )
+    holdout: Literal["last_day", "fraction"] = Field(
+        "last_day",
+        description="rows held out of the fit for calibration and early stopping: the last "
+        "training day, or calibration_fraction of every day",
+    )
+    early_stopping_patience: int = Field(
+        0,
+        ge=0,
+        description="stop after this many epochs without a better held-out AUC and keep the "
+        "best epoch (0: train all epochs)",
     )
     baseline: bool = Field(
         True, description="also train the hashed logistic-regression baseline on the same split"
@@ -170,7 +181,7 @@ class IndexSettings(_Section):
         0.1, ge=0, le=1, description="share of candidates from popular ads"
     )
     prior_weight: float = Field(
-        1.0,
+        2.0,
         ge=0,
         description="weight of log(training clicks + prior_smoothing) added to query·ad when "
         "ordering candidates (0: similarity only); recorded in the index (candidates/funnel.py)",
@@ -190,6 +201,12 @@ class IndexSettings(_Section):
     )
     funnel_tolerance: float = Field(
         0.0, ge=0, le=1, description="recall the candidates may lose to popularity (absolute)"
+    )
+    funnel_z: float = Field(
+        1.645,
+        ge=0,
+        description="and by more than this many standard errors of the paired per-click "
+        "difference (0: the strict rule; 1.645: a one-sided 95% test)",
     )
     funnel_min_clicks: int = Field(
         200,

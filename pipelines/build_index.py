@@ -67,6 +67,7 @@ def candidates_check(
     *,
     popular_quota: float,
     tolerance: float,
+    z: float,
     min_clicks: int,
     refuse: bool,
     date: str,
@@ -82,7 +83,7 @@ def candidates_check(
         # One request per K, as serving gets them (a list for 500 is not the list for 100 extended).
         candidates = {k: [service.candidates(u, p, k).ad_ids for u, p in queries] for k in ks}
         result = funnel_check(
-            candidates, popular, clicked, tolerance=tolerance, min_clicks=min_clicks
+            candidates, popular, clicked, tolerance=tolerance, z=z, min_clicks=min_clicks
         )
         if refuse and result["decision"] == "refuse":
             raise FunnelRefused(refusal_message(index.manifest["version"], date, result))
@@ -109,6 +110,7 @@ def funnel_checker(
         ks,
         popular_quota=cfg.popular_quota,
         tolerance=cfg.funnel_tolerance,
+        z=cfg.funnel_z,
         min_clicks=cfg.funnel_min_clicks,
         refuse=cfg.funnel_refuse,
         date=date.isoformat(),

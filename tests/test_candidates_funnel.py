@@ -81,6 +81,17 @@ def test_funnel_check_counts_clicks_found_by_candidates_and_by_popular_ads() -> 
     assert losing["decision"] == "pass"
     worse = funnel_check({2: [["c"]] * 4}, ["a", "x"], ["a", "b", "x", "d"])
     assert (worse["decision"], worse["losing_ks"]) == ("refuse", [2])
+    # Paired noise: 1000 clicks, the 500 popular ads find 500 of them, the candidates the same
+    # minus `lost`. Losing 10 (0.010, se 0.0031) is beyond 1.645 se: refused; losing 2 (0.002,
+    # se 0.0014) is within it: noise. The strict rule (z = 0) refuses both.
+    clicks = [f"p{i}" for i in range(500)] + [f"o{i}" for i in range(500)]
+    top = [f"p{i}" for i in range(500)]
+    for lost, decision in ((10, "refuse"), (2, "pass")):
+        found = [[ad] if i >= lost and ad.startswith("p") else [] for i, ad in enumerate(clicks)]
+        result = funnel_check({500: found}, top, clicks, z=1.645)
+        assert result["decision"] == decision, (lost, result)
+        assert funnel_check({500: found}, top, clicks, z=0.0)["decision"] == "refuse"
+    assert result["within_noise_ks"] == [500]
     few = funnel_check({2: [["c"]] * 4}, ["a", "x"], ["a", "b", "x", "d"], min_clicks=5)
     assert few["decision"] == "insufficient_evidence"
 
@@ -134,6 +145,7 @@ def test_index_losing_to_popularity_is_refused_and_the_previous_one_keeps_servin
             [2, 4],
             popular_quota=0.0,
             tolerance=0.0,
+            z=0.0,
             min_clicks=1,
             refuse=True,
             date="2024-01-05",

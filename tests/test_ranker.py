@@ -32,6 +32,7 @@ from models.ranker.train import (
     RankerTrainingError,
     TrainedRanker,
     downsample_negatives,
+    early_stopping,
     load_split,
     split_for_calibration,
     train_ranker,
@@ -156,6 +157,36 @@ def test_one_training_day_holds_out_a_seeded_share_for_calibration() -> None:
     assert not set(split.fit["event_id"]) & set(split.calibration["event_id"])
     shuffled = split_for_calibration(rows.sample(frac=1, random_state=1), SETTINGS)
     assert set(shuffled.calibration["event_id"]) == set(split.calibration["event_id"])
+
+
+def test_holdout_fraction_draws_the_held_out_rows_from_every_day() -> None:
+    # holdout "fraction": the fit keeps ~90% of both days (not only the first), so the ranker
+    # learns from every day it is given; "last_day" holds the whole second day out.
+    rows = pd.DataFrame(
+        {
+            "event_id": [f"e{i}" for i in range(10_000)],
+            "date": ["2024-01-01"] * 5000 + ["2024-01-02"] * 5000,
+            "label": 0,
+        }
+    )
+    split = split_for_calibration(rows, SETTINGS.model_copy(update={"holdout": "fraction"}))
+    assert split.fit_dates == split.calibration_dates == ("2024-01-01", "2024-01-02")
+    held = split.calibration["date"].value_counts()
+    assert held["2024-01-01"] == pytest.approx(500, abs=60)
+    assert held["2024-01-02"] == pytest.approx(500, abs=60)
+    assert not set(split.fit["event_id"]) & set(split.calibration["event_id"])
+    last_day = split_for_calibration(rows, SETTINGS)
+    assert set(last_day.calibration["date"]) == {"2024-01-02"} and len(last_day.fit) == 5000
+
+
+def test_early_stopping_watches_held_out_auc_and_keeps_the_best_epoch() -> None:
+    assert early_stopping(SETTINGS) == []  # patience 0: every epoch is trained
+    (callback,) = early_stopping(SETTINGS.model_copy(update={"early_stopping_patience": 2}))
+    assert (callback.monitor, callback.patience, callback.restore_best_weights) == (
+        "val_auc",
+        2,
+        True,
+    )
 
 
 def test_downsampling_keeps_every_click_and_a_share_of_the_rest() -> None:

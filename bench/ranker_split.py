@@ -1,0 +1,123 @@
+"""Measure ranker choices on day D's rows: which training days, epochs / early stopping, embedding
+regularisation, against a one-hot logistic regression (scikit-learn, C=0.1) on the same rows.
+
+Trains the real ranker (``models.ranker.train.train_ranker``) once per variant on a published
+features folder and scores D's ``eval`` table. Usage::
+
+    python -m bench.ranker_split --root var/demo --date 2024-01-04 \
+        --variant base --variant 'all_days:similarity=0' --variant 'es:epochs=8'
+
+A variant is ``name[:key=value,...]``; keys are RankerSettings fields plus ``similarity`` (0/1:
+the ranker takes the two-tower scores, trained on the last ``ranker_days`` days) and
+``ranker_days``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import OneHotEncoder
+
+from candidates.store import read_embeddings
+from deepclick.publish import resolve, version_for
+from deepclick.settings import Settings
+from models.evaluation.ranking import auc, calibration_ratio
+from models.feature_spec import load_feature_spec
+from models.ranker.similarity import EmbeddingSimilarity
+from models.ranker.train import train_ranker
+from pipelines.training_days import split_training_days
+
+
+def one_hot_lr(spec, fit: pd.DataFrame, test: pd.DataFrame) -> np.ndarray:
+    cats = [f.name for f in spec.categorical]
+    nums = [f.name for f in spec.numeric]
+    enc = OneHotEncoder(handle_unknown="ignore", min_frequency=1)
+    x_fit = enc.fit_transform(fit[cats].astype(str))
+    x_test = enc.transform(test[cats].astype(str))
+    if nums:
+        mu = fit[nums].astype(float).mean()
+        sd = fit[nums].astype(float).std().replace(0, 1)
+        x_fit = sp.hstack([x_fit, ((fit[nums].astype(float) - mu) / sd).fillna(0).values]).tocsr()
+        x_test = sp.hstack(
+            [x_test, ((test[nums].astype(float) - mu) / sd).fillna(0).values]
+        ).tocsr()
+    model = LogisticRegression(C=0.1, max_iter=2000)
+    model.fit(x_fit, fit[spec.label].to_numpy())
+    return model.predict_proba(x_test)[:, 1]
+
+
+def parse(variant: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = variant.partition(":")
+    pairs = dict(item.split("=", 1) for item in rest.split(",") if item)
+    return name, pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--date", required=True)
+    parser.add_argument("--variant", action="append", default=[])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    settings = Settings(root=args.root)
+    version = version_for(dt.date.fromisoformat(args.date))
+    features = resolve(settings.warehouse / "features", version, what="features")
+    spec = load_feature_spec(features)
+    eval_rows = pd.read_parquet(features / "eval")
+    y = eval_rows[spec.label].to_numpy()
+    emb = resolve(settings.artifacts / "embeddings", version, what="embeddings")
+    similarity = EmbeddingSimilarity(read_embeddings(emb))
+    results = {}
+    train_all = pd.read_parquet(features / "training" / "ranking")
+    for variant in args.variant or ["base"]:
+        name, pairs = parse(variant)
+        use_sim = pairs.pop("similarity", "1") == "1"
+        ranker_days = int(pairs.pop("ranker_days", settings.lifecycle.ranker_days))
+        cfg = settings.ranker.model_copy(
+            update={
+                k: type(getattr(settings.ranker, k))(v)
+                if not isinstance(getattr(settings.ranker, k), bool)
+                else v == "1"
+                for k, v in pairs.items()
+            }
+        )
+        days = split_training_days(spec.train_dates, use_sim, ranker_days)
+        tick = time.perf_counter()
+        trained = train_ranker(
+            spec,
+            cfg,
+            similarity=similarity if days.similarity else None,
+            progress=False,
+            dates=days.ranker,
+        )
+        p = trained.predict(eval_rows)
+        fit = train_all[train_all["date"].astype(str).isin(days.ranker)]
+        lr_same = one_hot_lr(spec, fit, eval_rows)
+        results[name] = {
+            "auc": round(auc(y, p), 4),
+            "calibration": round(calibration_ratio(y, p), 3),
+            "epochs_run": len(trained.history.get("loss", [])),
+            "val_auc": [round(v, 4) for v in trained.history.get("val_auc", [])],
+            "lr_same_rows_auc": round(auc(y, lr_same), 4),
+            "ranker_days": list(days.ranker),
+            "fit_rows": int(trained.metrics["fit_rows"]),
+            "seconds": round(time.perf_counter() - tick, 1),
+        }
+        print(name, json.dumps(results[name]), flush=True)
+    lr_all = one_hot_lr(spec, train_all, eval_rows)
+    results["lr_all_days"] = {"auc": round(auc(y, lr_all), 4)}
+    print("lr_all_days", results["lr_all_days"], flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
