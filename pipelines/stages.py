@@ -540,9 +540,9 @@ def measure(
     best = report.metrics.get("best_peer")
     if best:
         summary["best_peer_auc"] = float(best["auc"])
-        summary["auc_vs_best_peer"] = float(ranked["auc"] - best["auc"])
+        summary["auc_vs_best_peer"] = float(best["auc_difference"])
         summary["auc_vs_best_peer_ci_low"], summary["auc_vs_best_peer_ci_high"] = map(
-            float, best["auc_ci95"]
+            float, best["auc_difference_ci95"]
         )
     summary["eval_rows"] = float(report.metrics["evaluation_set"]["rows"])
     summary["eval_clicks"] = float(report.metrics["evaluation_set"]["clicks"])

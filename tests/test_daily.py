@@ -224,6 +224,11 @@ def test_airflow_runs_a_day_end_to_end_and_its_model_becomes_champion(
     # the peers sat beside the ranker on the same rows, and D was replayed against the truth
     challenger = decision["metrics"]["challenger"]
     assert {"peer_logistic_regression_auc", "peer_gbdt_auc", "best_peer_auc"} <= set(challenger)
+    peer_aucs = [
+        challenger[f"peer_{n}_auc"] for n in ("logistic_regression", "gbdt", "ad_ctr_prior")
+    ]
+    assert challenger["best_peer_auc"] == pytest.approx(max(peer_aucs))
+    assert challenger["auc_vs_best_peer"] == pytest.approx(challenger["auc"] - max(peer_aucs))
     replay = json.loads((evaluation / "replay" / "replay.json").read_text())
     assert replay["requests"] == 60 and replay["release"] == "20240102"
     for name, entry in replay["systems"].items():

@@ -376,6 +376,12 @@ def test_report_writes_metrics_markdown_and_plots(
     saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert saved["models"]["ranker"]["auc"] == pytest.approx(report.auc)
     assert saved["gaps"]["logistic_regression"]["auc"] > 0.1
+    # the best peer keeps its own AUC; the ranker's difference to it sits apart (regression)
+    best = saved["best_peer"]
+    assert best["auc"] == pytest.approx(saved["models"]["logistic_regression"]["auc"])
+    assert best["auc_difference"] == pytest.approx(saved["gaps"]["logistic_regression"]["auc"])
+    assert best["auc_difference_ci95"][0] < best["auc_difference"] < best["auc_difference_ci95"][1]
+    assert "not worse than** the best peer" in (tmp_path / "report" / "report.md").read_text()
     assert saved["oracle"]["auc"] > report.auc
     low, high = saved["models"]["ranker"]["auc_ci95"]
     assert low < report.auc < high

@@ -268,10 +268,12 @@ def evaluate_ranking(
             }
     if len(scores) > 1:
         best = max((n for n in scores if n != "ranker"), key=lambda n: per_model[n]["auc"])
+        gap = metrics["gaps"][best]
         metrics["best_peer"] = {
             "name": best,
             "auc": per_model[best]["auc"],
-            **metrics["gaps"][best],
+            "auc_difference": gap["auc"],
+            "auc_difference_ci95": gap["auc_ci95"],
         }
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -342,7 +344,7 @@ def render_markdown(metrics: Mapping[str, Any], title: str) -> str:
         )
     best = metrics.get("best_peer")
     if best:
-        ci = best.get("auc_ci95") or [best["auc"], best["auc"]]
+        ci = best["auc_difference_ci95"]
         verdict = "worse than" if ci[1] < 0 else "not worse than"
         lines += [
             "",
