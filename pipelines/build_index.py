@@ -35,17 +35,22 @@ def popularity_rows(features: Path) -> list[tuple[str, str, int]]:
     return list(zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True))
 
 
-def training_clicks(features: Path) -> dict[str, float]:
-    """Clicks per ad over the training days (``training/ranking``), aggregated by Arrow."""
+def training_counts(features: Path) -> dict[str, tuple[float, float]]:
+    """(clicks, impressions) per ad over the training days (``training/ranking``), by Arrow."""
     table = pq.read_table(features / "training" / "ranking", columns=["ad_id", "label"])
-    grouped = table.group_by("ad_id").aggregate([("label", "sum")]).to_pydict()
-    return {str(ad): float(n) for ad, n in zip(grouped["ad_id"], grouped["label_sum"], strict=True)}
+    grouped = table.group_by("ad_id").aggregate([("label", "sum"), ("label", "count")])
+    data = grouped.to_pydict()
+    return {
+        str(ad): (float(c), float(n))
+        for ad, c, n in zip(data["ad_id"], data["label_sum"], data["label_count"], strict=True)
+    }
 
 
-def most_clicked(clicks: dict[str, float], n: int) -> list[str]:
-    """The ``n`` ads with the most training clicks, ties by id (the popularity baseline)."""
-    ranked = sorted(((-c, a) for a, c in clicks.items() if c > 0))
-    return [ad for _, ad in ranked[:n]]
+def most_clicked(counts: dict[str, tuple[float, float]], n: int) -> list[str]:
+    """The ``n`` most clicked ads in the order of contracts §3 ``popularity`` (more clicks, then
+    more impressions, then ad id): the baseline the funnel must not lose to."""
+    ranked = sorted((-c, -i, a) for a, (c, i) in counts.items() if c > 0)
+    return [ad for _, _, ad in ranked[:n]]
 
 
 def day_clicks(features: Path, n: int, seed: int) -> pd.DataFrame:
@@ -93,7 +98,10 @@ def candidates_check(
 
 
 def funnel_checker(
-    settings: Settings, date: dt.date, embeddings_folder: Path, clicks: dict[str, float]
+    settings: Settings,
+    date: dt.date,
+    embeddings_folder: Path,
+    counts: dict[str, tuple[float, float]],
 ) -> Callable[[CandidateIndex], dict[str, Any]]:
     """:func:`candidates_check` on a seeded sample of D's clicked impressions (``eval``, at most
     ``lifecycle.recall_queries``) at every K of ``lifecycle.recall_ks``."""
@@ -106,7 +114,7 @@ def funnel_checker(
         embeddings_folder,
         list(zip(sample["user_id"].astype(str), sample["placement_id"].astype(str), strict=True)),
         sample["ad_id"].astype(str).tolist(),
-        most_clicked(clicks, max(ks)),
+        most_clicked(counts, max(ks)),
         ks,
         popular_quota=cfg.popular_quota,
         tolerance=cfg.funnel_tolerance,
@@ -122,7 +130,7 @@ def run_index(settings: Settings, date: dt.date) -> Path:
     embeddings = resolve(settings.artifacts / "embeddings", version, what="embeddings")
     cfg = settings.index
     features = features_folder(settings, date)
-    clicks = training_clicks(features)
+    counts = training_counts(features)
     return build_index(
         embeddings,
         settings.artifacts / "index",
@@ -136,7 +144,7 @@ def run_index(settings: Settings, date: dt.date) -> Path:
         seed=cfg.seed,
         tune_search_k=cfg.tune_search_k,
         version=version,
-        clicks=clicks,
+        clicks={ad: c for ad, (c, _) in counts.items()},
         funnel=FunnelParams(cfg.prior_weight, cfg.prior_smoothing, cfg.explore_share),
-        check=funnel_checker(settings, date, embeddings, clicks),
+        check=funnel_checker(settings, date, embeddings, counts),
     )
