@@ -10,7 +10,7 @@ no TensorFlow: the report, the training loop and the tests all call these.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -82,15 +82,22 @@ def auc_interval(
     """
     y, p = _arrays(labels, scores)
     _auc(y, p)  # raises on a single class before any resampling
+    return _bootstrap(y, lambda idx: _auc(y[idx], p[idx]), samples, level, seed)
+
+
+def _bootstrap(
+    y: np.ndarray, statistic: Callable[[np.ndarray], float], samples: int, level: float, seed: int
+) -> tuple[float, float]:
+    """Seeded percentile interval of ``statistic(row indices)`` over row resamples; resamples that
+    hold one class are drawn again (up to ten times the requested count)."""
     rng = np.random.default_rng(seed)
     values: list[float] = []
     attempts = 0
     while len(values) < samples and attempts < samples * 10:
         attempts += 1
         idx = rng.integers(0, y.size, y.size)
-        ys = y[idx]
-        if 0 < ys.sum() < ys.size:
-            values.append(_auc(ys, p[idx]))
+        if 0 < y[idx].sum() < y.size:
+            values.append(statistic(idx))
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(values, [tail, 1.0 - tail])
     return float(low), float(high)
@@ -113,18 +120,10 @@ def auc_difference_interval(
     difference = _auc(y, a) - _auc(y, b)
     if not samples:
         return difference, difference, difference
-    rng = np.random.default_rng(seed)
-    values: list[float] = []
-    attempts = 0
-    while len(values) < samples and attempts < samples * 10:
-        attempts += 1
-        idx = rng.integers(0, y.size, y.size)
-        ys = y[idx]
-        if 0 < ys.sum() < ys.size:
-            values.append(_auc(ys, a[idx]) - _auc(ys, b[idx]))
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(values, [tail, 1.0 - tail])
-    return difference, float(low), float(high)
+    low, high = _bootstrap(
+        y, lambda idx: _auc(y[idx], a[idx]) - _auc(y[idx], b[idx]), samples, level, seed
+    )
+    return difference, low, high
 
 
 def click_count_interval(clicks: int, *, level: float = 0.95) -> tuple[float, float]:
