@@ -17,7 +17,7 @@ Usage::
     python -m bench.quality --scale large                # 10M impressions (8 days), ~1 h
     python -m bench.quality --scale none \\
         --spec pipelines/specs/talkingdata.yaml \\
-        --source ../shared/data/talkingdata_sample/train_sample.csv --date 2017-11-09
+        --source PATH/TO/talkingdata_sample/train_sample.csv --date 2017-11-09
 
 ``--talkingdata PATH`` is short for the built-in ``talkingdata`` spec over that folder's sample
 (D = 2017-11-09). State goes under ``--root`` (default ``var/bench-quality``), one folder per

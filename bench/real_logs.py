@@ -1,7 +1,7 @@
 """The daily pipeline on a real public click log through its built-in dataset spec — no
 conversion script: the raw file is read where it lies.
 
-    python -m bench.real_logs --talkingdata ../shared/data/talkingdata_sample
+    python -m bench.real_logs --talkingdata PATH/TO/talkingdata_sample
 
 TalkingData AdTracking (``train_sample.csv``: 100,000 clicks over 2017-11-06..09, 227 installs)
 is read by ``pipelines/specs/talkingdata.yaml``. Every day before the evaluation day is ingested
@@ -26,7 +26,6 @@ from bench.common import print_table, write_json
 from deepclick.settings import LifecycleSettings, Settings
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "talkingdata_sample"
 SHOWN_METRICS = {
     "ingest": ("rows_in", "rows_written", "rows_quarantined", "duplicates_dropped"),
     "features": ("train_impressions", "train_clicks", "eval_impressions", "eval_clicks"),
@@ -98,7 +97,7 @@ def main() -> None:
         "--talkingdata",
         dest="source",
         type=Path,
-        default=DEFAULT_SOURCE,
+        required=True,
         help="folder (or file) of the TalkingData AdTracking log (train_sample.csv)",
     )
     parser.add_argument("--dataset", default="talkingdata", help="built-in spec or spec path")
@@ -110,7 +109,7 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true", help="library output on the console")
     args = parser.parse_args()
     if not args.source.exists():
-        parser.error(f"{args.source} does not exist: pass --talkingdata PATH")
+        parser.error(f"--talkingdata {args.source} does not exist")
     console = Console()
     if args.fresh and args.root.exists():
         shutil.rmtree(args.root)

@@ -174,7 +174,8 @@ class FixedCandidates:
         exclude: Collection[str] = (),
         **_: Any,
     ) -> CandidateResult:
-        ads = [a for a in self.lists(placement_id or "") if a not in set(exclude)][:k]
+        excluded = set(exclude)
+        ads = [a for a in self.lists(placement_id or "") if a not in excluded][:k]
         n = len(ads)
         return CandidateResult(
             candidates=[Candidate(a, float(n - i), "popular") for i, a in enumerate(ads)],
