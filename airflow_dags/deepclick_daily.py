@@ -1,7 +1,7 @@
 """The daily retraining DAGs (DESIGN.md, "Airflow"): scheduling only, the logic is in pipelines/.
 
-- ``deepclick_daily``: one task per stage of ``pipelines/stages.py``, each running that stage in
-  the worker (``pipelines.daily.airflow_task``);
+- ``deepclick_daily``: one task per stage of ``lifecycle/stages.py``, each running that stage in
+  the worker (``lifecycle.daily.airflow_task``);
 - ``deepclick_daily_cluster``: the same graph, but the Spark stages (ingest, features, embed) are
   handed to ``spark-submit`` (:class:`airflow_dags.stage_operators.StageSparkSubmitOperator`),
   with the connection, ``--conf`` and ``--py-files`` taken from ``settings.lifecycle`` when the
@@ -23,8 +23,8 @@ from airflow.providers.standard.operators.python import PythonOperator
 from airflow.sdk import DAG, CronDataIntervalTimetable
 
 from airflow_dags.stage_operators import StageSparkSubmitOperator
-from pipelines.daily import scheduling_settings
-from pipelines.stages import SPARK_STAGES, STAGE_NAMES
+from lifecycle.daily import scheduling_settings
+from lifecycle.stages import SPARK_STAGES, STAGE_NAMES
 
 DAG_ID = "deepclick_daily"
 CLUSTER_DAG_ID = "deepclick_daily_cluster"
@@ -32,7 +32,7 @@ CLUSTER_DAG_ID = "deepclick_daily_cluster"
 
 def run_stage_task(stage: str, date: str, run_key: str) -> dict[str, Any]:
     """Run one stage in this worker (imported here: parsing the DAG must not load Spark or TF)."""
-    from pipelines.daily import airflow_task
+    from lifecycle.daily import airflow_task
 
     return airflow_task(stage, date, run_key)
 

@@ -1,6 +1,6 @@
 """The operator of the cluster DAG: one Spark stage submitted with ``spark-submit``.
 
-The submitted application is ``pipelines/daily.py`` itself (``--stage S --date D --run-key K``):
+The submitted application is ``lifecycle/daily.py`` itself (``--stage S --date D --run-key K``):
 the driver runs the stage exactly as a local task would, ledger and MLflow included, so the two
 DAGs differ only in where the Spark work happens. ``<root>`` must be shared by the Airflow worker
 and the cluster (a shared filesystem or mount), since the ledger and the published folders are
@@ -19,17 +19,17 @@ from deepclick.settings import CONFIG_ENV_VAR
 
 
 class StageSparkSubmitOperator(SparkSubmitOperator):
-    """``spark-submit pipelines/daily.py --stage <stage> …``, configured from the settings when
+    """``spark-submit lifecycle/daily.py --stage <stage> …``, configured from the settings when
     the task runs and judged by the stage's run-ledger entry afterwards.
 
     Args:
-        stage: a Spark stage of ``pipelines/stages.py`` (ingest, features, embed).
+        stage: a Spark stage of ``lifecycle/stages.py`` (ingest, features, embed).
     """
 
     def __init__(self, *, stage: str, **kwargs: Any) -> None:
         kwargs.setdefault("name", f"deepclick-{stage}")
         super().__init__(
-            application="pipelines/daily.py",  # replaced by the installed path at run time
+            application="lifecycle/daily.py",  # replaced by the installed path at run time
             application_args=["--stage", stage, "--date", "{{ ds }}", "--run-key", "{{ run_id }}"],
             **kwargs,
         )
@@ -38,7 +38,7 @@ class StageSparkSubmitOperator(SparkSubmitOperator):
     def configure(self, date: str, run_key: str) -> Any:
         """Load the settings now and apply the stage's spark-submit options; return the settings."""
         from deepclick.settings import load_settings
-        from pipelines.daily import spark_submit_options
+        from lifecycle.daily import spark_submit_options
 
         settings = load_settings()
         options = spark_submit_options(
@@ -55,7 +55,7 @@ class StageSparkSubmitOperator(SparkSubmitOperator):
         return settings
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from pipelines.daily import confirm_stage
+        from lifecycle.daily import confirm_stage
 
         since = dt.datetime.now(dt.UTC)
         date, run_key = str(context["ds"]), str(context["run_id"])

@@ -13,7 +13,7 @@ of reading the bytes. Results: a table on the console and ``bench/results/pipeli
 ``--daily`` measures the end-to-end daily run of the last day instead (DESIGN.md target: at most
 30 minutes on this machine for 10M impressions). The earlier days are ingested first (set-up,
 timed but not part of the run); then every stage of the last day runs as the Airflow DAG runs it
-(``pipelines.daily.run_stage`` with one run key: one MLflow parent run, one ledger), each with its
+(``lifecycle.daily.run_stage`` with one run key: one MLflow parent run, one ledger), each with its
 wall time and the peak resident memory of the Python driver and of its children (Spark's JVM).
 The training window then holds every earlier day, (days - 1) / days of the impressions. Results go
 to ``bench/results/pipeline_daily.json``.
@@ -35,13 +35,13 @@ from rich.console import Console
 
 from bench.common import PeakMemory, print_table, write_json
 from deepclick.settings import RankerSettings, Settings, SimulateSettings, SparkSettings
-from pipelines.daily import run_daily, run_stage
+from lifecycle.daily import run_daily, run_stage
+from lifecycle.stages import STAGE_NAMES
 from pipelines.features.runner import run_features
 from pipelines.ingest.runner import run_ingest
 from pipelines.simulate import run_simulate
 from pipelines.spark import get_spark
 from pipelines.specs import load_spec
-from pipelines.stages import STAGE_NAMES
 
 
 def simulate_settings(impressions: int, days: int, seed: int) -> SimulateSettings:

@@ -76,7 +76,7 @@ def _settings(root: Path, simulate: SimulateSettings | None = None, **lifecycle:
 
 def run_generated(scale: Scale, root: Path, console: Console) -> dict[str, Any]:
     """Simulate, ingest the training days, run D (the last day); return its numbers."""
-    from pipelines.daily import run_daily
+    from lifecycle.daily import run_daily
     from pipelines.simulate import run_simulate
     from pipelines.spark import get_spark
 
@@ -107,7 +107,7 @@ def run_real(
     spec: str, source: Path, date: dt.date, root: Path, first: dt.date, console: Console
 ) -> dict[str, Any]:
     """A real log through a dataset spec: ingest the days from ``first``, run D."""
-    from pipelines.daily import run_daily
+    from lifecycle.daily import run_daily
     from pipelines.spark import get_spark
     from pipelines.specs import load_spec
 

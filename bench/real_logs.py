@@ -51,7 +51,7 @@ def pick(stage: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from pipelines.daily import run_daily
+    from lifecycle.daily import run_daily
 
     root = args.root.resolve()
     settings = Settings(

@@ -278,7 +278,7 @@ class MlflowSettings(_Section):
 
 
 class LifecycleSettings(_Section):
-    """The daily retraining lifecycle (pipelines/daily.py, deepclick/registry.py, airflow_dags/):
+    """The daily retraining lifecycle (lifecycle/daily.py, lifecycle/registry.py, airflow_dags/):
     what a daily run reads, how a new model is judged against the champion, how Airflow runs it."""
 
     dataset: str = Field("marketplace", description="dataset spec of the daily runs")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from deepclick.settings import LifecycleSettings, Settings
-from pipelines.stages import SPARK_STAGES, STAGE_NAMES
+from lifecycle.stages import SPARK_STAGES, STAGE_NAMES
 
 DAGS = Path(__file__).resolve().parent.parent / "airflow_dags"
 _STATE: dict[str, Path] = {}
@@ -126,7 +126,7 @@ def test_local_tasks_get_the_logical_date_and_load_settings_when_they_run(dagbag
 
 
 def test_a_broken_settings_file_does_not_hide_the_dags(monkeypatch, tmp_path: Path) -> None:
-    from pipelines.daily import scheduling_settings
+    from lifecycle.daily import scheduling_settings
 
     broken = tmp_path / "broken.yaml"
     broken.write_text("lifecycle: {retries: -3}\n")
@@ -170,7 +170,7 @@ def test_the_cluster_dag_submits_the_spark_stages(dagbag, monkeypatch, tmp_path:
     assert "spark.executor.memory=2g" in command
     assert command[command.index("--py-files") + 1] == "/opt/deepclick.zip"
     app = command.index(task.application)
-    assert Path(task.application) == Path(__file__).resolve().parent.parent / "pipelines/daily.py"
+    assert Path(task.application) == Path(__file__).resolve().parent.parent / "lifecycle/daily.py"
     assert command[app + 1 :] == [
         "--stage",
         "features",
@@ -184,8 +184,8 @@ def test_the_cluster_dag_submits_the_spark_stages(dagbag, monkeypatch, tmp_path:
 
 
 def test_the_spark_submit_driver_runs_one_stage(monkeypatch) -> None:
-    """``pipelines/daily.py`` as the submitted application: arguments reach ``run_stage``."""
-    import pipelines.daily as daily
+    """``lifecycle/daily.py`` as the submitted application: arguments reach ``run_stage``."""
+    import lifecycle.daily as daily
 
     calls = []
     monkeypatch.setattr(daily, "run_stage", lambda *a, **k: calls.append((a, k)))

@@ -65,7 +65,7 @@ def test_ingest_console_shows_the_table_and_the_log_path_only(tmp_path: Path) ->
     root = tmp_path / "state"
     command = ["ingest", "--dataset", "taobao", "--source", str(tmp_path / "raw")]
     done = subprocess.run(
-        [sys.executable, "-m", "deepclick.cli", *command, "--date", "2017-05-09"],
+        [sys.executable, "-m", "deepclick_cli", *command, "--date", "2017-05-09"],
         capture_output=True,
         text=True,
         env={**_env(), "DEEPCLICK_ROOT": str(root), "DEEPCLICK_SPARK__MASTER": "local[1]"},
@@ -84,7 +84,7 @@ def test_ingest_console_shows_the_table_and_the_log_path_only(tmp_path: Path) ->
 
 def test_verbose_routes_nothing(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "deepclick.cli", "--verbose", "specs"],
+        [sys.executable, "-m", "deepclick_cli", "--verbose", "specs"],
         capture_output=True,
         text=True,
         env={**_env(), "DEEPCLICK_ROOT": str(tmp_path)},

@@ -35,7 +35,6 @@ from rich.console import Console
 from test_airflow_dags import DAGS, airflow_db, airflow_home, restored_logging
 
 from deepclick.publish import current_version, sha256_file, verify
-from deepclick.registry import CHALLENGER, CHAMPION, PROMOTED, REFUSED, read_decisions, served_on
 from deepclick.settings import (
     IndexSettings,
     LifecycleSettings,
@@ -45,8 +44,7 @@ from deepclick.settings import (
     SparkSettings,
     TwoTowerSettings,
 )
-from models.ranker.predictor import RANKER_MANIFEST
-from pipelines.daily import (
+from lifecycle.daily import (
     RunLedger,
     StageFailed,
     StageNotConfirmed,
@@ -56,8 +54,10 @@ from pipelines.daily import (
     run_backfill,
     run_daily,
 )
-from pipelines.stages import STAGE_NAMES
-from serving.tfserving_repository import tfserving_repository
+from lifecycle.registry import CHALLENGER, CHAMPION, PROMOTED, REFUSED, read_decisions, served_on
+from lifecycle.stages import STAGE_NAMES
+from lifecycle.tfserving_repository import tfserving_repository
+from models.ranker.predictor import RANKER_MANIFEST
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
@@ -430,8 +430,8 @@ def test_the_source_is_a_day_folder_or_a_whole_source(tmp_path: Path) -> None:
 def test_files_the_spec_does_not_read_do_not_force_a_new_ingest(tmp_path: Path) -> None:
     """Issue 11 item 11: a note or any other file beside the log must not change D's ingest
     fingerprint nor make an already ingested source look newer."""
-    from pipelines.daily import fingerprint
-    from pipelines.stages import get_stage, spec_files
+    from lifecycle.daily import fingerprint
+    from lifecycle.stages import get_stage, spec_files
 
     settings = Settings(root=tmp_path)
     day = settings.raw_dir / "marketplace" / "2024-01-05"

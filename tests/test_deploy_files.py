@@ -11,7 +11,7 @@ import yaml
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.tfserving_repository import REPOSITORY
+from lifecycle.tfserving_repository import REPOSITORY
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 

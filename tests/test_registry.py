@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from deepclick.registry import (
+from deepclick.settings import LifecycleSettings, Settings
+from lifecycle.registry import (
     CHALLENGER,
     CHAMPION,
     PROMOTED,
@@ -24,7 +25,6 @@ from deepclick.registry import (
     read_decisions,
     served_on,
 )
-from deepclick.settings import LifecycleSettings, Settings
 
 GATES = LifecycleSettings(
     gate_min_auc=0.6,

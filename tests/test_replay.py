@@ -104,7 +104,7 @@ class TruthPeer:
 
 
 def test_replay_through_the_serving_path_against_a_planted_world(tmp_path_factory) -> None:
-    from pipelines.replay import (
+    from lifecycle.replay import (
         DEEPCLICK,
         POPULARITY,
         RANDOM,
@@ -171,7 +171,7 @@ def test_replay_through_the_serving_path_against_a_planted_world(tmp_path_factor
 
 
 def test_requests_carry_the_hour_of_the_impression() -> None:
-    from pipelines.replay import request_times, sample_requests
+    from lifecycle.replay import request_times, sample_requests
 
     rows = pd.DataFrame(
         {"user_id": ["u1", "u2"], "placement_id": ["p1", "p2"], "ctx__hour": [3, 23]}
@@ -192,7 +192,7 @@ def test_evaluate_command_prints_intervals_writes_beside_the_run_and_matches_it(
     from typer.testing import CliRunner
 
     from candidates.store import read_embeddings
-    from deepclick.cli import app
+    from deepclick_cli.main import app
     from models.evaluation.report import evaluate_ranking
     from models.ranker.similarity import EmbeddingSimilarity
 

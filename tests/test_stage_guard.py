@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from deepclick.cli import app
 from deepclick.publish import publishing, sha256_file
 from deepclick.settings import Settings
-from pipelines.daily import RunLedger
+from deepclick_cli.main import app
+from lifecycle.daily import RunLedger
 
 
 def _serving_release_reading(root: Path, index_version: str) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from deepclick.publish import IntegrityError, current_version, publishing, verify
-from serving.tfserving_repository import publish_champion
+from lifecycle.tfserving_repository import publish_champion
 
 MANIFEST = "deepclick_manifest.json"
 

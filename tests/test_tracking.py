@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from deepclick.registry import CHALLENGER
 from deepclick.settings import MlflowSettings, Settings
-from deepclick.tracking import (
+from lifecycle.registry import CHALLENGER
+from lifecycle.tracking import (
     PARENT_TAG,
     STATUS_TAG,
     MlflowTracker,

@@ -1,6 +1,6 @@
 """What the served slates are worth against the truth: the replay's numbers (pure numpy).
 
-The replay (``pipelines/replay.py``) sends the evaluation day's requests (user, placement, hour)
+The replay (``lifecycle/replay.py``) sends the evaluation day's requests (user, placement, hour)
 through the serving path and through every comparator — the oracle slate, popularity, random live
 ads, the ranker without its candidate stage, ... — and reads the true click probability of every
 slot from the generated world. This module turns those ``[requests, slots]`` matrices of true

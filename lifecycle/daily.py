@@ -1,6 +1,6 @@
 """``deepclick run`` / ``deepclick backfill`` and the Airflow tasks: the daily retraining run.
 
-For day D the run goes through ``pipelines/stages.py`` in order — ingest, features, towers, embed,
+For day D the run goes through ``lifecycle/stages.py`` in order — ingest, features, towers, embed,
 index, ranker, evaluate, gate, publish — and keeps a run ledger,
 ``<root>/runs/<YYYYMMDD>/stages.json``, with each stage's fingerprint (a hash of its upstream
 manifests or source files, its settings and the package version) and the folder it published. A
@@ -13,9 +13,9 @@ release that serving loads moves only in the last stage, after the gate passed. 
 a failed stage is :class:`StageFailed`, which names it.
 
 MLflow never appears here directly: each finished stage is handed to a
-:class:`deepclick.tracking.Tracker` (one parent run per daily run, one nested run per stage).
+:class:`lifecycle.tracking.Tracker` (one parent run per daily run, one nested run per stage).
 The same code runs one stage alone (:func:`run_stage`) for an Airflow task or a spark-submit
-driver (``python pipelines/daily.py --stage features --date D``); a task then judges its success
+driver (``python lifecycle/daily.py --stage features --date D``); a task then judges its success
 from the ledger entry (:func:`confirm_stage`), not from an exit status.
 """
 
@@ -48,10 +48,9 @@ from deepclick.publish import (
     verify,
     version_for,
 )
-from deepclick.registry import find_decision
 from deepclick.settings import LifecycleSettings, Settings, SettingsError, load_settings
-from deepclick.tracking import StageRecord, Tracker, code_version, flatten, make_tracker, numeric
-from pipelines.stages import (
+from lifecycle.registry import find_decision
+from lifecycle.stages import (
     STAGE_NAMES,
     STAGES,
     DayContext,
@@ -60,6 +59,7 @@ from pipelines.stages import (
     get_stage,
     relative,
 )
+from lifecycle.tracking import StageRecord, Tracker, code_version, flatten, make_tracker, numeric
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -799,7 +799,7 @@ def print_summary(console: Console, report: DailyReport) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one stage: the application the cluster DAG hands to spark-submit."""
-    parser = argparse.ArgumentParser(prog="pipelines/daily.py", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="lifecycle/daily.py", description=main.__doc__)
     parser.add_argument("--stage", required=True, choices=STAGE_NAMES)
     parser.add_argument("--date", required=True, help="day D, YYYY-MM-DD")
     parser.add_argument("--run-key", required=True, help="the Airflow run id")

@@ -175,7 +175,7 @@ def features(
 ) -> None:
     """Build vocabularies, entity tables and training/evaluation sets from events before D."""
     settings = _settings(config)
-    from pipelines.daily import ServingPinnedError, stage_guard
+    from lifecycle.daily import ServingPinnedError, stage_guard
     from pipelines.features.runner import run_features
     from pipelines.specs import SpecError, load_spec
 
@@ -193,7 +193,7 @@ def features(
 def towers(date: DateOption, config: ConfigOption = None) -> None:
     """Train the two-tower model on D's retrieval set and publish its exported towers."""
     settings = _settings(config)
-    from pipelines.daily import ServingPinnedError, stage_guard
+    from lifecycle.daily import ServingPinnedError, stage_guard
     from pipelines.towers import run_towers
 
     try:
@@ -209,7 +209,7 @@ def towers(date: DateOption, config: ConfigOption = None) -> None:
 def embed(date: DateOption, config: ConfigOption = None) -> None:
     """Embed every user, placement and ad with D's towers (Spark) and publish the tables."""
     settings = _settings(config)
-    from pipelines.daily import ServingPinnedError, stage_guard
+    from lifecycle.daily import ServingPinnedError, stage_guard
     from pipelines.embed import run_embed
 
     try:
@@ -225,8 +225,8 @@ def embed(date: DateOption, config: ConfigOption = None) -> None:
 def index(date: DateOption, config: ConfigOption = None) -> None:
     """Build the ANNOY index over D's ad vectors, measure its recall and publish it."""
     settings = _settings(config)
+    from lifecycle.daily import stage_guard
     from pipelines.build_index import run_index
-    from pipelines.daily import stage_guard
 
     try:
         with stage_guard(settings, _date(date), "index"):
@@ -280,8 +280,8 @@ def evaluate(
     evaluations/ folder)."""
     settings = _settings(config)
     from deepclick.publish import resolve, version_for
+    from lifecycle.stages import DayContext, evaluate_model, fit_day_peers
     from models.ranker.predictor import InProcessPredictor
-    from pipelines.stages import DayContext, evaluate_model, fit_day_peers
 
     day = _date(date)
     version = model_version or version_for(day)
@@ -337,8 +337,8 @@ def replay(
     overrides = {} if requests is None else {"lifecycle": {"replay_requests": requests}}
     settings = _settings(config, **overrides)
     from deepclick.publish import version_for
-    from pipelines.replay import replay_day
-    from pipelines.stages import CHALLENGERS, DayContext, fit_day_peers
+    from lifecycle.replay import replay_day
+    from lifecycle.stages import CHALLENGERS, DayContext, fit_day_peers
     from serving.release import current_release_folder
 
     day = _date(date)
@@ -386,7 +386,7 @@ def run(
     """The daily pipeline for D: ingest → features → towers → embed → index → ranker →
     evaluate → gate → publish. Unchanged stages are skipped; a failure leaves serving as it was."""
     settings = _settings(config)
-    from pipelines.daily import StageFailed, run_daily
+    from lifecycle.daily import StageFailed, run_daily
 
     try:
         run_daily(settings, _date(date), dataset=dataset, source=source, console=console)
@@ -404,7 +404,7 @@ def backfill(
 ) -> None:
     """Run the daily pipeline for every day from START to END, oldest first."""
     settings = _settings(config)
-    from pipelines.daily import StageFailed, run_backfill
+    from lifecycle.daily import StageFailed, run_backfill
 
     try:
         run_backfill(
@@ -443,7 +443,7 @@ def demo(
 ) -> None:
     """Run everything that exists end to end on freshly generated data, with a summary."""
     settings = _settings(config)
-    from pipelines.demo import run_demo
+    from lifecycle.demo import run_demo
 
     run_demo(settings, days=days, impressions_per_day=impressions_per_day, console=console)
 
@@ -452,5 +452,5 @@ def main() -> None:  # pragma: no cover - console-script entry point
     app()
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m deepclick.cli`
+if __name__ == "__main__":  # pragma: no cover - `python -m deepclick_cli.main`
     main()

@@ -5,7 +5,7 @@ ranker → evaluate → gate → publish. Each stage declares
 
 - ``config``: the settings it depends on, and ``inputs``: the upstream manifests it reads (for
   ingest: the source files' names, sizes and mtimes). With the package version they make the
-  stage's fingerprint, which ``pipelines/daily.py`` compares to decide whether a re-run may skip it;
+  stage's fingerprint, which ``lifecycle/daily.py`` compares to decide whether a re-run may skip it;
 - ``run``: calls the stage's runner — which publishes atomically — and returns an :class:`Outcome`
   naming the published folder and what the tracker should log.
 
@@ -34,7 +34,8 @@ from deepclick.publish import (
     verify,
     version_for,
 )
-from deepclick.registry import (
+from deepclick.settings import Settings
+from lifecycle.registry import (
     PROMOTED,
     REFUSED,
     Check,
@@ -47,8 +48,7 @@ from deepclick.registry import (
     recall_metric,
     registry_dir,
 )
-from deepclick.settings import Settings
-from deepclick.tracking import numeric
+from lifecycle.tracking import numeric
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -582,10 +582,10 @@ def fit_day_peers(settings: Settings, features: Path) -> Any | None:
 
 def replay_challenger(ctx: DayContext, out: Path, peers: Any | None) -> dict[str, Any]:
     """Combine D's challenger into a release that is never served (``<root>/challengers/<D>``)
-    and replay D's requests through it (``pipelines/replay.py``): against the truth on generated
+    and replay D's requests through it (``lifecycle/replay.py``): against the truth on generated
     data, the funnel recall elsewhere. The section is appended to ``ranking/report.md``."""
+    from lifecycle.replay import render_funnel_markdown, replay_day
     from models.evaluation.replay import render_replay_markdown
-    from pipelines.replay import render_funnel_markdown, replay_day
     from serving.release import publish_release
 
     settings = ctx.settings
@@ -856,12 +856,12 @@ def _publish_run(ctx: DayContext) -> Outcome:
             decision=entry,
             extra={"decision_id": entry["id"], "action": REFUSED},
         )
-    from serving.release import publish_release
-    from serving.tfserving_repository import (
+    from lifecycle.tfserving_repository import (
         live_ranker_version,
         publish_champion,
         tfserving_repository,
     )
+    from serving.release import publish_release
 
     publish_champion(  # first, so TF Serving loads it while the old release still answers
         ctx.ranker,

@@ -18,7 +18,7 @@ served ad comes from the generated world (``pipelines.simulate``); the numbers f
 ``models/evaluation/replay.py``. Where no world exists, :func:`funnel_recall` reports the share
 of D's clicked (user, ad) pairs that the served candidate list holds.
 
-This module sits with the daily lifecycle (it loads releases, like ``pipelines/stages.py``'s
+This module sits with the daily lifecycle (it loads releases, like ``lifecycle/stages.py``'s
 publish step); the stages call it, serving never does.
 """
 

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from deepclick.publish import current_version
 from deepclick.settings import Settings
-from pipelines.daily import run_daily
+from lifecycle.daily import run_daily
 from pipelines.simulate import run_simulate
 from pipelines.spark import get_spark
 
@@ -139,7 +139,7 @@ def _serve_and_query(settings: Settings, date: str, console: Console) -> list[di
         "DEEPCLICK_SERVING__PORT": str(port),
     }
     console.rule(f"ranking API on http://127.0.0.1:{port}")
-    command = [sys.executable, "-m", "deepclick.cli", "serve", "--workers", "2"]
+    command = [sys.executable, "-m", "deepclick_cli", "serve", "--workers", "2"]
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     answers: list[dict[str, Any]] = []
     try:

@@ -2,7 +2,7 @@
 
 One experiment (``settings.mlflow.experiment``); one parent run per daily run and one nested run
 per stage, skipped stages included (tagged as such, so the history shows what a re-run reused).
-The stage logic never calls MLflow: the runner (``pipelines/daily.py``) hands each finished stage
+The stage logic never calls MLflow: the runner (``lifecycle/daily.py``) hands each finished stage
 to a :class:`Tracker` as a :class:`StageRecord`. :class:`NullTracker` is the tracker when
 tracking is off, so the runner has no ``if mlflow`` branches.
 
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
-from deepclick.registry import MlflowRegistry, ModelKind
 from deepclick.settings import Settings
+from lifecycle.registry import MlflowRegistry, ModelKind
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
