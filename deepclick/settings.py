@@ -265,6 +265,11 @@ class ServingSettings(_Section):
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, description="requests with more header bytes get 431"
     )
+    candidate_search: Literal["auto", "exact", "ann"] = Field(
+        "auto", description="neighbour search of the candidate stage: exact (a BLAS scan, "
+        "recall 1.0), ann (ANNOY), or auto: the one the index build measured faster for its "
+        "catalogue and dimension (manifest search.mode)",
+    )  # fmt: skip
 
 
 class MlflowSettings(_Section):

@@ -429,7 +429,10 @@ def load_release(
         raise ReleaseError(f"{where}: {exc}") from None
     try:
         service = CandidateService.load(
-            index_folder, embeddings_folder, popular_quota=index_settings.popular_quota
+            index_folder,
+            embeddings_folder,
+            popular_quota=index_settings.popular_quota,
+            search=serving.candidate_search,
         )
     except (PairingError, IntegrityError, NotPublishedError, ValueError, OSError) as exc:
         raise ReleaseError(f"{where}: {exc}") from None
