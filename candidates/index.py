@@ -62,6 +62,8 @@ ANN_FILE = "ads.ann"
 IDS_FILE = ids_file("ads")
 POPULAR_FILE = "popular.json"
 PRIOR_FILE = "prior.npy"
+SEARCH_TIMING_QUERIES = 50
+"""Sample queries timed per search kind when a build chooses between exact and ANN search."""
 
 
 class CandidateIndexError(ValueError):
@@ -133,6 +135,59 @@ def exact_top_k(ads: np.ndarray, queries: np.ndarray, k: int, *, chunk: int = 32
         scores = queries[start : start + chunk] @ np.asarray(ads).T
         out[start : start + chunk] = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     return out
+
+
+def exact_search(vectors: np.ndarray, query: np.ndarray, n: int) -> np.ndarray:
+    """Rows of the ``n`` largest ``query·ad``, best first (ties: lower row first): one BLAS
+    matrix-vector product over the (mapped) vectors and a partial sort."""
+    n = min(n, vectors.shape[0])
+    if n <= 0:
+        return np.empty(0, dtype=np.int64)
+    scores = np.asarray(vectors) @ np.asarray(query, dtype=np.float32)
+    top = np.argpartition(-scores, n - 1)[:n] if n < scores.shape[0] else np.arange(n)
+    return top[np.lexsort((top, -scores[top]))].astype(np.int64)
+
+
+def measure_search(
+    vectors: np.ndarray,
+    index: AnnoyIndex,
+    queries: np.ndarray,
+    n: int,
+    *,
+    metric: Metric,
+    search_k: int,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Which search serving should use for this catalogue and dimension, by timing both on the
+    build's sample queries at ``n`` neighbours (what a request asks for).
+
+    Exact search has recall 1.0 and costs one pass over the vectors, linear in the catalogue;
+    ANNOY costs about its ``search_k`` node visits. The faster one wins; ``crossing_ads`` is the
+    catalogue size at which exact search would cost what ANNOY costs here (exact time scaled
+    linearly), recorded so a reader sees how far this catalogue is from the switch.
+    """
+    n = min(n, vectors.shape[0])
+    effort = search_effort(search_k, index.get_n_trees(), n)
+    prepared = [as_query(q, metric) for q in queries]
+
+    def per_query_ms(call: Callable[[int], object]) -> float:
+        best = float("inf")
+        for _ in range(repeats):  # best of a few passes: load on the machine only adds time
+            started = time.perf_counter()
+            for i in range(len(queries)):
+                call(i)
+            best = min(best, (time.perf_counter() - started) * 1000.0 / max(len(queries), 1))
+        return best
+
+    exact_ms = per_query_ms(lambda i: exact_search(vectors, queries[i], n))
+    ann_ms = per_query_ms(lambda i: index.get_nns_by_vector(prepared[i], n, search_k=effort))
+    return {
+        "mode": "exact" if exact_ms <= ann_ms else "ann",
+        "n": n,
+        "exact_ms": round(exact_ms, 4),
+        "ann_ms": round(ann_ms, 4),
+        "crossing_ads": int(vectors.shape[0] * ann_ms / exact_ms) if exact_ms > 0 else None,
+    }
 
 
 def search_effort(search_k: int, n_trees: int, n: int) -> int:
@@ -214,6 +269,7 @@ def build_index(
     clicks: Mapping[str, float] | None = None,
     funnel: FunnelParams | None = None,
     check: Callable[[CandidateIndex], dict[str, Any]] | None = None,
+    search_n: int = 500,
 ) -> Path:
     """Build the ANNOY index for one embeddings version and publish it (contracts §5).
 
@@ -232,6 +288,10 @@ def build_index(
     of ``funnel`` (recorded in the manifest, so serving scores exactly as the build was checked).
     ``check`` gets the staged index before it is published and returns numbers for the manifest's
     ``funnel`` section; raising refuses the index (nothing published, CURRENT stays).
+
+    The manifest's ``search`` section records which search serving should use for this
+    catalogue and dimension (:func:`measure_search`, timed at ``search_n`` neighbours): exact
+    where it is faster at recall 1.0, ANNOY beyond the crossing point.
     """
     embeddings = read_embeddings(embeddings_folder)
     ads = embeddings.ads
@@ -278,6 +338,10 @@ def build_index(
             search_k = min(2 * max(search_k, n_trees * k), exhaustive)
             found = ann_top_k(index, queries, k, metric=metric, search_k=search_k)
             recall = recall_at_k(found, exact, ads.vectors, queries)
+        search = measure_search(
+            ads.vectors, index, queries[:SEARCH_TIMING_QUERIES], search_n,
+            metric=metric, search_k=search_k,
+        )  # fmt: skip
         index.unload()
         # Opened the way readers open it: with a catalogue that fits in one leaf, ANNOY's loader
         # counts a different number of roots than were built (1 ad, 100 trees: 201), so the
@@ -300,6 +364,7 @@ def build_index(
                 "search_k_tuned": tune_search_k,
                 "recall_k": k,
                 "ann_recall_at_k": round(recall, 6),
+                "search": search,
                 "inputs": {"embeddings": embeddings.version},
                 "funnel": {
                     **funnel.describe(),
@@ -344,6 +409,13 @@ class CandidateIndex:
     def funnel(self) -> FunnelParams:
         """How serving orders this index's candidates (the manifest's ``funnel`` section)."""
         return FunnelParams.from_manifest(self.manifest)
+
+    @property
+    def measured_search(self) -> Literal["exact", "ann"]:
+        """The search the build measured faster (manifest ``search.mode``); ``ann`` for an index
+        built before the measurement existed."""
+        mode = (self.manifest.get("search") or {}).get("mode", "ann")
+        return "exact" if mode == "exact" else "ann"
 
     @property
     def metric(self) -> Metric:

@@ -22,7 +22,7 @@ the page cache holds one copy for all of them.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,13 +31,17 @@ import numpy as np
 
 from deepclick.publish import read_manifest, resolve
 
-from .index import CandidateIndex, open_index
+from .index import CandidateIndex, exact_search, open_index
 from .store import Embeddings, EmbeddingTable, ids_file, read_embeddings
 
 VectorSource = Literal["request", "table", "fallback"]
 PRIOR_POOL_CAP = 10_000
 """At most this many most clicked ads join a request's prior-ordered pool (k of them do)."""
 CandidateSource = Literal["ann", "popular"]
+SearchMode = Literal["auto", "exact", "ann"]
+"""How the neighbours are found: ``exact`` (a BLAS scan of the mapped ad vectors, recall 1.0),
+``ann`` (ANNOY), or ``auto``: what the index build measured faster for its catalogue and dimension
+(the manifest's ``search.mode``; ``ann`` for an index built before the measurement existed)."""
 
 
 class PairingError(ValueError):
@@ -52,20 +56,108 @@ class Candidate:
     source: CandidateSource
 
 
-@dataclass(frozen=True)
-class CandidateResult:
-    """Candidates, best similarity first, and where the query vector's parts came from."""
+@dataclass(frozen=True, eq=False)
+class QueryParts:
+    """The query's two halves and where they came from, found once per request: the candidate
+    stage sums them, feature assembly reuses the rows and the per-ad similarities."""
 
-    candidates: list[Candidate]
+    user: np.ndarray
+    placement: np.ndarray
+    user_source: VectorSource
+    placement_source: VectorSource
+    user_row: int | None
+    """Row in the users embedding table (None: request or fallback vector)."""
+    placement_row: int | None
+
+    @property
+    def query(self) -> np.ndarray:
+        return (self.user + self.placement).astype(np.float32)
+
+    @property
+    def fallbacks(self) -> tuple[str, ...]:
+        """Entities ("user", "placement") whose fallback vector applies."""
+        sources = (("user", self.user_source), ("placement", self.placement_source))
+        return tuple(name for name, source in sources if source == "fallback")
+
+
+@dataclass(frozen=True, eq=False)
+class CandidateResult:
+    """Candidates, best similarity first, as parallel arrays (no per-candidate objects), and
+    where the query vector's parts came from.
+
+    ``rows`` are rows of the index, which are rows of the ads embedding table (pairing rule);
+    ``keys`` the ads' ids as fixed-width UTF-8 bytes; ``user_ad`` / ``context_ad`` the two halves
+    of ``scores`` (``user·ad``, ``placement·ad``) that the ranker may take as inputs.
+    """
+
+    keys: np.ndarray
+    scores: np.ndarray
+    popular: np.ndarray
+    """True where the candidate came from the popular side (quota or prior pool), not ANN."""
     user_vector_source: VectorSource
     placement_vector_source: VectorSource
     index_version: str = ""
     fallbacks: tuple[str, ...] = field(default=())
     """Entities ("user", "placement") whose fallback vector was used."""
+    rows: np.ndarray | None = None
+    user_ad: np.ndarray | None = None
+    context_ad: np.ndarray | None = None
+    parts: QueryParts | None = None
+
+    @classmethod
+    def from_ids(
+        cls,
+        ad_ids: Sequence[str],
+        scores: Sequence[float],
+        source: CandidateSource,
+        *,
+        user_vector_source: VectorSource = "table",
+        placement_vector_source: VectorSource = "table",
+    ) -> CandidateResult:
+        """A result for a given list of ids (a swapped-in candidate stage; no index rows)."""
+        return cls(
+            keys=np.array([a.encode("utf-8") for a in ad_ids], dtype="S")
+            if ad_ids
+            else np.empty(0, dtype="S1"),
+            scores=np.asarray(scores, dtype=np.float32),
+            popular=np.full(len(ad_ids), source == "popular"),
+            user_vector_source=user_vector_source,
+            placement_vector_source=placement_vector_source,
+        )
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def __eq__(self, other: object) -> bool:
+        """Equal answers: the same candidates in the same order, from the same sources."""
+        if not isinstance(other, CandidateResult):
+            return NotImplemented
+        return (
+            self.candidates == other.candidates
+            and (self.user_vector_source, self.placement_vector_source, self.fallbacks)
+            == (other.user_vector_source, other.placement_vector_source, other.fallbacks)
+            and self.index_version == other.index_version
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def ad_id(self, i: int) -> str:
+        return bytes(self.keys[i]).decode("utf-8")
+
+    def source(self, i: int) -> CandidateSource:
+        return "popular" if self.popular[i] else "ann"
 
     @property
     def ad_ids(self) -> list[str]:
-        return [c.ad_id for c in self.candidates]
+        return [bytes(k).decode("utf-8") for k in self.keys]
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        """The result as objects (for callers outside the request path)."""
+        return [
+            Candidate(self.ad_id(i), float(self.scores[i]), self.source(i))
+            for i in range(len(self))
+        ]
 
 
 def paired_embeddings_folder(index_folder: Path, embeddings_parent: Path) -> Path:
@@ -115,17 +207,25 @@ class CandidateService:
         *,
         popular_quota: float = 0.1,
         search_k: int | None = None,
+        search: SearchMode = "auto",
     ) -> None:
         """``popular_quota`` is the share of ``k`` reserved for popular ads; ``search_k``
-        defaults to the value the index's recall was measured with."""
+        defaults to the value the index's recall was measured with; ``search`` picks exact or
+        ANN neighbours (:data:`SearchMode`)."""
         if not 0.0 <= popular_quota <= 1.0:
             raise ValueError(f"popular_quota must be within [0, 1], got {popular_quota}")
+        if search not in ("auto", "exact", "ann"):
+            raise ValueError(f"search must be auto, exact or ann, got {search!r}")
         check_pairing(index, embeddings)
         self.index = index
         self.embeddings = embeddings
         self.popular_quota = popular_quota
         self.search_k = int(index.manifest.get("search_k", -1) if search_k is None else search_k)
+        self.search_mode: Literal["exact", "ann"] = (
+            index.measured_search if search == "auto" else search
+        )
         self.funnel = index.funnel
+        self._vectors = embeddings.ads.vectors
         self._prior = index.prior if index.prior is not None and self.funnel.prior_weight else None
         # The most clicked rows, the popular half of the prior-ordered pool (capped: a request
         # never needs more than its k of them).
@@ -134,12 +234,17 @@ class CandidateService:
             if self._prior is not None
             else np.empty(0, dtype=np.int64)
         )
-        # Popular ads resolved to rows once: a few hundred per placement, not the whole catalogue.
+        # Popular ads resolved to rows once, each placement's list continued by the overall one
+        # without repeats: a few hundred rows per placement, not the whole catalogue.
         ads = embeddings.ads
-        self._popular_global = _with_rows(index.popular.global_ads, ads)
-        self._popular_by_placement = {
-            p: _with_rows(ad_ids, ads) for p, ad_ids in index.popular.by_placement.items()
-        }
+        overall = ads.rows(index.popular.global_ads)
+        self._popular_global = _first_occurrences(overall[overall >= 0])
+        self._popular_by_placement = {}
+        for placement, ad_ids in index.popular.by_placement.items():
+            own = ads.rows(ad_ids)
+            self._popular_by_placement[placement] = _first_occurrences(
+                np.concatenate([own[own >= 0], self._popular_global])
+            )
 
     @classmethod
     def load(
@@ -149,6 +254,7 @@ class CandidateService:
         *,
         popular_quota: float = 0.1,
         search_k: int | None = None,
+        search: SearchMode = "auto",
         verify_checksums: bool = True,
         prefault: bool = False,
     ) -> CandidateService:
@@ -156,10 +262,29 @@ class CandidateService:
         embeddings = read_embeddings(embeddings_folder, verify_checksums=verify_checksums)
         index = open_index(index_folder, verify_checksums=verify_checksums, prefault=prefault)
         try:
-            return cls(index, embeddings, popular_quota=popular_quota, search_k=search_k)
+            return cls(
+                index, embeddings, popular_quota=popular_quota, search_k=search_k, search=search
+            )
         except Exception:
             index.close()
             raise
+
+    def locate(
+        self,
+        user_id: str | None,
+        placement_id: str | None,
+        *,
+        user_vector: np.ndarray | None = None,
+        placement_vector: np.ndarray | None = None,
+    ) -> QueryParts:
+        """The query's parts, strongest source first: request > table > fallback (one binary
+        search per entity; the caller may hand the result to :meth:`candidates`)."""
+        emb = self.embeddings
+        user, user_src, user_row = self._part(user_vector, emb.users, user_id, emb.fallback_user)
+        placement, placement_src, placement_row = self._part(
+            placement_vector, emb.placements, placement_id, emb.fallback_placement
+        )
+        return QueryParts(user, placement, user_src, placement_src, user_row, placement_row)
 
     def query_vector(
         self,
@@ -170,12 +295,10 @@ class CandidateService:
         placement_vector: np.ndarray | None = None,
     ) -> tuple[np.ndarray, VectorSource, VectorSource]:
         """``user + placement`` vector and the source of each part (request > table > fallback)."""
-        emb = self.embeddings
-        user, user_src = self._part(user_vector, emb.users, user_id, emb.fallback_user)
-        placement, placement_src = self._part(
-            placement_vector, emb.placements, placement_id, emb.fallback_placement
+        parts = self.locate(
+            user_id, placement_id, user_vector=user_vector, placement_vector=placement_vector
         )
-        return (user + placement).astype(np.float32), user_src, placement_src
+        return parts.query, parts.user_source, parts.placement_source
 
     def _part(
         self,
@@ -183,7 +306,7 @@ class CandidateService:
         table: EmbeddingTable,
         entity_id: str | None,
         fallback: np.ndarray,
-    ) -> tuple[np.ndarray, VectorSource]:
+    ) -> tuple[np.ndarray, VectorSource, int | None]:
         if given is not None:
             vector = np.asarray(given, dtype=np.float32)
             if vector.shape != (self.embeddings.dim,):
@@ -191,11 +314,18 @@ class CandidateService:
                     f"{table.name} vector from the request must have shape "
                     f"({self.embeddings.dim},), got {vector.shape}"
                 )
-            return vector, "request"
+            return vector, "request", None
         row = table.row(entity_id) if entity_id is not None else None
         if row is None:
-            return fallback, "fallback"
-        return np.asarray(table.vectors[row]), "table"
+            return fallback, "fallback", None
+        return np.asarray(table.vectors[row]), "table", row
+
+    def neighbours(self, query: np.ndarray, n: int) -> np.ndarray:
+        """Rows of about the ``n`` best ``query·ad``, best first: exact (every ad scored with one
+        BLAS matrix-vector product over the mapped vectors) or ANNOY, per :attr:`search_mode`."""
+        if self.search_mode == "exact":
+            return exact_search(self._vectors, query, n)
+        return np.asarray(self.index.search(query, n, self.search_k), dtype=np.int64)
 
     def candidates(
         self,
@@ -205,108 +335,125 @@ class CandidateService:
         exclude: Collection[str] = (),
         user_vector: np.ndarray | None = None,
         placement_vector: np.ndarray | None = None,
+        *,
+        parts: QueryParts | None = None,
     ) -> CandidateResult:
         """Up to ``k`` distinct ads (exactly ``k`` when the catalogue minus ``exclude`` has that
         many): ``k * popular_quota`` (rounded half up) popular ads for the placement that ANN did
         not already find, the rest nearest neighbours; gaps in either are filled from the other.
-        Best ``query·ad`` first."""
+        Best ``query·ad`` first. ``parts`` (from :meth:`locate`) skips the entity lookup."""
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
-        query, user_src, placement_src = self.query_vector(
-            user_id, placement_id, user_vector=user_vector, placement_vector=placement_vector
-        )
-        banned = set(exclude)
-        picked: dict[int, CandidateSource] = {}  # row -> source, insertion-ordered
+        if parts is None:
+            parts = self.locate(
+                user_id, placement_id, user_vector=user_vector, placement_vector=placement_vector
+            )
+        query = parts.query
+        banned = self._banned_rows(exclude)
         n_items = len(self.index)
-        own = self._popular_by_placement.get(placement_id, ()) if placement_id else ()
-        popular = own + self._popular_global  # the placement's list, continued by the overall one
+        popular = self._popular_by_placement.get(placement_id, self._popular_global)
         quota = min(k, int(k * self.popular_quota + 0.5))  # half up, unlike round()
         explore = min(k - quota, int(k * self.funnel.explore_share + 0.5))
 
-        def take_ann(rows: list[int], limit: int) -> None:
-            for row in rows:
-                if len(picked) >= limit:
-                    return
-                if row not in picked and not (banned and self.index_id(row) in banned):
-                    picked[row] = "ann"
-
-        def take_popular(limit: int) -> None:
-            for ad, row in popular:
-                if len(picked) >= limit:
-                    return
-                if row not in picked and ad not in banned:
-                    picked[row] = "popular"
-
-        want = min(n_items, k + len(banned))
-        rows = self.index.search(query, want, self.search_k) if k else []
+        want = min(n_items, k + len(set(exclude)))
+        found = self.neighbours(query, want) if k else np.empty(0, dtype=np.int64)
+        picked = _Picked(banned)
+        if self._prior is not None:
+            self._take_by_prior(query, found, k, k - quota - explore, picked)
 
         def fill_ann(limit: int) -> None:
             """Take neighbours up to ``limit``; ANNOY may return fewer than asked (search_k,
             exclusions), so widen the search until the limit is met or every ad was seen."""
-            nonlocal rows, want
-            take_ann(rows, limit)
+            nonlocal found, want
+            picked.take(found, limit, popular=False)
             while len(picked) < limit and want < n_items:
                 want = min(n_items, want * 2)
-                rows = self.index.search(query, want, self.search_k)
-                take_ann(rows, limit)
+                found = self.neighbours(query, want)
+                picked.take(found, limit, popular=False)
 
-        if self._prior is not None:
-            self._take_by_prior(query, rows, k, k - quota - explore, banned, picked)
         fill_ann(k - quota)
-        take_popular(k)
+        picked.take(popular, k, popular=True)
         fill_ann(k)
 
-        chosen = np.fromiter(picked, dtype=np.int64, count=len(picked))
-        scores = (np.asarray(self.embeddings.ads.vectors[chosen]) @ query).tolist()
-        result = sorted(
-            (
-                Candidate(self.index_id(row), score, source)
-                for (row, source), score in zip(picked.items(), scores, strict=True)
-            ),
-            key=lambda c: -c.score,
-        )
+        rows, from_popular = picked.arrays()
+        vectors = np.asarray(self._vectors[rows], dtype=np.float32)
+        scores = vectors @ query
+        order = np.argsort(-scores, kind="stable")
+        vectors = vectors[order]
+        rows = rows[order]
         return CandidateResult(
-            candidates=result,
-            user_vector_source=user_src,
-            placement_vector_source=placement_src,
+            keys=self.index.ad_ids[rows],
+            scores=scores[order],
+            popular=from_popular[order],
+            user_vector_source=parts.user_source,
+            placement_vector_source=parts.placement_source,
             index_version=str(self.index.manifest.get("version", "")),
-            fallbacks=tuple(
-                name
-                for name, src in (("user", user_src), ("placement", placement_src))
-                if src == "fallback"
-            ),
+            fallbacks=parts.fallbacks,
+            rows=rows,
+            user_ad=vectors @ np.asarray(parts.user, dtype=np.float32),
+            context_ad=vectors @ np.asarray(parts.placement, dtype=np.float32),
+            parts=parts,
         )
 
+    def _banned_rows(self, exclude: Collection[str]) -> np.ndarray:
+        """Rows of the excluded ids that the catalogue holds (unknown ids exclude nothing)."""
+        if not exclude:
+            return np.empty(0, dtype=np.int64)
+        rows = self.embeddings.ads.rows(list(exclude))
+        return np.unique(rows[rows >= 0])
+
     def _take_by_prior(
-        self,
-        query: np.ndarray,
-        neighbours: list[int],
-        k: int,
-        limit: int,
-        banned: set[str],
-        picked: dict[int, CandidateSource],
+        self, query: np.ndarray, neighbours: np.ndarray, k: int, limit: int, picked: _Picked
     ) -> None:
         """Add up to ``limit`` rows with the best ``query·ad + weight · prior`` from the pool of
         the neighbours and the ``k`` most clicked ads (exact over the pool: the prior moves ads
         that ANNOY, searching by similarity, would not return)."""
         if limit <= 0:
             return
-        popular = self._prior_top[:k]
-        pool = np.unique(np.concatenate([np.asarray(neighbours, dtype=np.int64), popular]))
-        scores = np.asarray(self.embeddings.ads.vectors[pool]) @ query
+        pool = np.unique(np.concatenate([neighbours, self._prior_top[:k]]))
+        scores = np.asarray(self._vectors[pool]) @ query
         scores = scores + self.funnel.prior_weight * self._prior[pool]
-        from_ann = set(neighbours)
-        for i in np.argsort(-scores, kind="stable"):
-            if len(picked) >= limit:
-                return
-            row = int(pool[i])
-            if row not in picked and not (banned and self.index_id(row) in banned):
-                picked[row] = "ann" if row in from_ann else "popular"
+        ordered = pool[np.argsort(-scores, kind="stable")]
+        picked.take(ordered, limit, popular=~np.isin(ordered, neighbours))
 
     def index_id(self, row: int) -> str:
         return bytes(self.index.ad_ids[row]).decode("utf-8")
 
 
-def _with_rows(ad_ids: tuple[str, ...], ads: EmbeddingTable) -> tuple[tuple[str, int], ...]:
-    """Popular ids paired with their rows; ids missing from the catalogue are dropped."""
-    return tuple((ad, row) for ad in ad_ids if (row := ads.row(ad)) is not None)
+class _Picked:
+    """The rows chosen so far, in order, with their source: array appends, no per-row Python."""
+
+    def __init__(self, banned: np.ndarray) -> None:
+        self.banned = banned
+        self.rows: list[np.ndarray] = []
+        self.popular: list[np.ndarray] = []
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def take(self, rows: np.ndarray, limit: int, *, popular: bool | np.ndarray) -> None:
+        """Append the first rows of ``rows`` not yet taken nor banned until ``limit`` are held
+        (``rows`` hold no repeats)."""
+        room = limit - self.count
+        if room <= 0 or not len(rows):
+            return
+        keep = ~np.isin(rows, self.banned) if len(self.banned) else np.ones(len(rows), bool)
+        if self.rows:
+            keep &= ~np.isin(rows, np.concatenate(self.rows))
+        chosen = np.flatnonzero(keep)[:room]
+        self.rows.append(rows[chosen])
+        source = np.broadcast_to(np.asarray(popular), rows.shape)
+        self.popular.append(source[chosen])
+        self.count += len(chosen)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.rows:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=bool)
+        return np.concatenate(self.rows).astype(np.int64), np.concatenate(self.popular)
+
+
+def _first_occurrences(rows: np.ndarray) -> np.ndarray:
+    """``rows`` without repeats, first occurrence kept, order kept."""
+    _, first = np.unique(rows, return_index=True)
+    return rows[np.sort(first)].astype(np.int64)

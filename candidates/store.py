@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from deepclick.publish import publishing, read_manifest, verify
+from deepclick.sorted_ids import sorted_rows
 
 ENTITIES = ("users", "placements", "ads")
 FALLBACK_ENTITIES = ("user", "placement")
@@ -71,13 +72,12 @@ class EmbeddingTable:
 
     def row(self, entity_id: str) -> int | None:
         """Row of ``entity_id`` or None; a binary search over the mapped ids (O(log n), no dict)."""
-        raw = entity_id.encode("utf-8")
-        if not raw or len(raw) > self.ids.dtype.itemsize or b"\x00" in raw:
-            return None
-        pos = int(np.searchsorted(self.ids, raw))
-        if pos < len(self) and self.ids[pos] == raw:
-            return pos
-        return None
+        row = int(self.rows([entity_id])[0])
+        return None if row < 0 else row
+
+    def rows(self, entity_ids: Sequence[str]) -> np.ndarray:
+        """Row of each id, -1 when absent (one vectorised binary search)."""
+        return sorted_rows(self.ids, [str(i).encode("utf-8") for i in entity_ids])
 
     def vector(self, entity_id: str) -> np.ndarray | None:
         row = self.row(entity_id)

@@ -265,6 +265,19 @@ class ServingSettings(_Section):
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, description="requests with more header bytes get 431"
     )
+    batch_max_rows: int = Field(
+        0, ge=0, description="micro-batching: requests reaching the ranker together are scored "
+        "in one call of at most this many candidate rows (0: off, each request alone)",
+    )  # fmt: skip
+    batch_max_wait_ms: float = Field(
+        0.0, ge=0, description="micro-batching: how long the first request of a batch waits for "
+        "others (0: none; requests that arrive during a call join the next one)",
+    )  # fmt: skip
+    candidate_search: Literal["auto", "exact", "ann"] = Field(
+        "auto", description="neighbour search of the candidate stage: exact (a BLAS scan, "
+        "recall 1.0), ann (ANNOY), or auto: the one the index build measured faster for its "
+        "catalogue and dimension (manifest search.mode)",
+    )  # fmt: skip
 
 
 class MlflowSettings(_Section):

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from candidates.service import Candidate, CandidateResult
+from candidates.service import CandidateResult
 from models.evaluation.peers import LOGISTIC, Peer, Peers, inputs_frame
 from models.evaluation.replay import (
     ORACLE,
@@ -177,11 +177,7 @@ class FixedCandidates:
         excluded = set(exclude)
         ads = [a for a in self.lists(placement_id or "") if a not in excluded][:k]
         n = len(ads)
-        return CandidateResult(
-            candidates=[Candidate(a, float(n - i), "popular") for i, a in enumerate(ads)],
-            user_vector_source="table",
-            placement_vector_source="table",
-        )
+        return CandidateResult.from_ids(ads, [float(n - i) for i in range(n)], "popular")
 
 
 class PeerBackend:

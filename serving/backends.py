@@ -103,7 +103,7 @@ class RankerBackend(ABC):
         if n == 0:
             return np.zeros(0, dtype=np.float32)
         inputs = signature_inputs(self.signature, common, candidates, n)
-        scores = self._call(inputs, self.timeout_s if timeout_s is None else timeout_s)
+        scores = self.call(inputs, self.timeout_s if timeout_s is None else timeout_s)
         scores = np.asarray(scores, dtype=np.float32).reshape(-1)
         if scores.shape != (n,) or not np.all((scores >= 0.0) & (scores <= 1.0)):
             raise RankerError(
@@ -112,9 +112,16 @@ class RankerBackend(ABC):
             )
         return scores
 
+    def call(
+        self, inputs: dict[str, np.ndarray], timeout_s: float, *, signature: str | None = None
+    ) -> np.ndarray:
+        """The raw ``pctr`` array for ``inputs`` already in ``signature``'s form (default: the
+        configured one); the batcher sends ``serving_default`` rows of several requests."""
+        return self._call(inputs, timeout_s, signature or self.signature)
+
     @abstractmethod
-    def _call(self, inputs: dict[str, np.ndarray], timeout_s: float) -> np.ndarray:
-        """Implementers send ``inputs`` with ``self.signature`` and return the ``pctr`` array,
+    def _call(self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str) -> np.ndarray:
+        """Implementers send ``inputs`` with ``signature`` and return the ``pctr`` array,
         raising RankerTimeout or RankerError."""
         raise NotImplementedError("Implementers must implement _call")
 
@@ -140,8 +147,8 @@ class InProcessBackend(RankerBackend):
         # at their deadline cannot pile up without limit.
         self._pool = ThreadPoolExecutor(settings.inprocess_pool, thread_name_prefix="ranker")
 
-    def _call(self, inputs: dict[str, np.ndarray], timeout_s: float) -> np.ndarray:
-        future = self._pool.submit(self.predictor.predict, inputs, self.signature)
+    def _call(self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str) -> np.ndarray:
+        future = self._pool.submit(self.predictor.predict, inputs, signature)
         try:
             return future.result(timeout=timeout_s)
         except FutureTimeout:
@@ -240,11 +247,11 @@ class GrpcBackend(RankerBackend):
         self.target = settings.target
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc_channel(self.target))
 
-    def _request(self, inputs: dict[str, np.ndarray]) -> Any:
+    def _request(self, inputs: dict[str, np.ndarray], signature: str) -> Any:
         request = self._request_type()
         request.model_spec.name = self.ranker.model_name
         request.model_spec.version.value = int(self.ranker.version)
-        request.model_spec.signature_name = self.signature
+        request.model_spec.signature_name = signature
         request.output_filter.append(OUTPUT)
         for name, values in inputs.items():
             tensor = request.inputs[name]
@@ -257,8 +264,8 @@ class GrpcBackend(RankerBackend):
                 tensor.tensor_content = np.ascontiguousarray(values, dtype="<f4").tobytes()
         return request
 
-    def _call(self, inputs: dict[str, np.ndarray], timeout_s: float) -> np.ndarray:
-        request = self._request(inputs)
+    def _call(self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str) -> np.ndarray:
+        request = self._request(inputs, signature)
         try:
             response = self._stub.Predict(request, timeout=timeout_s)
         except self._grpc.RpcError as exc:
@@ -292,9 +299,9 @@ class RestBackend(RankerBackend):
         self._client = http_client(self.target)
         self.url = f"/v1/models/{ranker.model_name}/versions/{ranker.version}:predict"
 
-    def _call(self, inputs: dict[str, np.ndarray], timeout_s: float) -> np.ndarray:
+    def _call(self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str) -> np.ndarray:
         body = {
-            "signature_name": self.signature,
+            "signature_name": signature,
             "inputs": {
                 name: [v.decode("utf-8") for v in values.tolist()]
                 if values.dtype.kind == "S"

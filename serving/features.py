@@ -38,6 +38,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from candidates.service import CandidateResult, QueryParts
+from deepclick.sorted_ids import sorted_rows
 from models.feature_spec import ROLE_KEY, Feature, FeatureSpec
 from models.ranker.inputs import SIMILARITY_INPUTS, NumericStats
 
@@ -180,21 +182,6 @@ class EntityTable:
         return None if row < 0 else row
 
 
-def sorted_rows(ids: np.ndarray, keys: Sequence[bytes]) -> np.ndarray:
-    """Row of each UTF-8 ``key`` in the sorted fixed-width ``ids``, -1 when absent. Keys longer
-    than the width (or empty, or with NUL) cannot be stored ids, so they are never found."""
-    out = np.full(len(keys), -1, dtype=np.int64)
-    if not len(ids) or not keys:
-        return out
-    width = ids.dtype.itemsize
-    fits = np.array([0 < len(k) <= width and b"\x00" not in k for k in keys])
-    probe = np.array(keys, dtype=ids.dtype)  # over-long keys are truncated; `fits` masks them
-    pos = np.minimum(np.searchsorted(ids, probe), len(ids) - 1)
-    found = fits & (ids[pos] == probe)
-    out[found] = pos[found]
-    return out
-
-
 # --------------------------------------------------------------------------- ranker inputs
 
 
@@ -322,6 +309,12 @@ class FeatureAssembler:
             n for n in inputs.dtypes if n in self._features and self._features[n].request_time
         ]
         self._no_ad = np.zeros(int(embeddings.dim), dtype=np.float32)
+        # Embeddings (= index) row -> ads table row, once: None when both hold the same ids.
+        ad_ids = self.tables["ad"].ids
+        same = len(ad_ids) == len(embeddings.ads.ids) and bool(
+            np.array_equal(ad_ids, embeddings.ads.ids)
+        )
+        self._ad_rows = None if same else sorted_rows(ad_ids, np.asarray(embeddings.ads.ids))
 
     # ---- request validation
 
@@ -375,13 +368,25 @@ class FeatureAssembler:
 
     # ---- lookup and gather
 
-    def lookup(self, user_id: str, placement_id: str) -> EntityLookup:
+    def lookup(
+        self, user_id: str, placement_id: str, parts: QueryParts | None = None
+    ) -> EntityLookup:
+        """Rows of the request's user and placement; ``parts`` (the candidate stage's
+        :meth:`~candidates.service.CandidateService.locate`) supplies the embedding rows it
+        already found, so each table is searched once per request."""
         e = self.embeddings
+        if parts is not None and "request" not in (parts.user_source, parts.placement_source):
+            user_vector_row, placement_vector_row = parts.user_row, parts.placement_row
+        else:
+            user_vector_row, placement_vector_row = (
+                e.users.row(user_id),
+                e.placements.row(placement_id),
+            )
         return EntityLookup(
             user_row=self.tables["user"].row(user_id),
             placement_row=self.tables["context"].row(placement_id),
-            user_vector_row=e.users.row(user_id),
-            placement_vector_row=e.placements.row(placement_id),
+            user_vector_row=user_vector_row,
+            placement_vector_row=placement_vector_row,
         )
 
     def _role_values(
@@ -414,7 +419,7 @@ class FeatureAssembler:
         self,
         user_id: str,
         placement_id: str,
-        ad_ids: Sequence[str],
+        ad_ids: Sequence[str] | CandidateResult,
         *,
         lookup: EntityLookup,
         request_time: dt.datetime | None = None,
@@ -422,7 +427,12 @@ class FeatureAssembler:
         context_features: Mapping[str, Any] | None = None,
     ) -> Gathered:
         """The ``rank`` request for ``ad_ids``; request features must be pre-validated with
-        :meth:`check_request_features` (already encoded)."""
+        :meth:`check_request_features` (already encoded).
+
+        Given the candidate stage's :class:`~candidates.service.CandidateResult`, the ads are its
+        integer rows (index row = embeddings row, mapped once at load to the ads table's rows)
+        and the similarity inputs are the halves of the score it already computed: no id is
+        decoded, searched or re-scored here."""
         fallbacks: list[str] = []
         known: dict[str, Any] = {
             ROLE_KEY["user"]: user_id.encode("utf-8"),
@@ -444,20 +454,32 @@ class FeatureAssembler:
                 common[name] = np.array([value], dtype=np.float32)
 
         n = len(ad_ids)
-        keys = [a.encode("utf-8") for a in ad_ids]  # once: ads table, vectors and the ad_id input
         ads = self.tables["ad"]
-        rows = sorted_rows(ads.ids, keys)
+        sims: dict[str, np.ndarray] = {}
+        if isinstance(ad_ids, CandidateResult) and ad_ids.rows is not None:
+            keys = ad_ids.keys
+            rows = ad_ids.rows if self._ad_rows is None else self._ad_rows[ad_ids.rows]
+            if self.inputs.uses_similarity and _same_vectors(ad_ids, lookup):
+                sims = {
+                    SIMILARITY_INPUTS[0]: np.asarray(ad_ids.user_ad, dtype=np.float32),
+                    SIMILARITY_INPUTS[1]: np.asarray(ad_ids.context_ad, dtype=np.float32),
+                }
+        else:
+            raw = ad_ids.keys if isinstance(ad_ids, CandidateResult) else ad_ids
+            keys = np.array([k if isinstance(k, bytes) else k.encode("utf-8") for k in raw], "S")
+            rows = sorted_rows(ads.ids, keys)
         missing = rows < 0
         if missing.any():
             fallbacks.append("ad_features_default")
         safe = np.maximum(rows, 0)
         candidates: dict[str, np.ndarray] = {}
-        sims = self._similarity(lookup, keys) if self.inputs.uses_similarity else {}
+        if self.inputs.uses_similarity and not sims:
+            sims = self._similarity(lookup, keys)
         for name in self.inputs.candidates:
             if name in sims:
                 candidates[name] = sims[name]
             elif name == ROLE_KEY["ad"]:
-                candidates[name] = np.array(keys, dtype="S")
+                candidates[name] = keys
             elif name in ads.columns and len(ads):
                 column = ads.columns[name][safe]
                 if missing.any():  # np.where widens S<n> if the default is longer
@@ -469,7 +491,7 @@ class FeatureAssembler:
                 candidates[name] = np.repeat(np.array([self._defaults[name]]), n)
         return Gathered(common, candidates, tuple(fallbacks))
 
-    def _similarity(self, lookup: EntityLookup, keys: Sequence[bytes]) -> dict[str, np.ndarray]:
+    def _similarity(self, lookup: EntityLookup, keys: np.ndarray) -> dict[str, np.ndarray]:
         """``user·ad`` and ``context·ad`` per candidate (fallback vectors for unknown entities)."""
         e = self.embeddings
         user = (
@@ -482,7 +504,7 @@ class FeatureAssembler:
             if lookup.placement_vector_row is None
             else np.asarray(e.placements.vectors[lookup.placement_vector_row])
         )
-        if not keys:
+        if not len(keys):
             empty = np.zeros(0, dtype=np.float32)
             return {SIMILARITY_INPUTS[0]: empty, SIMILARITY_INPUTS[1]: empty}
         rows = sorted_rows(e.ads.ids, keys)
@@ -492,3 +514,17 @@ class FeatureAssembler:
             SIMILARITY_INPUTS[0]: (vectors @ user).astype(np.float32),
             SIMILARITY_INPUTS[1]: (vectors @ place).astype(np.float32),
         }
+
+
+def _same_vectors(found: CandidateResult, lookup: EntityLookup) -> bool:
+    """Whether the candidate stage scored with the vectors the similarity inputs take: the
+    table rows of ``lookup`` (or the fallbacks), not vectors a request supplied."""
+    parts = found.parts
+    return (
+        parts is not None
+        and found.user_ad is not None
+        and found.context_ad is not None
+        and "request" not in (parts.user_source, parts.placement_source)
+        and (parts.user_row, parts.placement_row)
+        == (lookup.user_vector_row, lookup.placement_vector_row)
+    )

@@ -13,8 +13,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from candidates.service import QueryParts
 
 from .backends import RankerError, RankerTimeout
 from .features import RequestFieldError
@@ -66,22 +69,22 @@ def rank(
     context_features = features.check_request_features(
         "context", request.context_features, "context_features"
     )
-    lookup = features.lookup(request.user_id, request.placement_id)
+    # One lookup per request: the candidate stage's rows are reused by feature assembly.
+    parts = locate(release.candidates, request.user_id, request.placement_id)
+    lookup = features.lookup(request.user_id, request.placement_id, parts)
     t_lookup = clock()
 
     k = request.num_candidates or limits.default_candidates
     found = release.candidates.candidates(
-        request.user_id, request.placement_id, k, exclude=request.exclude_ad_ids
+        request.user_id, request.placement_id, k, exclude=request.exclude_ad_ids, parts=parts
     )
-    candidates = found.candidates
     fallbacks = [f"{entity}_vector" for entity in found.fallbacks]
     t_retrieve = clock()
 
     degraded, reason = False, None
-    ad_ids = [c.ad_id for c in candidates]
-    retrieval = np.fromiter((c.score for c in candidates), dtype=np.float64, count=len(candidates))
+    retrieval = np.asarray(found.scores, dtype=np.float64)
     pctr: np.ndarray | None = None
-    if not candidates:
+    if not len(found):
         reason = "no candidates: every ad of the catalogue was excluded or none is indexed"
         fallbacks.append("empty_candidates")
         t_features = t_predict = clock()
@@ -89,7 +92,7 @@ def rank(
         gathered = features.gather(
             request.user_id,
             request.placement_id,
-            ad_ids,
+            found,
             lookup=lookup,
             request_time=request.request_time,
             user_features=user_features,
@@ -113,13 +116,13 @@ def rank(
     keys = retrieval if pctr is None else pctr.astype(np.float64)
     # Highest first; ties broken by retrieval score, then by the retrieval order (stable).
     order = np.lexsort((-retrieval, -keys))[: request.num_ads]
-    ads = [
+    ads = [  # ids decoded only for the ads answered
         RankedAd(
-            ad_id=ad_ids[i],
+            ad_id=found.ad_id(i),
             pctr=None if pctr is None else float(pctr[i]),
             score=float(keys[i]),
             retrieval_score=float(retrieval[i]),
-            source=candidates[i].source,
+            source=found.source(i),
         )
         for i in order
     ]
@@ -127,7 +130,7 @@ def rank(
 
     for kind in fallbacks:
         metrics.fallbacks.labels(kind).inc()
-    metrics.candidates.observe(len(candidates))
+    metrics.candidates.observe(len(found))
     stages = {
         "lookup": t_lookup - started,
         "retrieve": t_retrieve - t_lookup,
@@ -142,9 +145,15 @@ def rank(
         ads=ads,
         versions=ReleaseVersions(**release.versions),
         backend=release.backend.kind,
-        candidates_considered=len(candidates),
+        candidates_considered=len(found),
         fallbacks=fallbacks,
         degraded=degraded,
         reason=reason,
         timings_ms=StageTimings(**{k: round(v * 1000.0, 3) for k, v in stages.items()}),
     )
+
+
+def locate(service: Any, user_id: str, placement_id: str) -> QueryParts | None:
+    """The candidate stage's query parts, when it can say them (a swapped-in candidate stage,
+    e.g. the replay's fixed lists, cannot: feature assembly then looks the rows up itself)."""
+    return service.locate(user_id, placement_id) if hasattr(service, "locate") else None

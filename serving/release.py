@@ -64,6 +64,7 @@ from models.feature_spec import (
 from models.ranker.inputs import SIMILARITY_INPUTS
 
 from .backends import RankerBackend, RankerError, RankerRef, create_backend
+from .batching import BatchingBackend
 from .features import (
     EntityTable,
     EntityTableError,
@@ -429,7 +430,10 @@ def load_release(
         raise ReleaseError(f"{where}: {exc}") from None
     try:
         service = CandidateService.load(
-            index_folder, embeddings_folder, popular_quota=index_settings.popular_quota
+            index_folder,
+            embeddings_folder,
+            popular_quota=index_settings.popular_quota,
+            search=serving.candidate_search,
         )
     except (PairingError, IntegrityError, NotPublishedError, ValueError, OSError) as exc:
         raise ReleaseError(f"{where}: {exc}") from None
@@ -461,6 +465,10 @@ def load_release(
         backend = create_backend(ref, predictor)
     except (OSError, ValueError, RankerError) as exc:
         raise ReleaseError(f"{where}: the ranker cannot be loaded: {exc}") from None
+    if serving.batch_max_rows:
+        backend = BatchingBackend(
+            backend, max_rows=serving.batch_max_rows, max_wait_ms=serving.batch_max_wait_ms
+        )
     version = str(release.get("version", folder.name))
     try:
         probe = _probe_request(service, assembler, serving)

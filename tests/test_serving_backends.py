@@ -179,3 +179,49 @@ def test_unknown_backend_is_refused(world: World) -> None:
     settings = PredictorSettings.model_construct(backend="carrier-pigeon", signature="rank")
     with pytest.raises(ValueError, match="unknown predictor backend 'carrier-pigeon'"):
         create_backend(_ref(world), settings)
+
+
+def test_batched_path_gives_the_rankings_of_the_one_request_path(loaded: LoadedRelease) -> None:
+    """Micro-batching (issue 14, item 4): concurrent requests scored in shared
+    ``serving_default`` calls rank every request's ads as the one-request ``rank`` call does."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.batching import BatchingBackend
+    from serving.metrics import ServingMetrics
+    from serving.ranking import RankLimits, rank
+    from serving.schemas import RankRequest
+
+    requests = [
+        RankRequest(user_id=u, placement_id=p, num_ads=50, num_candidates=200)
+        for u, p in (("u00010", "p003"), ("u00002", "p001"), ("new-user", "p000"),
+                     ("u00031", "new-place"), ("u00007", "p002"), ("u00019", "p003"))
+    ]  # fmt: skip
+    limits = RankLimits(200, 500, 0, timeout_s=30.0)
+    metrics = ServingMetrics()
+    alone = [rank(loaded, r, limits, metrics) for r in requests]
+    batcher = BatchingBackend(loaded.backend, max_rows=2000, max_wait_ms=200.0)
+    batched_release = dataclasses.replace(loaded, backend=batcher)
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda r: rank(batched_release, r, limits, metrics), requests))
+    assert batcher.batched_requests == len(requests) and batcher.batches < len(requests)
+    for one, many in zip(alone, together, strict=True):
+        assert not one.degraded and not many.degraded
+        assert [a.ad_id for a in many.ads] == [a.ad_id for a in one.ads]
+        np.testing.assert_allclose(
+            [a.pctr for a in many.ads], [a.pctr for a in one.ads], rtol=1e-4, atol=1e-6
+        )
+
+
+def test_batcher_refuses_bad_settings_and_passes_a_lone_request_through(
+    loaded: LoadedRelease, request_300: Gathered
+) -> None:
+    from serving.batching import BatchingBackend
+
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        BatchingBackend(loaded.backend, max_rows=0)
+    batcher = BatchingBackend(loaded.backend, max_rows=1000)
+    got = batcher.predict(request_300.common, request_300.candidates, timeout_s=30)
+    want = loaded.backend.predict(request_300.common, request_300.candidates, timeout_s=30)
+    np.testing.assert_array_equal(got, want)  # alone: the backend's own signature, same call
+    assert (batcher.batches, batcher.batched_requests) == (1, 1)

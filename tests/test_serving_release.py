@@ -273,3 +273,28 @@ def test_frame_of_entities_matches_parquet_for_users(world: World) -> None:
         assert users.columns["user__hist_clicks"][row] == pytest.approx(
             frame.loc[user, "user__hist_clicks"]
         )
+
+
+def test_candidate_rows_feed_feature_assembly_without_decoding_ids(loaded: LoadedRelease) -> None:
+    """One request assembly (issue 13 item 4): the candidate stage's integer rows are rows of the
+    index, the embeddings and (mapped) the ads table, and gathering from them gives exactly the
+    inputs that gathering from the decoded ad ids gives."""
+    service, assembler = loaded.candidates, loaded.features
+    for user, placement in (("u00010", "p003"), ("new-user", "p001"), ("u00002", "new-place")):
+        parts = service.locate(user, placement)
+        found = service.candidates(user, placement, 200, parts=parts)
+        assert found.rows is not None and found.rows.dtype == np.int64 and len(found) == 200
+        np.testing.assert_array_equal(service.index.ad_ids[found.rows], found.keys)
+        np.testing.assert_array_equal(service.embeddings.ads.ids[found.rows], found.keys)
+        np.testing.assert_allclose(found.user_ad + found.context_ad, found.scores, atol=1e-3)
+        lookup = assembler.lookup(user, placement, parts)
+        assert lookup == assembler.lookup(user, placement)  # the rows the tables hold
+        by_rows = assembler.gather(user, placement, found, lookup=lookup)
+        by_ids = assembler.gather(user, placement, found.ad_ids, lookup=lookup)
+        assert by_rows.fallbacks == by_ids.fallbacks
+        assert by_rows.candidates.keys() == by_ids.candidates.keys()
+        for name, values in by_ids.candidates.items():
+            if values.dtype.kind == "S":
+                assert by_rows.candidates[name].tolist() == values.tolist(), name
+            else:
+                np.testing.assert_allclose(by_rows.candidates[name], values, rtol=1e-6)

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from deepclick.sorted_ids import sorted_rows
+
 CHUNK = 65_536
 """Rows scored at once, bounding the memory of gathered vectors on large training sets."""
 
@@ -27,17 +29,10 @@ class _Table(Protocol):
 
 
 def lookup_rows(table: _Table, ids: np.ndarray) -> np.ndarray:
-    """Row of each id in a sorted fixed-width id table, or -1 when absent (vectorised binary
-    search, the same rule as ``EmbeddingTable.row``)."""
-    width = table.ids.dtype.itemsize
+    """Row of each id in a sorted fixed-width id table, or -1 when absent (the one rule of
+    ``deepclick.sorted_ids``)."""
     encoded = np.char.encode(np.asarray(ids, dtype=str), "utf-8")
-    fits = np.char.str_len(encoded) <= width
-    keys = encoded.astype(table.ids.dtype)  # truncates over-long ids; `fits` masks them
-    if len(table.ids) == 0:
-        return np.full(keys.shape, -1, dtype=np.int64)
-    pos = np.minimum(np.searchsorted(table.ids, keys), len(table.ids) - 1)
-    found = fits & (table.ids[pos] == keys) & (np.char.str_len(encoded) > 0)
-    return np.where(found, pos, -1).astype(np.int64)
+    return sorted_rows(table.ids, encoded)
 
 
 def _gather(table: _Table, ids: np.ndarray, fallback: np.ndarray) -> np.ndarray:
