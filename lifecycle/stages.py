@@ -35,17 +35,21 @@ from deepclick.publish import (
     version_for,
 )
 from deepclick.settings import Settings
+from lifecycle.gate import (
+    EARLIER_CHAMPION,
+    SAME_DAY,
+    champion_basis,
+    decide,
+    recall_metric,
+    recorded_champion_metrics,
+)
 from lifecycle.registry import (
     PROMOTED,
     REFUSED,
-    Check,
-    GateResult,
     ModelKind,
     append_decision,
     current_champion,
     find_decision,
-    judge,
-    recall_metric,
     registry_dir,
 )
 from lifecycle.tracking import numeric
@@ -584,9 +588,9 @@ def replay_challenger(ctx: DayContext, out: Path, peers: Any | None) -> dict[str
     """Combine D's challenger into a release that is never served (``<root>/challengers/<D>``)
     and replay D's requests through it (``lifecycle/replay.py``): against the truth on generated
     data, the funnel recall elsewhere. The section is appended to ``ranking/report.md``."""
+    from lifecycle.release_writer import publish_release
     from lifecycle.replay import render_funnel_markdown, replay_day
     from models.evaluation.replay import render_replay_markdown
-    from serving.release import publish_release
 
     settings = ctx.settings
     folder = publish_release(
@@ -777,20 +781,11 @@ def _gate_run(ctx: DayContext) -> Outcome:
     challenger = dict(evaluation.get("metrics", {}))
     champion = current_champion(settings)
     with publishing(ctx.gate.parent, ctx.version, update_current=False) as staging:
-        champion_metrics: dict[str, float] | None = None
-        if champion is None:
-            result = judge(challenger, None, settings.lifecycle)
-        elif dt.date.fromisoformat(champion["date"]) > ctx.date:
-            rule = (
-                f"a champion built for {champion['date']} (after {ctx.date}) is serving; a model "
-                "of an earlier day is never promoted over it"
-            )
-            result = GateResult(False, (Check("champion_date", False, None, None, rule),), True)
-        elif champion["date"] == ctx.date.isoformat():
-            # The champion was itself judged on D: its numbers on D are on record.
-            champion_metrics = dict(champion.get("metrics", {}).get("challenger", {}))
-            result = judge(challenger, champion_metrics, settings.lifecycle)
-        else:
+        champion_metrics: dict[str, Any] | None = None
+        basis = champion_basis(champion, ctx.date)
+        if basis == SAME_DAY:
+            champion_metrics = recorded_champion_metrics(champion)
+        elif basis == EARLIER_CHAMPION:
             champion_metrics = measure(
                 ctx,
                 embeddings=_champion_folder(settings, champion, "embeddings"),
@@ -799,7 +794,7 @@ def _gate_run(ctx: DayContext) -> Outcome:
                 out=staging.path / "champion",
                 back_test=True,
             )
-            result = judge(challenger, champion_metrics, settings.lifecycle)
+        result = decide(ctx.date, challenger, champion, champion_metrics, settings.lifecycle)
         decision = {
             "date": ctx.date.isoformat(),
             **result.to_dict(),
@@ -856,12 +851,12 @@ def _publish_run(ctx: DayContext) -> Outcome:
             decision=entry,
             extra={"decision_id": entry["id"], "action": REFUSED},
         )
+    from lifecycle.release_writer import publish_release
     from lifecycle.tfserving_repository import (
         live_ranker_version,
         publish_champion,
         tfserving_repository,
     )
-    from serving.release import publish_release
 
     publish_champion(  # first, so TF Serving loads it while the old release still answers
         ctx.ranker,
