@@ -77,8 +77,30 @@ def parse_date(text: str | dt.date) -> dt.date:
 # --------------------------------------------------------------------------- folders of a root
 
 
+def raw_dir(root: Path) -> Path:
+    return root / RAW
+
+
+def raw_source(root: Path, dataset: str) -> Path:
+    """Where ``deepclick simulate`` (and the daily run's default source) keeps a dataset's logs."""
+    return raw_dir(root) / dataset
+
+
+def truth_dir(root: Path, dataset: str) -> Path:
+    """The simulator's ground truth beside a generated dataset's logs."""
+    return raw_source(root, dataset) / "_truth"
+
+
 def warehouse(root: Path) -> Path:
     return root / WAREHOUSE
+
+
+def events_dir(root: Path) -> Path:
+    return warehouse(root) / "events"
+
+
+def quarantine_dir(root: Path) -> Path:
+    return warehouse(root) / "quarantine"
 
 
 def artifacts(root: Path) -> Path:
@@ -87,7 +109,7 @@ def artifacts(root: Path) -> Path:
 
 def events_partition(root: Path, date: dt.date) -> Path:
     """The canonical events of one day (a Spark ``date=`` partition)."""
-    return warehouse(root) / "events" / f"date={date.isoformat()}"
+    return events_dir(root) / f"date={date.isoformat()}"
 
 
 def features_dir(root: Path) -> Path:
@@ -106,8 +128,30 @@ def index_dir(root: Path) -> Path:
     return artifacts(root) / "index"
 
 
+def model_repository(root: Path) -> Path:
+    """Every exported ranker, ``<model>/<version>/`` (the TF Serving layout)."""
+    return root / MODEL_REPOSITORY
+
+
 def releases_dir(root: Path) -> Path:
     return root / RELEASES
+
+
+def challengers_dir(root: Path) -> Path:
+    """Releases of challengers, built to be replayed, never served."""
+    return root / CHALLENGERS
+
+
+def evaluations_dir(root: Path) -> Path:
+    return root / EVALUATIONS
+
+
+def runs_dir(root: Path) -> Path:
+    return root / RUNS
+
+
+def registry_dir(root: Path) -> Path:
+    return root / REGISTRY
 
 
 def tfserving_repository(root: Path) -> Path:
@@ -117,6 +161,11 @@ def tfserving_repository(root: Path) -> Path:
 def reports_dir(root: Path, date: dt.date) -> Path:
     """Human-readable reports about day D (``deepclick evaluate``, ``replay``)."""
     return root / REPORTS / version_for(date)
+
+
+def retrieval_reports_dir(root: Path, date: dt.date) -> Path:
+    """``deepclick retrieval-eval``'s report of day D."""
+    return root / REPORTS / "retrieval" / version_for(date)
 
 
 class DayLayout:
@@ -159,24 +208,24 @@ class DayLayout:
 
     @property
     def ranker(self) -> Path:
-        return self.root / MODEL_REPOSITORY / self.model_name / self.version
+        return model_repository(self.root) / self.model_name / self.version
 
     @property
     def evaluation(self) -> Path:
-        return self.root / EVALUATIONS / self.version
+        return evaluations_dir(self.root) / self.version
 
     @property
     def gate(self) -> Path:
-        return self.root / REGISTRY / GATES / self.version
+        return registry_dir(self.root) / GATES / self.version
 
     @property
     def challenger_release(self) -> Path:
-        return self.root / CHALLENGERS / self.version
+        return challengers_dir(self.root) / self.version
 
     @property
     def run(self) -> Path:
         """D's run ledger folder."""
-        return self.root / RUNS / self.version
+        return runs_dir(self.root) / self.version
 
     @property
     def reports(self) -> Path:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from deepclick import layout
 from deepclick.settings import MlflowSettings, Settings
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ MODEL_KINDS: tuple[ModelKind, ...] = ("towers", "ranker")
 
 
 def registry_dir(settings: Settings) -> Path:
-    return settings.root / "registry"
+    return layout.registry_dir(settings.root)
 
 
 def decisions_path(settings: Settings) -> Path:

@@ -24,6 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deepclick.layout import (
+    PARTITION_MANIFEST,
+    RANKER_MANIFEST,
+    RELEASE_FILE,
+    SPEC_FILE,
+    DayLayout,
+    challengers_dir,
+    truth_dir,
+    version_for,
+)
 from deepclick.publish import (
     MANIFEST,
     NotPublishedError,
@@ -32,7 +42,6 @@ from deepclick.publish import (
     set_current,
     sha256_file,
     verify,
-    version_for,
 )
 from deepclick.settings import Settings
 from lifecycle.gate import (
@@ -50,7 +59,6 @@ from lifecycle.registry import (
     append_decision,
     current_champion,
     find_decision,
-    registry_dir,
 )
 from lifecycle.tracking import numeric
 
@@ -60,12 +68,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PARTITION_MANIFEST = "_manifest.json"
-RANKER_MANIFEST = "deepclick_manifest.json"
 """The exported ranker's manifest (models.ranker.predictor.RANKER_MANIFEST, not imported from
 there: that would load TensorFlow to schedule a Spark stage)."""
 SUMMARY_FILE = "summary.json"
-CHALLENGERS = "challengers"
 """Under the root: the challenger of each day as a release that is never served (the replay's)."""
 DECISION_FILE = "decision.json"
 EVAL_COLUMNS = ["event_id", "user_id", "placement_id", "ad_id", "label"]
@@ -95,6 +100,11 @@ class DayContext:
     def version(self) -> str:
         return version_for(self.date)
 
+    @property
+    def layout(self) -> DayLayout:
+        """Where D's folders are (``deepclick.layout``): every stage reads and writes these."""
+        return DayLayout(self.settings.root, self.date, self.settings.predictor.model_name)
+
     def spark(self) -> SparkSession:
         if self.spark_session is None:
             from pipelines.spark import get_spark
@@ -110,39 +120,39 @@ class DayContext:
     # the published folders of day D, by convention
     @property
     def events(self) -> Path:
-        return self.settings.warehouse / "events" / f"date={self.date.isoformat()}"
+        return self.layout.events
 
     @property
     def features(self) -> Path:
-        return self.settings.warehouse / "features" / self.version
+        return self.layout.features
 
     @property
     def towers(self) -> Path:
-        return self.settings.artifacts / "towers" / self.version
+        return self.layout.towers
 
     @property
     def embeddings(self) -> Path:
-        return self.settings.artifacts / "embeddings" / self.version
+        return self.layout.embeddings
 
     @property
     def index(self) -> Path:
-        return self.settings.artifacts / "index" / self.version
+        return self.layout.index
 
     @property
     def ranker(self) -> Path:
-        return self.settings.model_repository / self.settings.predictor.model_name / self.version
+        return self.layout.ranker
 
     @property
     def evaluation(self) -> Path:
-        return self.settings.root / "evaluations" / self.version
+        return self.layout.evaluation
 
     @property
     def gate(self) -> Path:
-        return registry_dir(self.settings) / "gates" / self.version
+        return self.layout.gate
 
     def truth_dir(self) -> Path | None:
         """The simulator's ground truth of this dataset, when there is one (generated data)."""
-        folder = self.settings.raw_dir / self.spec().name / "_truth"
+        folder = truth_dir(self.settings.root, self.spec().name)
         return folder if folder.is_dir() else None
 
 
@@ -324,7 +334,7 @@ def _features_run(ctx: DayContext) -> Outcome:
         folder,
         note=f"{metrics.get('train_impressions', 0):,.0f} training rows from {days} day(s)",
         metrics=metrics,
-        artifacts=[("features", folder / "feature_spec.json"), ("features", folder / MANIFEST)],
+        artifacts=[("features", folder / SPEC_FILE), ("features", folder / MANIFEST)],
     )
 
 
@@ -601,7 +611,7 @@ def replay_challenger(ctx: DayContext, out: Path, peers: Any | None) -> dict[str
         ctx.ranker,
         version=ctx.version,
         update_current=False,
-        parent=settings.root / CHALLENGERS,
+        parent=challengers_dir(settings.root),
     )
     report = replay_day(
         settings,
@@ -871,7 +881,7 @@ def _publish_run(ctx: DayContext) -> Outcome:
         release,
         note=f"promoted: release {release.name} serves",
         metrics={"promoted": 1.0},
-        artifacts=[("release", release / "release.json")],
+        artifacts=[("release", release / RELEASE_FILE)],
         decision=entry,
         extra={"decision_id": entry["id"], "action": PROMOTED},
     )
