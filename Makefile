@@ -23,6 +23,7 @@ demo: $(STAMP) java
 test: $(STAMP) java
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -122,7 +122,7 @@ def prepare_state(base: Path, work: Path) -> tuple[Path, dict[str, Path]]:
     """A fresh copy of the built world with a second good release and the corrupt ones."""
     from deepclick.publish import set_current
     from deepclick.settings import Settings
-    from serving.release import publish_release
+    from lifecycle.release_writer import publish_release
 
     root = work / "state"
     shutil.rmtree(root, ignore_errors=True)
@@ -357,7 +357,7 @@ while True:
         build_index(f["embeddings"], root / "artifacts" / "index", n_trees=10, recall_floor=0.0,
                     version="20240120")
     else:
-        from serving.release import publish_release
+        from lifecycle.release_writer import publish_release
         publish_release(Settings(root=root), f["feature_spec"], f["embeddings"], f["index"],
                         f["ranker"], version="20240121", update_current=False)
 """

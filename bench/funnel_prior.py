@@ -21,7 +21,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from candidates.store import read_embeddings
-from deepclick.publish import resolve, version_for
+from deepclick.layout import version_for
+from deepclick.publish import resolve
 from models.evaluation.retrieval import recall_at_k
 from models.evaluation.retrieval_report import additive_queries, sample_clicks
 

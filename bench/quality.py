@@ -142,7 +142,8 @@ def _ci(summary: dict[str, Any], key: str, low: str, high: str) -> str | None:
 
 def collect(settings: Settings, date: dt.date) -> dict[str, Any]:
     """D's numbers from its published evaluation folder (summary, ranking, retrieval, replay)."""
-    from deepclick.publish import read_manifest, version_for
+    from deepclick.layout import version_for
+    from deepclick.publish import read_manifest
 
     folder = settings.root / "evaluations" / version_for(date)
     summary = read_manifest(folder).get("metrics", {})

@@ -27,7 +27,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
 from candidates.store import read_embeddings
-from deepclick.publish import resolve, version_for
+from deepclick.layout import version_for
+from deepclick.publish import resolve
 from deepclick.settings import Settings
 from models.evaluation.ranking import auc, calibration_ratio
 from models.feature_spec import load_feature_spec

@@ -102,10 +102,10 @@ def build_world(work: Path, args: argparse.Namespace) -> Path:
     from candidates.index import build_index
     from candidates.store import publish_embeddings, read_embeddings
     from deepclick.settings import RankerSettings, Settings
+    from lifecycle.release_writer import publish_release
     from models.ranker.export import export_ranker
     from models.ranker.similarity import EmbeddingSimilarity
     from models.ranker.train import train_ranker
-    from serving.release import publish_release
 
     started = time.perf_counter()
     settings = Settings(root=root)

@@ -48,6 +48,7 @@ from typing import Any, Literal
 import numpy as np
 from annoy import AnnoyIndex
 
+from deepclick.layout import MANIFEST
 from deepclick.publish import PublishError, Staging, checksums, publishing, read_manifest, verify
 
 from .funnel import FunnelParams, popularity_prior
@@ -458,7 +459,7 @@ def _fail(path: Path, rule: str) -> CandidateIndexError:
 
 
 def _check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    where = folder / "manifest.json"
+    where = folder / MANIFEST
     missing = [key for key in _REQUIRED if key not in manifest]
     if missing:
         raise _fail(where, f"missing {', '.join(missing)} (contracts §5)")
@@ -531,7 +532,7 @@ def open_staged_index(staging: Staging) -> CandidateIndex:
     """A staged (not yet published) index opened as serving will open it, so a build can check
     its candidates before publishing: the manifest as it will be written, checksums included."""
     manifest = {**staging.manifest, "version": staging.version}
-    manifest["checksums"] = checksums(staging.path, "manifest.json")
+    manifest["checksums"] = checksums(staging.path, MANIFEST)
     return _open(staging.path, manifest, verify_checksums=False, prefault=False)
 
 

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
-CURRENT = "CURRENT"
+from deepclick.layout import CURRENT, MANIFEST
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -63,13 +62,6 @@ class NotPublishedError(FileNotFoundError):
 
 class IntegrityError(RuntimeError):
     """A published folder does not match its manifest (missing or altered files)."""
-
-
-def version_for(date: dt.date | str) -> str:
-    """The version name of everything built for one day: ``YYYYMMDD`` (an integer, as TF Serving
-    requires for model versions, and sortable)."""
-    day = dt.date.fromisoformat(date) if isinstance(date, str) else date
-    return day.strftime("%Y%m%d")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -21,6 +21,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from deepclick import layout
+
 CONFIG_ENV_VAR = "DEEPCLICK_CONFIG"
 
 
@@ -430,19 +432,19 @@ class Settings(BaseSettings):
     # Derived locations: one root, fixed sub-folders, so nothing else invents paths.
     @property
     def raw_dir(self) -> Path:
-        return self.root / "raw"
+        return layout.raw_dir(self.root)
 
     @property
     def warehouse(self) -> Path:
-        return self.root / "warehouse"
+        return layout.warehouse(self.root)
 
     @property
     def artifacts(self) -> Path:
-        return self.root / "artifacts"
+        return layout.artifacts(self.root)
 
     @property
     def model_repository(self) -> Path:
-        return self.root / "model_repository"
+        return layout.model_repository(self.root)
 
     @property
     def mlflow_tracking_uri(self) -> str:

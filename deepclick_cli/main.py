@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deepclick import layout
 from deepclick.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
@@ -119,7 +120,7 @@ def simulate(
     sim = settings.simulate.model_copy(update={k: v for k, v in changes.items() if v is not None})
     from pipelines.simulate import run_simulate
 
-    summary = run_simulate(sim, out or settings.raw_dir / "marketplace")
+    summary = run_simulate(sim, out or layout.raw_source(settings.root, "marketplace"))
     print_counts("simulate", summary.as_rows())
 
 
@@ -185,7 +186,7 @@ def features(
             folder = run_features(settings, _date(date), dataset=name)
     except (ServingPinnedError, ValueError, FileNotFoundError, SpecError) as exc:
         raise _fail(exc) from None
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads((folder / layout.MANIFEST).read_text())
     print_counts(f"features {date} → {folder}", manifest.get("counts", {}))
 
 
@@ -201,7 +202,7 @@ def towers(date: DateOption, config: ConfigOption = None) -> None:
             folder = run_towers(settings, _date(date))
     except (ServingPinnedError, ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads((folder / layout.MANIFEST).read_text())
     print_counts(f"towers {date} → {folder}", {**manifest["counts"], "dim": manifest["dim"]})
 
 
@@ -217,7 +218,7 @@ def embed(date: DateOption, config: ConfigOption = None) -> None:
             folder = run_embed(settings, _date(date))
     except (ServingPinnedError, ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads((folder / layout.MANIFEST).read_text())
     print_counts(f"embeddings {date} → {folder}", manifest.get("counts", {}))
 
 
@@ -233,7 +234,7 @@ def index(date: DateOption, config: ConfigOption = None) -> None:
             folder = run_index(settings, _date(date))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # ServingPinnedError too
         raise _fail(exc) from None
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads((folder / layout.MANIFEST).read_text())
     print_counts(
         f"index {date} → {folder}",
         {
@@ -279,7 +280,8 @@ def evaluate(
     data. Written to <root>/reports/<YYYYMMDD>/ranker-<version>/ (never into the run's published
     evaluations/ folder)."""
     settings = _settings(config)
-    from deepclick.publish import resolve, version_for
+    from deepclick.layout import version_for
+    from deepclick.publish import resolve
     from lifecycle.stages import DayContext, evaluate_model, fit_day_peers
     from models.ranker.predictor import InProcessPredictor
 
@@ -287,12 +289,12 @@ def evaluate(
     version = model_version or version_for(day)
     ctx = DayContext(settings, day, settings.lifecycle.dataset, settings.raw_dir)
     try:
-        folder = settings.model_repository / settings.predictor.model_name / version
+        folder = layout.model_repository(settings.root) / settings.predictor.model_name / version
         model = InProcessPredictor(folder)
         embeddings = None
         if model.uses_similarity:
             embeddings = resolve(
-                settings.artifacts / "embeddings", model.embedding_version, what="embeddings"
+                layout.embeddings_dir(settings.root), model.embedding_version, what="embeddings"
             )
         out = report_folder(settings, day, version)
         report = evaluate_model(
@@ -315,9 +317,7 @@ def evaluate(
 
 def report_folder(settings: Settings, day: dt.date, version: str) -> Path:
     """Where ``deepclick evaluate`` writes: beside, never inside, the run's published folders."""
-    from deepclick.publish import version_for
-
-    return settings.root / "reports" / version_for(day) / f"ranker-{version}"
+    return layout.reports_dir(settings.root, day) / f"ranker-{version}"
 
 
 @app.command()
@@ -336,20 +336,20 @@ def replay(
     <root>/reports/<YYYYMMDD>/replay/."""
     overrides = {} if requests is None else {"lifecycle": {"replay_requests": requests}}
     settings = _settings(config, **overrides)
-    from deepclick.publish import version_for
+    from deepclick.layout import DayLayout
     from lifecycle.replay import replay_day
-    from lifecycle.stages import CHALLENGERS, DayContext, fit_day_peers
+    from lifecycle.stages import DayContext, fit_day_peers
     from serving.release import current_release_folder
 
     day = _date(date)
     ctx = DayContext(settings, day, settings.lifecycle.dataset, settings.raw_dir)
     folder = release
     if folder is None:
-        challenger = settings.root / CHALLENGERS / version_for(day)
+        challenger = DayLayout(settings.root, day).challenger_release
         folder = challenger if challenger.is_dir() else current_release_folder(settings.root)
     if folder is None:
         raise _fail(ValueError("no release to replay: run the daily pipeline for D first"))
-    out = settings.root / "reports" / version_for(day) / "replay"
+    out = layout.reports_dir(settings.root, day) / "replay"
     try:
         report = replay_day(
             settings,

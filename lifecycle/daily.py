@@ -41,12 +41,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from deepclick import layout
+from deepclick.layout import RELEASE_FILE
 from deepclick.publish import (
     IntegrityError,
     NotPublishedError,
     current_version,
     verify,
-    version_for,
 )
 from deepclick.settings import LifecycleSettings, Settings, SettingsError, load_settings
 from lifecycle.registry import find_decision
@@ -67,8 +68,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "stages.json"
-RELEASE_FILE = "release.json"
-"""serving.release.RELEASE_FILE (not imported: scheduling a stage must not load serving)."""
 KEPT_INVOCATIONS = 50
 
 
@@ -137,7 +136,7 @@ class DailyReport:
 
 
 def runs_dir(settings: Settings) -> Path:
-    return settings.root / "runs"
+    return layout.runs_dir(settings.root)
 
 
 class RunLedger:
@@ -149,7 +148,7 @@ class RunLedger:
 
     def __init__(self, settings: Settings, date: dt.date) -> None:
         self.settings = settings
-        self.folder = runs_dir(settings) / version_for(date)
+        self.folder = layout.DayLayout(settings.root, date).run
         self.path = self.folder / LEDGER_FILE
         self.data: dict[str, Any] = (
             json.loads(self.path.read_text())
@@ -160,7 +159,7 @@ class RunLedger:
     @classmethod
     @contextlib.contextmanager
     def locked(cls, settings: Settings, date: dt.date) -> Iterator[RunLedger]:
-        folder = runs_dir(settings) / version_for(date)
+        folder = layout.DayLayout(settings.root, date).run
         folder.mkdir(parents=True, exist_ok=True)
         with (folder / ".lock").open("w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -237,7 +236,7 @@ def _reuse(
 
 def serving_folders(settings: Settings) -> dict[Path, str]:
     """The folders the serving release reads (features, embeddings, index, ranker) → release."""
-    releases = settings.root / "releases"
+    releases = layout.releases_dir(settings.root)
     version = current_version(releases)
     path = releases / str(version) / RELEASE_FILE
     if version is None or not path.is_file():
@@ -471,7 +470,7 @@ def resolve_source(
 
     base = Path(source) if source else settings.lifecycle.source
     if base is None:
-        base = settings.raw_dir / load_spec(dataset).name
+        base = layout.raw_source(settings.root, load_spec(dataset).name)
     base = base.expanduser().resolve()
     day = base / date.isoformat()
     return day if day.is_dir() else base
@@ -485,7 +484,7 @@ def make_context(
     source: Path | str | None = None,
     spark: SparkSession | None = None,
 ) -> DayContext:
-    day = dt.date.fromisoformat(date) if isinstance(date, str) else date
+    day = layout.parse_date(date)
     name = dataset or settings.lifecycle.dataset
     return DayContext(settings, day, name, resolve_source(settings, name, day, source), spark)
 
@@ -561,7 +560,7 @@ def run_daily(
                 tracker.finish("FAILED", {"seconds": time.perf_counter() - started})
             raise
         report.decision = _recorded_decision(settings, ledger)
-        report.release = current_version(settings.root / "releases")
+        report.release = current_version(layout.releases_dir(settings.root))
         report.seconds = time.perf_counter() - started
         tracker.finish(
             "FINISHED",
@@ -606,7 +605,7 @@ def run_backfill(
         day = first + dt.timedelta(days=offset)
         before = [  # this dataset's days only: a state root may hold several side by side
             p
-            for p in list_partitions(settings.warehouse / "events")
+            for p in list_partitions(layout.events_dir(settings.root))
             if p.day < day and partition_dataset(p) == name
         ]
         enough = len(before) >= settings.features.min_train_days

@@ -22,9 +22,11 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from deepclick import layout
 from deepclick.publish import current_version
 from deepclick.settings import Settings
 from lifecycle.daily import run_daily
+from lifecycle.registry import decisions_path
 from pipelines.simulate import run_simulate
 from pipelines.spark import get_spark
 
@@ -81,18 +83,19 @@ def run_demo(
     )
     _print_quality(settings, summary.days[-1].date, console)
     answers: list[dict[str, Any]] = []
-    if current_version(settings.root / "releases") is None:
+    if current_version(layout.releases_dir(settings.root)) is None:
         console.print(
             "[yellow]no release serves:[/yellow] the gate promoted no challenger (reasons above "
-            f"and in {settings.root / 'registry' / 'decisions.jsonl'}), so the API is not started"
+            f"and in {decisions_path(settings)}), so the API is not started"
         )
     else:
         answers = _serve_and_query(settings, summary.days[-1].date, console)
     console.rule("where things are")
     console.print(f"state root:        {settings.root}")
     console.print(
-        f"evaluation:        {settings.root / 'evaluations'}/<YYYYMMDD>/ (ranking/report.md, "
-        "roc.png, reliability.png; retrieval/recall_at_k.png; replay/replay.png)"
+        f"evaluation:        {layout.evaluations_dir(settings.root)}/<YYYYMMDD>/ "
+        "(ranking/report.md, roc.png, reliability.png; retrieval/recall_at_k.png; "
+        "replay/replay.png)"
     )
     console.print(f"MLflow store:      {settings.mlflow_tracking_uri}")
     console.print(
@@ -108,7 +111,7 @@ def _print_quality(settings: Settings, date: str, console: Console) -> None:
     of the day's requests against the simulator's truth."""
     from pipelines.quality_tables import models_table, replay_tables
 
-    folder = settings.root / "evaluations" / date.replace("-", "")
+    folder = layout.DayLayout(settings.root, layout.parse_date(date)).evaluation
     metrics_file = folder / "ranking" / "metrics.json"
     if not metrics_file.is_file():
         console.print(f"no evaluation for {date}: the daily run stopped before it")
@@ -180,7 +183,7 @@ def _sample_users(settings: Settings, date: str) -> list[tuple[str, str]]:
     """A few (user, placement) pairs that clicked on the evaluation day."""
     import pyarrow.parquet as pq
 
-    folder = settings.warehouse / "features" / date.replace("-", "") / "eval"
+    folder = layout.DayLayout(settings.root, layout.parse_date(date)).eval_rows
     table = pq.read_table(folder, columns=["user_id", "placement_id", "label"]).to_pandas()
     clicked = table[table.label == 1].drop_duplicates("user_id").head(3)
     return list(zip(clicked.user_id, clicked.placement_id, strict=True))

@@ -24,6 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deepclick.layout import (
+    PARTITION_MANIFEST,
+    RANKER_MANIFEST,
+    RELEASE_FILE,
+    SPEC_FILE,
+    DayLayout,
+    challengers_dir,
+    truth_dir,
+    version_for,
+)
 from deepclick.publish import (
     MANIFEST,
     NotPublishedError,
@@ -32,21 +42,23 @@ from deepclick.publish import (
     set_current,
     sha256_file,
     verify,
-    version_for,
 )
 from deepclick.settings import Settings
+from lifecycle.gate import (
+    EARLIER_CHAMPION,
+    SAME_DAY,
+    champion_basis,
+    decide,
+    recall_metric,
+    recorded_champion_metrics,
+)
 from lifecycle.registry import (
     PROMOTED,
     REFUSED,
-    Check,
-    GateResult,
     ModelKind,
     append_decision,
     current_champion,
     find_decision,
-    judge,
-    recall_metric,
-    registry_dir,
 )
 from lifecycle.tracking import numeric
 
@@ -56,12 +68,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PARTITION_MANIFEST = "_manifest.json"
-RANKER_MANIFEST = "deepclick_manifest.json"
 """The exported ranker's manifest (models.ranker.predictor.RANKER_MANIFEST, not imported from
 there: that would load TensorFlow to schedule a Spark stage)."""
 SUMMARY_FILE = "summary.json"
-CHALLENGERS = "challengers"
 """Under the root: the challenger of each day as a release that is never served (the replay's)."""
 DECISION_FILE = "decision.json"
 EVAL_COLUMNS = ["event_id", "user_id", "placement_id", "ad_id", "label"]
@@ -91,6 +100,11 @@ class DayContext:
     def version(self) -> str:
         return version_for(self.date)
 
+    @property
+    def layout(self) -> DayLayout:
+        """Where D's folders are (``deepclick.layout``): every stage reads and writes these."""
+        return DayLayout(self.settings.root, self.date, self.settings.predictor.model_name)
+
     def spark(self) -> SparkSession:
         if self.spark_session is None:
             from pipelines.spark import get_spark
@@ -106,39 +120,39 @@ class DayContext:
     # the published folders of day D, by convention
     @property
     def events(self) -> Path:
-        return self.settings.warehouse / "events" / f"date={self.date.isoformat()}"
+        return self.layout.events
 
     @property
     def features(self) -> Path:
-        return self.settings.warehouse / "features" / self.version
+        return self.layout.features
 
     @property
     def towers(self) -> Path:
-        return self.settings.artifacts / "towers" / self.version
+        return self.layout.towers
 
     @property
     def embeddings(self) -> Path:
-        return self.settings.artifacts / "embeddings" / self.version
+        return self.layout.embeddings
 
     @property
     def index(self) -> Path:
-        return self.settings.artifacts / "index" / self.version
+        return self.layout.index
 
     @property
     def ranker(self) -> Path:
-        return self.settings.model_repository / self.settings.predictor.model_name / self.version
+        return self.layout.ranker
 
     @property
     def evaluation(self) -> Path:
-        return self.settings.root / "evaluations" / self.version
+        return self.layout.evaluation
 
     @property
     def gate(self) -> Path:
-        return registry_dir(self.settings) / "gates" / self.version
+        return self.layout.gate
 
     def truth_dir(self) -> Path | None:
         """The simulator's ground truth of this dataset, when there is one (generated data)."""
-        folder = self.settings.raw_dir / self.spec().name / "_truth"
+        folder = truth_dir(self.settings.root, self.spec().name)
         return folder if folder.is_dir() else None
 
 
@@ -320,7 +334,7 @@ def _features_run(ctx: DayContext) -> Outcome:
         folder,
         note=f"{metrics.get('train_impressions', 0):,.0f} training rows from {days} day(s)",
         metrics=metrics,
-        artifacts=[("features", folder / "feature_spec.json"), ("features", folder / MANIFEST)],
+        artifacts=[("features", folder / SPEC_FILE), ("features", folder / MANIFEST)],
     )
 
 
@@ -584,9 +598,9 @@ def replay_challenger(ctx: DayContext, out: Path, peers: Any | None) -> dict[str
     """Combine D's challenger into a release that is never served (``<root>/challengers/<D>``)
     and replay D's requests through it (``lifecycle/replay.py``): against the truth on generated
     data, the funnel recall elsewhere. The section is appended to ``ranking/report.md``."""
+    from lifecycle.release_writer import publish_release
     from lifecycle.replay import render_funnel_markdown, replay_day
     from models.evaluation.replay import render_replay_markdown
-    from serving.release import publish_release
 
     settings = ctx.settings
     folder = publish_release(
@@ -597,7 +611,7 @@ def replay_challenger(ctx: DayContext, out: Path, peers: Any | None) -> dict[str
         ctx.ranker,
         version=ctx.version,
         update_current=False,
-        parent=settings.root / CHALLENGERS,
+        parent=challengers_dir(settings.root),
     )
     report = replay_day(
         settings,
@@ -777,20 +791,11 @@ def _gate_run(ctx: DayContext) -> Outcome:
     challenger = dict(evaluation.get("metrics", {}))
     champion = current_champion(settings)
     with publishing(ctx.gate.parent, ctx.version, update_current=False) as staging:
-        champion_metrics: dict[str, float] | None = None
-        if champion is None:
-            result = judge(challenger, None, settings.lifecycle)
-        elif dt.date.fromisoformat(champion["date"]) > ctx.date:
-            rule = (
-                f"a champion built for {champion['date']} (after {ctx.date}) is serving; a model "
-                "of an earlier day is never promoted over it"
-            )
-            result = GateResult(False, (Check("champion_date", False, None, None, rule),), True)
-        elif champion["date"] == ctx.date.isoformat():
-            # The champion was itself judged on D: its numbers on D are on record.
-            champion_metrics = dict(champion.get("metrics", {}).get("challenger", {}))
-            result = judge(challenger, champion_metrics, settings.lifecycle)
-        else:
+        champion_metrics: dict[str, Any] | None = None
+        basis = champion_basis(champion, ctx.date)
+        if basis == SAME_DAY:
+            champion_metrics = recorded_champion_metrics(champion)
+        elif basis == EARLIER_CHAMPION:
             champion_metrics = measure(
                 ctx,
                 embeddings=_champion_folder(settings, champion, "embeddings"),
@@ -799,7 +804,7 @@ def _gate_run(ctx: DayContext) -> Outcome:
                 out=staging.path / "champion",
                 back_test=True,
             )
-            result = judge(challenger, champion_metrics, settings.lifecycle)
+        result = decide(ctx.date, challenger, champion, champion_metrics, settings.lifecycle)
         decision = {
             "date": ctx.date.isoformat(),
             **result.to_dict(),
@@ -856,12 +861,12 @@ def _publish_run(ctx: DayContext) -> Outcome:
             decision=entry,
             extra={"decision_id": entry["id"], "action": REFUSED},
         )
+    from lifecycle.release_writer import publish_release
     from lifecycle.tfserving_repository import (
         live_ranker_version,
         publish_champion,
         tfserving_repository,
     )
-    from serving.release import publish_release
 
     publish_champion(  # first, so TF Serving loads it while the old release still answers
         ctx.ranker,
@@ -876,7 +881,7 @@ def _publish_run(ctx: DayContext) -> Outcome:
         release,
         note=f"promoted: release {release.name} serves",
         metrics={"promoted": 1.0},
-        artifacts=[("release", release / "release.json")],
+        artifacts=[("release", release / RELEASE_FILE)],
         decision=entry,
         extra={"decision_id": entry["id"], "action": PROMOTED},
     )

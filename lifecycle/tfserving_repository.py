@@ -17,6 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
+from deepclick import layout
+from deepclick.layout import TFSERVING_REPOSITORY
 from deepclick.publish import (
     IntegrityError,
     NotPublishedError,
@@ -28,12 +30,12 @@ from deepclick.publish import (
 from deepclick.settings import Settings
 from serving.release import RELEASE_FILE, current_release_folder
 
-REPOSITORY = "tfserving_repository"
+REPOSITORY = TFSERVING_REPOSITORY
 """Under the state root; deploy/compose.yaml mounts it where models.config points (``latest`` 2)."""
 
 
 def tfserving_repository(settings: Settings) -> Path:
-    return settings.root / REPOSITORY
+    return layout.tfserving_repository(settings.root)
 
 
 def live_ranker_version(root: Path) -> str | None:

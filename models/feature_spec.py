@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SPEC_FILE = "feature_spec.json"
+from deepclick.layout import SPEC_FILE
+
 FEATURE_TABLES: tuple[str, ...] = (
     "training/ranking",
     "training/retrieval",

@@ -22,7 +22,9 @@ from candidates.funnel import FunnelParams, FunnelRefused, funnel_check, refusal
 from candidates.index import CandidateIndex, build_index
 from candidates.service import CandidateService
 from candidates.store import read_embeddings
-from deepclick.publish import resolve, version_for
+from deepclick import layout
+from deepclick.layout import version_for
+from deepclick.publish import resolve
 from deepclick.settings import Settings
 from pipelines.towers import features_folder
 
@@ -127,13 +129,13 @@ def funnel_checker(
 
 def run_index(settings: Settings, date: dt.date) -> Path:
     version = version_for(date)
-    embeddings = resolve(settings.artifacts / "embeddings", version, what="embeddings")
+    embeddings = resolve(layout.embeddings_dir(settings.root), version, what="embeddings")
     cfg = settings.index
     features = features_folder(settings, date)
     counts = training_counts(features)
     return build_index(
         embeddings,
-        settings.artifacts / "index",
+        layout.index_dir(settings.root),
         popularity=popularity_rows(features),
         metric=cfg.metric,
         n_trees=cfg.n_trees,

@@ -20,7 +20,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from candidates.store import publish_embeddings
-from deepclick.publish import read_manifest, version_for
+from deepclick import layout
+from deepclick.layout import version_for
+from deepclick.publish import read_manifest
 from deepclick.settings import Settings
 from pipelines.spark import get_spark
 from pipelines.towers import features_folder, towers_folder
@@ -78,7 +80,7 @@ def run_embed(settings: Settings, date: dt.date, spark: SparkSession | None = No
                 fallbacks[fallback] = tower.fallback()
     version = version_for(date)
     return publish_embeddings(
-        settings.artifacts / "embeddings",
+        layout.embeddings_dir(settings.root),
         version,
         tables,
         fallbacks,

@@ -42,7 +42,12 @@ import pyarrow.parquet as pq
 
 from candidates.index import recall_at_k as index_recall
 from candidates.service import CandidateService
-from deepclick.publish import read_manifest, resolve, version_for
+from deepclick import layout
+from deepclick.layout import SPEC_FILE, version_for
+from deepclick.publish import (
+    read_manifest,
+    resolve,
+)
 from deepclick.settings import Settings
 from models.evaluation.retrieval import plot_recall_at_k
 from models.evaluation.retrieval_report import (
@@ -155,7 +160,7 @@ def _world(truth_dir: Path | None) -> World | None:
 def _check_versions(features_folder: Path, embeddings_manifest: dict[str, Any], date: dt.date):
     """The embeddings must come from the features being evaluated, built for day D."""
     features = read_manifest(features_folder)
-    spec = json.loads((Path(features_folder) / "feature_spec.json").read_text())
+    spec = json.loads((Path(features_folder) / SPEC_FILE).read_text())
     if spec.get("target_date") not in (None, date.isoformat()):
         raise ValueError(
             f"{features_folder} holds features for {spec.get('target_date')}, not {date}: "
@@ -424,16 +429,16 @@ def run_retrieval_eval(
     """D's evaluation with the published folders of D under ``settings.root``; writes into
     ``<root>/reports/retrieval/<YYYYMMDD>/``. ``dataset_truth`` defaults to the generated
     marketplace's ``<root>/raw/marketplace/_truth`` (skipped when it has no world.npz)."""
-    version = version_for(date)
+    version, root = version_for(date), settings.root
     return evaluate_retrieval(
         settings,
         date,
-        embeddings_folder=resolve(settings.artifacts / "embeddings", version, what="embeddings"),
-        index_folder=resolve(settings.artifacts / "index", version, what="index"),
-        features_folder=resolve(settings.warehouse / "features", version, what="features"),
+        embeddings_folder=resolve(layout.embeddings_dir(root), version, what="embeddings"),
+        index_folder=resolve(layout.index_dir(root), version, what="index"),
+        features_folder=resolve(layout.features_dir(root), version, what="features"),
         spark=spark,
-        truth_dir=dataset_truth or settings.raw_dir / "marketplace" / "_truth",
-        out_dir=settings.root / "reports" / "retrieval" / version,
+        truth_dir=dataset_truth or layout.truth_dir(root, "marketplace"),
+        out_dir=layout.retrieval_reports_dir(root, date),
         config=config,
         als=als,
     )

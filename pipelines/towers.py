@@ -11,7 +11,12 @@ import datetime as dt
 from collections.abc import Sequence
 from pathlib import Path
 
-from deepclick.publish import publishing, resolve, version_for
+from deepclick import layout
+from deepclick.layout import version_for
+from deepclick.publish import (
+    publishing,
+    resolve,
+)
 from deepclick.settings import Settings
 from models.feature_spec import load_feature_spec
 from pipelines.training_days import TrainingDays, split_training_days
@@ -19,7 +24,7 @@ from pipelines.training_days import TrainingDays, split_training_days
 
 def features_folder(settings: Settings, date: dt.date) -> Path:
     """The published features of day D (built from the days before D)."""
-    return resolve(settings.warehouse / "features", version_for(date), what="features")
+    return resolve(layout.features_dir(settings.root), version_for(date), what="features")
 
 
 def training_days(settings: Settings, train_dates: Sequence[str]) -> TrainingDays:
@@ -29,7 +34,7 @@ def training_days(settings: Settings, train_dates: Sequence[str]) -> TrainingDay
 
 
 def towers_folder(settings: Settings, date: dt.date) -> Path:
-    return resolve(settings.artifacts / "towers", version_for(date), what="two-tower model")
+    return resolve(layout.towers_dir(settings.root), version_for(date), what="two-tower model")
 
 
 def run_towers(settings: Settings, date: dt.date, *, progress: bool = True) -> Path:
@@ -45,7 +50,7 @@ def run_towers(settings: Settings, date: dt.date, *, progress: bool = True) -> P
     days = training_days(settings, spec.train_dates)
     trained = train_two_tower(spec, settings.two_tower, progress=progress, dates=days.towers)
     version = version_for(date)
-    with publishing(settings.artifacts / "towers", version) as staging:
+    with publishing(layout.towers_dir(settings.root), version) as staging:
         export_towers(trained, staging.path)
         staging.manifest.update(
             {
@@ -63,4 +68,4 @@ def run_towers(settings: Settings, date: dt.date, *, progress: bool = True) -> P
                 "dim": trained.dim,
             }
         )
-    return settings.artifacts / "towers" / version
+    return layout.towers_dir(settings.root) / version

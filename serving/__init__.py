@@ -9,7 +9,8 @@ Modules, in the order a request meets them:
 - ``ranking``: the per-request flow with per-stage timings and degradation;
 - ``features``: mmapped Arrow entity tables and the ranker-input assembler;
 - ``backends``: ``RankerBackend`` — in-process SavedModel, TF Serving gRPC, TF Serving REST;
-- ``release``: ``publish_release`` / ``load_release`` — the unit that is validated and swapped;
+- ``release``: ``load_release`` — the unit that is validated and swapped (written by the
+  lifecycle: ``lifecycle.release_writer``);
 - ``reloader``: the watcher that follows ``releases/CURRENT`` and swaps releases atomically;
 - ``metrics``: Prometheus metrics (per worker, or summed in multiprocess mode);
 - ``model_server``: a TF Serving stand-in (gRPC + REST) for tests and benchmarks.

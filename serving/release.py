@@ -1,7 +1,8 @@
 """The release: the unit serving loads and swaps (DESIGN.md, "Pairing").
 
-A release is a published folder ``<root>/releases/<version>/`` (``deepclick.publish``: staging
-folder, atomic rename, ``releases/CURRENT``) holding
+A release is a published folder ``<root>/releases/<version>/`` (written by
+``lifecycle.release_writer.publish_release`` through ``deepclick.publish``: staging folder, atomic
+rename, ``releases/CURRENT``) holding
 
 - ``release.json``: the feature spec, embeddings, index and ranker it combines — each with its
   version, its folder (relative to ``root`` when inside it, so the state folder can be mounted
@@ -23,29 +24,25 @@ ever served.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from candidates.index import open_index
 from candidates.service import CandidateService, PairingError, check_pairing
-from candidates.store import Embeddings, read_embeddings
+from candidates.store import Embeddings
+from deepclick import layout
+from deepclick.layout import RANKER_COPY, RANKER_MANIFEST, RELEASE_FILE, RELEASES
 from deepclick.publish import (
     MANIFEST,
     IntegrityError,
     NotPublishedError,
-    Staging,
     current_version,
-    publishing,
-    read_manifest,
+    sha256_file,
     verify,
 )
 from deepclick.settings import (
@@ -57,7 +54,6 @@ from deepclick.settings import (
 from models.feature_spec import (
     ROLE_KEY,
     ROLE_TABLE,
-    SPEC_FILE,
     FeatureSpec,
     load_feature_spec,
 )
@@ -71,18 +67,11 @@ from .features import (
     FeatureAssembler,
     Gathered,
     RankerInputs,
-    write_entity_table,
 )
 from .index_probe import IndexProbeError, probe_index
 
 log = logging.getLogger(__name__)
 
-RELEASES = "releases"
-RELEASE_FILE = "release.json"
-RANKER_COPY = "ranker_manifest.json"
-RANKER_MANIFEST = "deepclick_manifest.json"
-"""The exported ranker's manifest (models.ranker.predictor.RANKER_MANIFEST; not imported from
-there, which would load TensorFlow in workers that rank remotely)."""
 ROLES = ("user", "context", "ad")
 INDEX_PROBE_MIN_S = 60.0
 """Least time the child process gets to search a candidate index (a 1M-ad forest takes seconds)."""
@@ -107,25 +96,13 @@ class ReleaseWarmupError(ReleaseError):
 
 
 def releases_dir(settings: Settings) -> Path:
-    return settings.root / RELEASES
+    return layout.releases_dir(settings.root)
 
 
 def current_release_folder(root: Path) -> Path | None:
     """``<root>/releases/<CURRENT>``, or None when no release was published."""
     version = current_version(root / RELEASES)
     return None if version is None else root / RELEASES / version
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _relative(path: Path, root: Path) -> str:
-    path = path.resolve()
-    try:
-        return path.relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def _resolve(text: str, root: Path) -> Path:
@@ -170,145 +147,6 @@ def _check_pairing(index: Any, embeddings: Embeddings, where: str) -> None:
         check_pairing(index, embeddings)
     except PairingError as exc:
         raise ReleaseError(f"{where}: {exc}") from None
-
-
-def _table_features(spec: FeatureSpec, inputs: RankerInputs, role: str) -> list[Any]:
-    """The ranker's features of ``role`` that the role's entity table holds."""
-    entity = next((e for e in spec.entities.values() if e.role == role), None)
-    held = set(entity.features) if entity is not None else set()
-    return [
-        f
-        for f in spec.features
-        if f.role == role
-        and f.name in inputs.dtypes
-        and f.name in held
-        and not f.is_id
-        and not f.request_time
-    ]
-
-
-# --------------------------------------------------------------------------- publishing
-
-
-def publish_release(
-    settings: Settings,
-    features_folder: Path,
-    embeddings_folder: Path,
-    index_folder: Path,
-    ranker_folder: Path,
-    *,
-    version: str | None = None,
-    update_current: bool = True,
-    parent: Path | None = None,
-) -> Path:
-    """Combine published components into ``<root>/releases/<version>`` and (by default) point
-    ``releases/CURRENT`` at it; return the folder.
-
-    ``version`` defaults to the feature spec's (the target day). ``parent`` (a folder directly
-    under ``root``, default ``<root>/releases``) may hold releases that are never served, such as
-    the challenger release the evaluation replays (``pipelines/replay.py``). The components are
-    checked first (checksums, index ↔ embeddings, ranker ↔ spec and embeddings); the entity
-    tables are written from the features folder's ``entities/*`` with exactly the columns the
-    ranker reads.
-
-    Raises:
-        ReleaseError: the components do not belong together; nothing is published.
-    """
-    features_folder, embeddings_folder = Path(features_folder), Path(embeddings_folder)
-    index_folder, ranker_folder = Path(index_folder), Path(ranker_folder)
-    root = settings.root
-    spec = load_feature_spec(features_folder)
-    where = "release"
-    try:
-        embeddings = read_embeddings(embeddings_folder)
-        index = open_index(index_folder)
-        ranker = verify(ranker_folder, RANKER_MANIFEST)
-    except (IntegrityError, NotPublishedError, ValueError) as exc:
-        raise ReleaseError(f"{where}: a component is unusable: {exc}") from None
-    try:
-        _check_pairing(index, embeddings, where)
-        inputs = check_ranker_pairing(ranker, spec, embeddings.version, where)
-    finally:
-        index.close()
-    spec_raw = json.loads((features_folder / SPEC_FILE).read_text())
-    version = version or spec.version
-    model_name = str(ranker.get("model_name") or ranker_folder.parent.name)
-    ranker_version = str(ranker.get("version", ranker_folder.name))
-
-    def validate(staging: Staging) -> None:
-        for role in ROLES:
-            EntityTable.open(staging.path / ENTITY_FILES[role], ROLE_KEY[role])
-
-    parent = releases_dir(settings) if parent is None else Path(parent)
-    if parent.resolve().parent != root.resolve():
-        raise ReleaseError(
-            f"{where}: releases live in a folder directly under {root}, not {parent}"
-        )
-    with publishing(parent, version, validate=validate, update_current=update_current) as staging:
-        shutil.copyfile(features_folder / SPEC_FILE, staging.path / SPEC_FILE)
-        shutil.copyfile(ranker_folder / RANKER_MANIFEST, staging.path / RANKER_COPY)
-        counts: dict[str, int] = {}
-        entities: dict[str, Any] = {}
-        for role in ROLES:
-            features = _table_features(spec, inputs, role)
-            columns = [ROLE_KEY[role], *(f.name for f in features)]
-            frame = pd.read_parquet(
-                spec.table_path(f"entities/{ROLE_TABLE[role]}"), columns=columns
-            )
-            rows = write_entity_table(
-                staging.path / ENTITY_FILES[role], frame, ROLE_KEY[role], features,
-                spec.missing_value,
-            )  # fmt: skip
-            counts[ROLE_TABLE[role]] = rows
-            entities[role] = {
-                "file": ENTITY_FILES[role],
-                "key": ROLE_KEY[role],
-                "rows": rows,
-                "columns": [f.name for f in features],
-            }
-        components = {
-            "feature_spec": {
-                "version": spec.version,
-                "folder": _relative(features_folder, root),
-                "manifest_sha256": _sha256(features_folder / MANIFEST),
-            },
-            "embeddings": {
-                "version": embeddings.version,
-                "folder": _relative(embeddings_folder, root),
-                "manifest_sha256": _sha256(embeddings_folder / MANIFEST),
-                "dim": embeddings.dim,
-            },
-            "index": {
-                "version": str(read_manifest(index_folder).get("version")),
-                "folder": _relative(index_folder, root),
-                "manifest_sha256": _sha256(index_folder / MANIFEST),
-                "embedding_version": embeddings.version,
-            },
-            "ranker": {
-                "model_name": model_name,
-                "version": ranker_version,
-                "folder": _relative(ranker_folder, root),
-                "manifest_sha256": _sha256(ranker_folder / RANKER_MANIFEST),
-                "feature_spec_version": str(ranker.get("feature_spec_version")),
-                "embedding_version": ranker.get("embedding_version"),
-            },
-        }
-        release = {
-            "version": version,
-            **components,
-            "entities": entities,
-            "timezone": spec_raw.get("timezone") or settings.serving.timezone,
-        }
-        (staging.path / RELEASE_FILE).write_text(json.dumps(release, indent=2) + "\n")
-        staging.manifest.update(
-            {
-                "stage": "release",
-                "inputs": {name: c["version"] for name, c in components.items()},
-                "counts": counts,
-            }
-        )
-    log.info("published release %s (%s)", version, release)
-    return parent / version
 
 
 # --------------------------------------------------------------------------- loading
@@ -370,7 +208,7 @@ def release_key(folder: Path) -> str:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         raise NotPublishedError(f"{folder} has no {MANIFEST}: it was never published")
-    return f"{folder.name}:{_sha256(manifest)[:16]}"
+    return f"{folder.name}:{sha256_file(manifest)[:16]}"
 
 
 def _component(release: dict[str, Any], name: str, root: Path, manifest_name: str) -> Path:
@@ -383,7 +221,7 @@ def _component(release: dict[str, Any], name: str, root: Path, manifest_name: st
     manifest = folder / manifest_name
     if not manifest.is_file():
         raise ReleaseError(f"release.json names {name} folder {folder}, which is not published")
-    if _sha256(manifest) != expected:
+    if sha256_file(manifest) != expected:
         raise ReleaseError(
             f"{name} folder {folder} was republished after this release was made (its manifest "
             "no longer matches release.json): publish a new release"
@@ -441,7 +279,7 @@ def load_release(
         raise ReleaseError(f"{where}: embeddings folder holds another version than release.json")
     inputs = check_ranker_pairing(ranker_manifest, spec, service.embeddings.version, where)
     ranker_entry = release["ranker"]
-    if _sha256(folder / RANKER_COPY) != ranker_entry.get("manifest_sha256"):
+    if sha256_file(folder / RANKER_COPY) != ranker_entry.get("manifest_sha256"):
         raise ReleaseError(f"{where}: {RANKER_COPY} differs from the ranker named in release.json")
     if predictor.backend == "in_process":
         ranker_folder = _component(release, "ranker", root, RANKER_MANIFEST)

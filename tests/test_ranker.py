@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from feature_folder import FeatureFolder, PlantedTruth, write_feature_folder
 
-from deepclick.publish import version_for
+from deepclick.layout import version_for
 from deepclick.settings import RankerSettings
 from models.evaluation.ranking import EmptyEvaluationError, SingleClassError, auc
 from models.evaluation.ranking import calibration_ratio as ratio

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from deepclick.settings import LifecycleSettings, Settings
+from lifecycle.gate import judge
 from lifecycle.registry import (
     CHALLENGER,
     CHAMPION,
@@ -21,7 +22,6 @@ from lifecycle.registry import (
     append_decision,
     current_champion,
     decisions_path,
-    judge,
     read_decisions,
     served_on,
 )

@@ -21,6 +21,7 @@ from test_serving_support import World, planted_embeddings, serving_world
 from candidates.index import build_index
 from candidates.store import publish_embeddings, read_embeddings
 from deepclick.publish import read_manifest
+from lifecycle.release_writer import publish_release
 from models.ranker.inputs import frame_to_inputs
 from models.ranker.predictor import InProcessPredictor
 from models.ranker.similarity import EmbeddingSimilarity
@@ -31,7 +32,6 @@ from serving.release import (
     LoadedRelease,
     ReleaseError,
     load_release,
-    publish_release,
 )
 
 

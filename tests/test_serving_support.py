@@ -102,10 +102,10 @@ def planted_embeddings(folder: FeatureFolder, seed: int = 0) -> tuple[dict, dict
 def _build(base: Path) -> World:
     from candidates.index import build_index
     from candidates.store import publish_embeddings, read_embeddings
+    from lifecycle.release_writer import publish_release
     from models.ranker.export import export_ranker
     from models.ranker.similarity import EmbeddingSimilarity
     from models.ranker.train import train_ranker
-    from serving.release import publish_release
 
     root = base / "var"
     settings = Settings(root=root)

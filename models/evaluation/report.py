@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from deepclick.layout import SPEC_FILE
 from deepclick.publish import current_version
 from models.evaluation.plots import reliability_plot, roc_plot
 from models.evaluation.ranking import (
@@ -79,7 +80,7 @@ def load_evaluation_set(
     if isinstance(source, pd.DataFrame):
         return EvaluationSet(source, "the given rows", spec)
     path = Path(source)
-    if (path / "feature_spec.json").is_file():
+    if (path / SPEC_FILE).is_file():
         folder_spec = load_feature_spec(path)
         table = path / EVAL_TABLE
         frame = pd.read_parquet(table) if table.exists() else pd.DataFrame()

@@ -241,7 +241,7 @@ def export_ranker(
     if not version.isdigit():
         raise ValueError(
             f"model version {version!r} must be an integer (TF Serving loads only numeric "
-            "version folders); use deepclick.publish.version_for(date)"
+            "version folders); use deepclick.layout.version_for(date)"
         )
     requests = warmup_inputs(trained)
     parent = Path(model_repository) / name

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from deepclick.layout import RANKER_MANIFEST
 from deepclick.publish import read_manifest, verify
 from models.ranker.inputs import (
     SIMILARITY_INPUTS,
@@ -23,7 +24,6 @@ from models.ranker.inputs import (
     columns_to_inputs,
 )
 
-RANKER_MANIFEST = "deepclick_manifest.json"
 OUTPUT = "pctr"
 SIGNATURES = ("serving_default", "rank")
 FRAME_BATCH = 8192

@@ -24,7 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import functions as F
 
-from deepclick.publish import Staging, publishing, version_for
+from deepclick.layout import PARTITION_MANIFEST, version_for
+from deepclick.publish import (
+    Staging,
+    publishing,
+)
 from deepclick.settings import FeatureSettings, Settings
 from models.feature_spec import (
     FEATURE_TABLES,
@@ -49,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INPUT_MANIFEST = "_manifest.json"
+INPUT_MANIFEST = PARTITION_MANIFEST
 TABLES = FEATURE_TABLES
 BROADCAST_MAX_ROWS = 500_000
 """Entity-day tables up to this many rows are broadcast to the rows instead of shuffling them."""

@@ -25,14 +25,13 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from deepclick.layout import PARTITION_MANIFEST
 from deepclick.publish import publishing
 from deepclick.settings import Settings
 from pipelines.ingest import nodes
 from pipelines.ingest.reader import read_raw
 from pipelines.spark import get_spark
 from pipelines.specs import DatasetSpec
-
-PARTITION_MANIFEST = "_manifest.json"
 
 
 class IngestError(RuntimeError):

@@ -29,7 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from deepclick.publish import publishing, version_for
+from deepclick.layout import version_for
+from deepclick.publish import publishing
 from pipelines.simulate.impressions import Impressions
 from pipelines.simulate.world import (
     AD_PREFIX,

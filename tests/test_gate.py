@@ -1,0 +1,113 @@
+"""The gate's decision as a pure function (issue 13, item 1): every branch on planted numbers.
+
+``decide`` gets the evidence the gate stage gathered — D's challenger summary, the champion's
+decision record and its numbers on D — and answers without files or MLflow; the end-to-end
+stories in ``test_daily.py`` only check that the stage wires it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from deepclick.settings import LifecycleSettings
+from lifecycle.gate import (
+    EARLIER_CHAMPION,
+    LATER_CHAMPION,
+    NO_CHAMPION,
+    SAME_DAY,
+    champion_basis,
+    decide,
+    recorded_champion_metrics,
+)
+
+D = dt.date(2024, 1, 5)
+GATES = LifecycleSettings(
+    gate_min_auc=0.6,
+    gate_auc_tolerance=0.01,
+    gate_calibration_min=0.9,
+    gate_calibration_max=1.1,
+    recall_ks=[100],
+    gate_recall_k=100,
+    gate_recall_tolerance=0.02,
+    gate_min_recall=0.1,
+)
+GOOD = {"auc": 0.70, "calibration_ratio": 1.02, "recall_at_100": 0.40}
+
+
+def champion_of(day: str, metrics: dict[str, float] | None = None) -> dict[str, object]:
+    """A decision record as ``registry.current_champion`` returns it."""
+    return {"id": "c1", "date": day, "metrics": {"challenger": metrics or {}, "champion": None}}
+
+
+@pytest.mark.parametrize(
+    ("champion", "basis"),
+    [
+        (None, NO_CHAMPION),
+        (champion_of("2024-01-06"), LATER_CHAMPION),
+        (champion_of("2024-01-05"), SAME_DAY),
+        (champion_of("2024-01-04"), EARLIER_CHAMPION),
+    ],
+)
+def test_champion_basis_follows_the_day_the_champion_was_built_for(champion, basis):
+    assert champion_basis(champion, D) == basis
+
+
+def test_no_champion_promotes_a_challenger_that_passes_the_absolute_bounds():
+    result = decide(D, GOOD, None, None, GATES)
+    assert result.promote and result.verdict == "promote"
+    assert not result.compared_with_champion
+    assert {c.name for c in result.checks} == {"auc", "recall_at_100", "calibration_ratio"}
+
+
+def test_no_champion_refuses_a_challenger_below_the_auc_floor():
+    result = decide(D, {**GOOD, "auc": 0.55}, None, None, GATES)
+    assert not result.promote and result.verdict == "refuse"
+    assert [c.name for c in result.checks if not c.passed] == ["auc"]
+
+
+def test_no_champion_promotes_on_insufficient_evidence_because_nothing_else_would_serve():
+    """An AUC interval across the floor is undecided; with no champion the first model serves."""
+    challenger = {**GOOD, "auc": 0.61, "auc_ci_low": 0.55, "auc_ci_high": 0.67}
+    result = decide(D, challenger, None, None, GATES)
+    assert result.verdict == "insufficient_evidence" and result.promote
+
+
+def test_champion_built_after_d_is_never_replaced_by_a_model_of_d():
+    """Backfilling an older day while a newer champion serves refuses, without measuring it."""
+    later = champion_of("2024-01-07")
+    result = decide(D, {**GOOD, "auc": 0.99}, later, None, GATES)
+    assert not result.promote and result.compared_with_champion
+    (check,) = result.checks
+    assert check.name == "champion_date" and not check.passed
+    assert "2024-01-07" in check.rule and "2024-01-05" in check.rule
+
+
+def test_same_day_champion_is_compared_on_its_recorded_numbers():
+    recorded = {**GOOD, "auc": 0.75}
+    champion = champion_of("2024-01-05", recorded)
+    assert recorded_champion_metrics(champion) == recorded
+    result = decide(D, GOOD, champion, recorded_champion_metrics(champion), GATES)
+    # 0.70 < 0.75 − 0.01: worse than the champion beyond the tolerance.
+    assert not result.promote and result.verdict == "refuse"
+    assert [c.name for c in result.checks if not c.passed] == ["auc_vs_champion"]
+
+
+def test_earlier_champion_within_tolerance_on_d_is_replaced():
+    measured = {**GOOD, "auc": 0.705, "recall_at_100": 0.41}  # −0.005 AUC, −0.01 recall: tolerated
+    result = decide(D, GOOD, champion_of("2024-01-03"), measured, GATES)
+    assert result.promote and result.verdict == "promote" and result.compared_with_champion
+    assert {c.name for c in result.checks} >= {"auc_vs_champion", "recall_at_100_vs_champion"}
+
+
+def test_earlier_champion_whose_interval_straddles_the_tolerance_keeps_serving():
+    challenger = {**GOOD, "auc_ci_low": 0.66, "auc_ci_high": 0.74}
+    measured = {**GOOD, "auc": 0.71, "auc_ci_low": 0.67, "auc_ci_high": 0.75}
+    result = decide(D, challenger, champion_of("2024-01-03"), measured, GATES)
+    assert result.verdict == "insufficient_evidence" and not result.promote
+
+
+def test_champion_to_compare_without_its_numbers_is_a_clear_error():
+    with pytest.raises(ValueError, match="no champion metrics on 2024-01-05"):
+        decide(D, GOOD, champion_of("2024-01-03"), None, GATES)
