@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 
 from bench.common import latency_ms, memory_kb, print_table, write_json
-from candidates.index import DEFAULT_METRIC, Metric, build_index, exact_top_k, open_index
+from candidates.index import DEFAULT_METRIC, Metric, build_index, open_index
 from candidates.store import publish_embeddings
 from candidates.synthetic import two_tower_like
 from deepclick.publish import read_manifest
+from deepclick.topk import exact_top_k
 
 TARGET_RECALL = 0.95
 RECALL_K = 100
@@ -284,7 +285,7 @@ def run_size(n_ads: int, args: argparse.Namespace) -> dict[str, Any]:
         + placements[rng.integers(0, len(placements), args.queries)]
     ).astype(np.float32)
     ads = data.vectors("ads")
-    truth = exact_top_k(ads, queries, RECALL_K)  # row ids in generation order ("ad<i>" = row i)
+    truth = exact_top_k(queries, ads, RECALL_K)  # row ids in generation order ("ad<i>" = row i)
     results: dict[str, Any] = {"rows": [], "sweep": [], "memory": None}
     with tempfile.TemporaryDirectory(prefix="bench-candidates-") as tmp:
         workdir = Path(tmp)

@@ -1,26 +1,32 @@
-"""Benchmark: the ranking API over loopback — latency, throughput, ratios and shared memory.
+"""Benchmark: the ranking API's compute ceiling, where its time goes, and the server under load.
 
-DESIGN.md targets (2 cores): ``/v1/rank`` with 500 candidates from 100k ads, in-process ranker:
-p99 ≤ 15 ms and ≥ 20× faster than scoring every ad; with 2 workers ≥ 30% of a bare FastAPI
-endpoint's requests/s; 4 workers hold the index at ≤ 1.3× the memory of one.
+DESIGN.md / issue 14 targets (2 cores, 500 candidates of 100k ads, in-process ranker): the whole
+request path at most 2.5 ms of CPU in process; through HTTP with 2 workers at 8-32 connections
+at least 4x the 163 requests/s measured before issue 14 and at least 80% of the compute ceiling,
+with HTTP plus framework at most 15% of request time; one client p50 at most 3 ms and p99 at most
+8 ms; 4 workers hold the index and embeddings at most 1.3x one.
 
 Everything is measured in one run on the same machine and the same requests:
 
 1. a synthetic world: tests/feature_folder.py's planted features folder scaled to ``--ads`` ads,
    clustered embeddings for its ids (candidates.synthetic-style; no two-tower training), an ANNOY
-   index (``search_k`` tuned to recall@100 ≥ 0.9), a DCN-v2 ranker with the default sizes trained
-   for one epoch on the two-tower scores, and a release of them all;
-2. signatures: ``rank`` vs ``serving_default`` per backend at ``--candidates`` candidates, called
-   directly (no HTTP), to choose each backend's signature;
-3. ``deepclick serve``-equivalent servers (``serving.server.run``) with 1, 2 and 4 uvicorn workers,
-   in-process and gRPC backends (gRPC against serving.model_server, a Python stand-in for TF
-   Serving in its own process — not TF Serving's performance), each under a closed-loop load
-   generator (a small asyncio HTTP/1.1 keep-alive client, bounded in requests and seconds) at
-   several concurrencies;
-4. the same requests against full ranking (one route scoring every ad with the same ranker) and
-   against a bare FastAPI endpoint (same request model, constant answer), as ratios;
-5. per-worker PSS / RSS / shared memory and the PSS of the index, embeddings and entity-table
-   mappings with 1 vs 4 workers (/proc/<pid>/smaps_rollup and smaps).
+   index (``search_k`` tuned to recall@100 >= 0.9; the build records whether exact search or
+   ANNOY is faster for this catalogue), a DCN-v2 ranker with the default sizes trained for one
+   epoch on the two-tower scores, and a release of them all;
+2. the compute ceiling: ``serving.ranking.rank`` called in this process without HTTP, once per
+   candidate search (exact, ANN): CPU time per request (all threads), each stage's share, JSON
+   encoding, and the ranker's predict time against its FLOP estimate (2 x the weights of its
+   matrix kernels per candidate) at the single-thread GEMM rate numpy reaches on this machine.
+   ``cores / CPU-ms per request`` is the most a server can answer;
+3. signatures: ``rank`` vs ``serving_default`` per backend, backend calls only (no HTTP);
+4. ``deepclick serve``-equivalent servers (``serving.server.run``) with 1 and 2 (and 4) uvicorn
+   workers under a closed-loop load generator (a small asyncio HTTP/1.1 keep-alive client,
+   bounded in requests and seconds) at 1, 8 and 32 connections, with and without micro-batching;
+   requests/s as a share of the ceiling, and HTTP plus framework time per request (client
+   latency minus the handler's own total, sequential requests);
+5. the same requests against full ranking (every ad scored) and a bare FastAPI endpoint;
+6. per-worker PSS / RSS and the PSS of the index, embeddings and entity-table mappings with
+   1 vs 4 workers (/proc/<pid>/smaps_rollup and smaps; not in ``--quick``).
 
 The load generator shares the two cores with the servers, so absolute numbers are pessimistic;
 ratios compare like with like.
@@ -68,7 +74,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--candidates", type=int, default=500)
     parser.add_argument("--num-ads", type=int, default=10, help="ads returned per request")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument(
+        "--batch-max-rows", type=int, default=4000,
+        help="micro-batching setting of the batched 2-worker run (0: no batched run)",
+    )  # fmt: skip
+    parser.add_argument("--batch-max-wait-ms", type=float, default=0.0)
+    parser.add_argument("--in-process-requests", type=int, default=400)
+    parser.add_argument(
+        "--ranker-variants", action="store_true",
+        help="only the ranker's quality-vs-latency table (trains each variant; no servers)",
+    )  # fmt: skip
     parser.add_argument("--backends", nargs="+", default=["in_process", "grpc"])
     parser.add_argument("--requests", type=int, default=1500, help="per measurement, at most")
     parser.add_argument("--seconds", type=float, default=12.0, help="per measurement, at most")
@@ -275,14 +291,21 @@ def worker_pids(parent: int) -> list[int]:
     return sorted(pids)
 
 
-def server_env(root: Path, port: int, backend: str, target: str, signature: str) -> dict[str, str]:
+def server_env(
+    root: Path,
+    port: int,
+    backend: str,
+    target: str,
+    signature: str,
+    serving: dict[str, Any] | None = None,
+) -> dict[str, str]:
     from deepclick.settings import PredictorSettings, ServingSettings, Settings
     from serving.server import SETTINGS_ENV
 
     settings = Settings(
         root=root,
         predictor=PredictorSettings(backend=backend, target=target, signature=signature),
-        serving=ServingSettings(port=port, reload_interval_s=3600.0),
+        serving=ServingSettings(port=port, reload_interval_s=3600.0, **(serving or {})),
     )
     env = dict(os.environ)
     env[SETTINGS_ENV] = settings.model_dump_json()
@@ -479,6 +502,151 @@ def signature_timings(root: Path, args: argparse.Namespace, grpc_port: int) -> l
     return rows
 
 
+STAGES = ("lookup", "retrieve", "features", "predict", "sort")
+
+
+def ranker_flops(folder: Path) -> int:
+    """FLOPs per candidate row: 2 x the weights of the ranker's matrix kernels (dense and cross
+    layers; embedding tables are lookups, not arithmetic)."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(folder))
+    return 2 * sum(
+        int(np.prod(v.shape))
+        for v in loaded.variables
+        if len(v.shape) == 2 and "embedding" not in v.name
+    )
+
+
+def gemm_gflops(size: int = 256, repeats: int = 20) -> float:
+    """numpy's single-thread float32 GEMM rate here: the realistic rate for the ranker's FLOPs."""
+    from threadpoolctl import threadpool_limits
+
+    a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    with threadpool_limits(limits=1, user_api="blas"):
+        a @ a
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ a
+        seconds = (time.perf_counter() - started) / repeats
+    return 2 * size**3 / seconds / 1e9
+
+
+def in_process(root: Path, args: argparse.Namespace, bodies: Sequence[bytes]) -> list[dict]:
+    """The compute ceiling: ``rank`` called directly (no HTTP), once per candidate search, one
+    TF and one BLAS thread as in a serving worker. CPU time counts every thread of the process."""
+    from deepclick.settings import ServingSettings, Settings
+    from serving.app import limit_blas_threads
+    from serving.backends import configure_tensorflow_threads
+    from serving.metrics import ServingMetrics
+    from serving.ranking import RankLimits, rank
+    from serving.release import current_release_folder, load_release
+
+    configure_tensorflow_threads(1)
+    limit_blas_threads(1)
+    folder = current_release_folder(root)
+    requests = [RankRequest.model_validate_json(b) for b in bodies[: args.in_process_requests]]
+    warm = min(30, len(requests) // 4)
+    limits = RankLimits(args.candidates, max(args.candidates, 2000), 1000, 30.0)
+    rows = []
+    flops = gflops = None
+    for mode in ("exact", "ann"):
+        settings = Settings(root=root, serving=ServingSettings(candidate_search=mode))
+        release = load_release(folder, settings)
+        if flops is None:
+            flops, gflops = ranker_flops(release.backend.ranker.folder), gemm_gflops()
+        metrics = ServingMetrics()
+        for request in requests[:warm]:
+            rank(release, request, limits, metrics)
+        stages: dict[str, list[float]] = {s: [] for s in (*STAGES, "total", "encode")}
+        cpu, wall = time.process_time(), time.perf_counter()
+        for request in requests[warm:]:
+            answer = rank(release, request, limits, metrics)
+            started = time.perf_counter()
+            answer.model_dump_json().encode()
+            stages["encode"].append((time.perf_counter() - started) * 1000)
+            for stage in (*STAGES, "total"):
+                stages[stage].append(getattr(answer.timings_ms, stage))
+        n = len(requests) - warm
+        cpu_ms = (time.process_time() - cpu) * 1000 / n
+        wall_ms = (time.perf_counter() - wall) * 1000 / n
+        mean = {stage: float(np.mean(v)) for stage, v in stages.items()}
+        path_ms = sum(mean[s] for s in (*STAGES, "encode"))
+        predict_floor_ms = flops * args.candidates / (gflops * 1e9) * 1000
+        rows.append(
+            {
+                "search": mode,
+                "cpu_ms": round(cpu_ms, 3),
+                "wall_ms": round(wall_ms, 3),
+                "ceiling_rps_1core": round(1000 / cpu_ms, 1),
+                "ceiling_rps_2cores": round(2000 / cpu_ms, 1),
+                **{f"{s}_ms": round(mean[s], 3) for s in (*STAGES, "encode")},
+                **{f"{s}_share": round(mean[s] / path_ms, 3) for s in (*STAGES, "encode")},
+                "ranker_kflop_per_candidate": round(flops / 1000, 1),
+                "gemm_gflops_1thread": round(gflops, 1),
+                "predict_at_gemm_rate_ms": round(predict_floor_ms, 3),
+                "predict_vs_flops": round(mean["predict"] / predict_floor_ms, 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        release.close()
+    return rows
+
+
+def batch_curve(
+    root: Path, args: argparse.Namespace, sizes: Sequence[int] = (1, 2, 4, 8)
+) -> list[dict]:
+    """What micro-batching saves: CPU per request when ``size`` requests' candidates go to the
+    in-process ranker in one ``serving_default`` call, against one ``rank`` call per request
+    (the batcher's choice for a lone request)."""
+    from serving.backends import signature_inputs
+    from serving.batching import BATCH_SIGNATURE
+    from serving.release import current_release_folder, load_release
+
+    release = load_release(current_release_folder(root))
+    service, features, backend = release.candidates, release.features, release.backend
+    users = [bytes(u).decode() for u in features.tables["user"].ids[::997][:16]]
+    gathered = []
+    for i, user in enumerate(users):
+        placement = bytes(features.tables["context"].ids[i % 10]).decode()
+        parts = service.locate(user, placement)
+        found = service.candidates(user, placement, args.candidates, parts=parts)
+        lookup = features.lookup(user, placement, parts)
+        gathered.append(features.gather(user, placement, found, lookup=lookup))
+    rows = []
+    for size in sizes:
+        groups = [gathered[i : i + size] for i in range(0, len(gathered) - size + 1, size)]
+        for signature in ("rank", BATCH_SIGNATURE) if size == 1 else (BATCH_SIGNATURE,):
+
+            def call(group: list, signature: str = signature) -> None:
+                k = args.candidates
+                parts = [signature_inputs(signature, g.common, g.candidates, k) for g in group]
+                joined = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+                if signature == "rank":  # one request: its [1] shared inputs stay [1]
+                    joined = parts[0]
+                backend.call(joined, 30.0, signature=signature)
+
+            for group in groups[:2]:  # warm up (traces the shapes)
+                call(group)
+            cpu, wall = time.process_time(), time.perf_counter()
+            for _ in range(3):
+                for group in groups:
+                    call(group)
+            n = 3 * len(groups) * size
+            rows.append(
+                {
+                    "requests_per_call": size,
+                    "signature": signature,
+                    "rows_per_call": size * args.candidates,
+                    "cpu_ms_per_request": round((time.process_time() - cpu) * 1000 / n, 3),
+                    "wall_ms_per_request": round((time.perf_counter() - wall) * 1000 / n, 3),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    release.close()
+    return rows
+
+
 def stage_breakdown(port: int, bodies: Sequence[bytes], n: int = 300) -> dict[str, Any]:
     """Sequential requests: p50 of each stage the API reports (``timings_ms``) and of the
     client-side latency; their difference is HTTP + framework + thread hand-offs."""
@@ -554,9 +722,11 @@ def run_server_and_load(
     requests: int,
     memory: bool = False,
     breakdown: bool = False,
+    serving: dict[str, Any] | None = None,
+    label: str = "",
 ) -> tuple[list[dict], dict | None]:
     port = free_port()
-    env = server_env(root, port, backend, target, signature)
+    env = server_env(root, port, backend, target, signature, serving)
     argv = [sys.executable, "-c", SERVER_SCRIPT, kind, str(workers)]
     rows = []
     mem = None
@@ -569,7 +739,7 @@ def run_server_and_load(
             result = load(port, path, bodies, concurrency, requests, args.seconds)
             rows.append(
                 {
-                    "name": kind if kind != "api" else f"rank/{backend}",
+                    "name": (kind if kind != "api" else f"rank/{backend}") + label,
                     "workers": workers,
                     "concurrency": concurrency,
                     **result,
@@ -587,39 +757,122 @@ def run_server_and_load(
     return rows, mem
 
 
+RANKER_VARIANTS: dict[str, dict[str, Any]] = {
+    "default (2 full-rank cross, deep 64-32)": {},
+    "low-rank cross r=8": {"cross_low_rank": 8},
+    "low-rank cross r=16": {"cross_low_rank": 16},
+    "1 cross layer": {"cross_layers": 1},
+    "deep 32 only": {"hidden_units": [32]},
+    "no cross (deep 64-32)": {"cross_layers": 0},
+}
+"""Sizes and architectures the ranker settings offer, timed against their hold-out AUC."""
+
+
+def ranker_variants(args: argparse.Namespace) -> list[dict]:
+    """Quality vs latency of the ranker's offered sizes on one planted features folder: each
+    variant trained with the same data and seed; hold-out AUC beside the in-process ``rank``
+    call's time and FLOPs at ``--candidates`` candidates (calls alternate between variants, so
+    machine load hits them alike)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from feature_folder import write_feature_folder
+
+    from deepclick.settings import RankerSettings
+    from models.ranker.export import export_ranker
+    from models.ranker.inputs import frame_to_inputs, rank_request
+    from models.ranker.predictor import InProcessPredictor
+    from models.ranker.train import train_ranker
+    from serving.backends import configure_tensorflow_threads
+
+    configure_tensorflow_threads(1)
+    work = args.work / "ranker-variants"
+    made = write_feature_folder(
+        work / "features", impressions_per_day=20_000, users=5_000, ads=2_000, seed=args.seed
+    )
+    import pandas as pd
+
+    eval_rows = pd.read_parquet(made.path / "eval")
+    inputs = frame_to_inputs(made.spec, eval_rows)
+    batch = {k: v[: args.candidates] for k, v in inputs.items()}
+    rows, predictors = [], {}
+    for name, overrides in RANKER_VARIANTS.items():
+        trained = train_ranker(made.spec, RankerSettings(**overrides), progress=False)
+        folder = export_ranker(trained, work / "repo", f"v{len(predictors)}", "20240101")
+        predictors[name] = (InProcessPredictor(folder), ranker_flops(folder))
+        rows.append({"variant": name, "holdout_auc": round(trained.metrics["holdout_auc"], 4)})
+        print(json.dumps(rows[-1]), flush=True)
+    times: dict[str, list[float]] = {name: [] for name in predictors}
+    requests = {name: rank_request(batch, p.shared_inputs) for name, (p, _) in predictors.items()}
+    for repeat in range(60):
+        for name, (predictor, _) in predictors.items():
+            started = time.perf_counter()
+            predictor.predict(requests[name], "rank")
+            if repeat >= 10:
+                times[name].append(time.perf_counter() - started)
+    for row in rows:
+        predictor, flops = predictors[row["variant"]]
+        row.update(
+            {
+                "kflop_per_candidate": round(flops / 1000, 1),
+                **{f"rank_{k}": v for k, v in latency_ms(times[row["variant"]]).items()},
+            }
+        )
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.ranker_variants:
+        variants = ranker_variants(args)
+        print_table(
+            f"ranker: hold-out AUC vs rank-call time, {args.candidates} candidates", variants
+        )
+        print(f"wrote {write_json(args.name + '_ranker', {'variants': variants})}")
+        return
     if args.quick:
-        args.workers, args.concurrency, args.requests = [1, 2], [1, 8], 400
+        args.workers, args.requests, args.backends = [1, 2], 400, ["in_process"]
+        args.seconds, args.full_requests = min(args.seconds, 8.0), 3
+        args.in_process_requests = min(args.in_process_requests, 200)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     root = build_world(args.work, args)
     print(f"world ready in {time.perf_counter() - t0:.0f} s under {root}", flush=True)
     bodies = request_bodies(root, args)
+    results: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "load_average_before": os.getloadavg(),
+        "index_search": json.loads((index_folder(root) / "manifest.json").read_text()).get(
+            "search"
+        ),
+    }
+    ceiling = in_process(root, args, bodies)
+    print_table("in process, no HTTP: CPU per request, stage shares, ranker vs FLOPs", ceiling)
+    results["in_process"] = ceiling
+    curve = batch_curve(root, args)
+    print_table("micro-batching: ranker CPU per request by requests per call", curve)
+    results["batch_curve"] = curve
 
     grpc_port = free_port()
     release = json.loads((root / "releases" / "20240103" / "release.json").read_text())
     ranker_folder = root / release["ranker"]["folder"]
     model_server = [sys.executable, "-c", MODEL_SERVER_SCRIPT, MODEL, str(ranker_folder)]
-    results: dict[str, Any] = {
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "load_average_before": os.getloadavg(),
-    }
-    with process([*model_server, str(grpc_port)]) as stand_in:
-        assert stand_in.stdout is not None and stand_in.stdout.readline().strip() == "ready"
-        signatures = signature_timings(root, args, grpc_port)
-        print_table(
-            f"backend call, {args.candidates} candidates: rank vs serving_default", signatures
-        )
-        results["signatures"] = signatures
-        best = {}
-        for backend in ("in_process", "grpc", "rest"):
-            timed = [r for r in signatures if r["backend"] == backend]
-            best[backend] = min(timed, key=lambda r: r["p50_ms"])["signature"]
+    best = {"in_process": "rank", "grpc": "rank", "rest": "rank"}
+    rows: list[dict] = []
+    memory: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        if "grpc" in args.backends or not args.quick:
+            stand_in = stack.enter_context(process([*model_server, str(grpc_port)]))
+            assert stand_in.stdout is not None and stand_in.stdout.readline().strip() == "ready"
+        if not args.quick:
+            signatures = signature_timings(root, args, grpc_port)
+            print_table(
+                f"backend call, {args.candidates} candidates: rank vs serving_default", signatures
+            )
+            results["signatures"] = signatures
+            for backend in ("in_process", "grpc", "rest"):
+                timed = [r for r in signatures if r["backend"] == backend]
+                best[backend] = min(timed, key=lambda r: r["p50_ms"])["signature"]
         results["chosen_signature"] = best
 
-        rows: list[dict] = []
-        memory: list[dict] = []
         for backend in args.backends:
             for workers in args.workers:
                 found, mem = run_server_and_load(
@@ -627,12 +880,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                     target=f"127.0.0.1:{grpc_port}" if backend == "grpc" else "x",
                     signature=best[backend], concurrencies=args.concurrency, path="/v1/rank",
                     requests=args.requests,
-                    memory=backend == "in_process" and workers in (1, 4),
+                    memory=backend == "in_process" and workers in (1, 4) and 4 in args.workers,
                     breakdown=workers == 1,
                 )  # fmt: skip
                 rows += found
                 if mem is not None:
                     memory.append(mem)
+        if args.batch_max_rows and 2 in args.workers:
+            batching = {"batch_max_rows": args.batch_max_rows,
+                        "batch_max_wait_ms": args.batch_max_wait_ms}  # fmt: skip
+            found, _ = run_server_and_load(
+                "api", root, args, bodies, workers=2, backend="in_process", target="x",
+                signature=best["in_process"], concurrencies=[c for c in args.concurrency if c > 1],
+                path="/v1/rank", requests=args.requests, serving=batching, label="+batching",
+            )  # fmt: skip
+            rows += found
         for workers in args.workers:
             found, _ = run_server_and_load(
                 "bare", root, args, bodies, workers=workers, backend="in_process", target="x",
@@ -655,19 +917,39 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     results["runs"] = rows
     if stages:
-        print_table("where the time goes: p50 per stage, 1 worker, sequential requests", stages)
+        print_table("where the time goes through HTTP: p50 per stage, 1 worker, sequential", stages)
         results["stages"] = stages
     if memory:
         print_table("memory per worker (MB) and mapped files' PSS summed over workers", memory)
         results["memory"] = memory
-    results["summary"] = summarise(rows, memory)
+    results["summary"] = summarise(rows, memory, ceiling, stages, results["index_search"])
     results["load_average_after"] = os.getloadavg()
-    print_table("targets", results["summary"])
+    print_table("targets (issue 14)", results["summary"])
     path = write_json(args.name, results)
     print(f"wrote {path}")
 
 
-def summarise(rows: list[dict], memory: list[dict]) -> list[dict]:
+def index_folder(root: Path) -> Path:
+    from serving.release import current_release_folder
+
+    release = current_release_folder(root)
+    manifest = json.loads((release / "release.json").read_text())
+    return root / manifest["index"]["folder"]
+
+
+BEFORE_RPS = 163.0
+"""2 workers at 8 connections before issue 14 (issue 14's quiet-machine run)."""
+
+
+def summarise(
+    rows: list[dict],
+    memory: list[dict],
+    ceiling: list[dict],
+    stages: list[dict],
+    search: dict | None,
+) -> list[dict]:
+    """Each issue-14 target as met or not, with the number that decides it."""
+
     def pick(name: str, workers: int, concurrency: int | None = None) -> list[dict]:
         return [
             r
@@ -678,13 +960,65 @@ def summarise(rows: list[dict], memory: list[dict]) -> list[dict]:
         ]
 
     out = []
-    single = pick("rank/in_process", 1, 1)
-    if single:
+    mode = (search or {}).get("mode", "ann")
+    served = next((c for c in ceiling if c["search"] == mode), ceiling[0] if ceiling else None)
+    if served:
         out.append(
             {
-                "target": "p99 ≤ 15 ms, in-process, 1 worker, concurrency 1",
-                "value": f"{single[0]['p99_ms']:.1f} ms (p50 {single[0]['p50_ms']:.1f})",
-                "met": single[0]["p99_ms"] <= 15.0,
+                "target": f"in process: whole request path ≤ 2.5 ms CPU ({mode} search, the "
+                "index's measured choice)",
+                "value": f"{served['cpu_ms']:.2f} ms CPU (retrieve {served['retrieve_ms']:.2f}, "
+                f"predict {served['predict_ms']:.2f}, encode {served['encode_ms']:.3f} ms)",
+                "met": served["cpu_ms"] <= 2.5,
+            }
+        )
+    single = pick("rank/in_process", 1, 1)
+    if single:
+        s1 = single[0]
+        out.append(
+            {
+                "target": "one client: p50 ≤ 3 ms, p99 ≤ 8 ms",
+                "value": f"p50 {s1['p50_ms']:.1f} ms, p99 {s1['p99_ms']:.1f} ms",
+                "met": s1["p50_ms"] <= 3.0 and s1["p99_ms"] <= 8.0,
+            }
+        )
+    loaded = [
+        r
+        for r in rows
+        if r["name"].startswith("rank/in_process")
+        and r["workers"] == 2
+        and 8 <= r["concurrency"] <= 32
+        and r["degraded"] <= 0.01 * r["requests"]
+        and r["non_200"] <= 0.01 * r["requests"]
+    ]
+    if loaded:
+        top = max(loaded, key=lambda r: r["rps"])
+        out.append(
+            {
+                "target": f"2 workers, 8-32 connections: ≥ 4x {BEFORE_RPS:.0f} req/s",
+                "value": f"{top['rps']:.0f} req/s = {top['rps'] / BEFORE_RPS:.1f}x ({top['name']}, "
+                f"{top['concurrency']} connections)",
+                "met": top["rps"] >= 4 * BEFORE_RPS,
+            }
+        )
+        if served:
+            share, cap = top["rps"] / served["ceiling_rps_2cores"], served["ceiling_rps_2cores"]
+            out.append(
+                {
+                    "target": "2 workers: ≥ 80% of the compute ceiling (2 cores / CPU per request)",
+                    "value": f"{share:.0%} ({top['rps']:.0f} of {cap:.0f})",
+                    "met": share >= 0.8,
+                }
+            )
+    if stages:
+        st = stages[0]
+        share = st["http_and_framework_p50_ms"] / st["client_p50_ms"]
+        out.append(
+            {
+                "target": "HTTP + framework ≤ 15% of request time (1 worker, sequential, p50)",
+                "value": f"{share:.0%} ({st['http_and_framework_p50_ms']:.2f} of "
+                f"{st['client_p50_ms']:.2f} ms)",
+                "met": share <= 0.15,
             }
         )
     full = pick("full", 1, 1)
@@ -692,34 +1026,29 @@ def summarise(rows: list[dict], memory: list[dict]) -> list[dict]:
         ratio = full[0]["p50_ms"] / single[0]["p50_ms"]
         out.append(
             {
-                "target": "≥ 20× faster than scoring every ad (p50, concurrency 1)",
-                "value": f"{ratio:.0f}× ({full[0]['p50_ms']:.0f} vs {single[0]['p50_ms']:.1f} ms)",
+                "target": "(info) faster than scoring every ad (p50, concurrency 1)",
+                "value": f"{ratio:.0f}x ({full[0]['p50_ms']:.0f} vs {single[0]['p50_ms']:.1f} ms)",
                 "met": ratio >= 20,
-            }
-        )
-    # Throughput counts only runs that were not shedding load (≤ 1% degraded answers): a
-    # degraded answer skips the ranker, so it is cheaper and would flatter the number.
-    ranked = [r for r in pick("rank/in_process", 2) if r["degraded"] <= 0.01 * r["requests"]]
-    bare = pick("bare", 2)
-    if ranked and bare:
-        best_rank = max(r["rps"] for r in ranked)
-        best_bare = max(r["rps"] for r in bare)
-        out.append(
-            {
-                "target": "≥ 30% of bare FastAPI requests/s, 2 workers (best concurrency, "
-                "≤ 1% degraded)",
-                "value": f"{best_rank / best_bare:.0%} ({best_rank:.0f} vs {best_bare:.0f} req/s)",
-                "met": best_rank / best_bare >= 0.3,
             }
         )
     by_workers = {m["workers"]: m for m in memory}
     if 1 in by_workers and 4 in by_workers:
-        one, four = by_workers[1]["ads.ann_pss_mb_sum"], by_workers[4]["ads.ann_pss_mb_sum"]
+        files = ("ads.ann", "ads_vectors")
+        one = sum(by_workers[1][f"{f}_pss_mb_sum"] for f in files)
+        four = sum(by_workers[4][f"{f}_pss_mb_sum"] for f in files)
         out.append(
             {
-                "target": "4 workers hold the index at ≤ 1.3× the memory of one (PSS sum)",
-                "value": f"{four / one:.2f}× ({four:.1f} vs {one:.1f} MB)" if one else "n/a",
+                "target": "4 workers hold index + embeddings at ≤ 1.3x one (PSS sum)",
+                "value": f"{four / one:.2f}x ({four:.1f} vs {one:.1f} MB)" if one else "n/a",
                 "met": bool(one) and four / one <= 1.3,
+            }
+        )
+    else:
+        out.append(
+            {
+                "target": "4 workers hold index + embeddings at ≤ 1.3x one (PSS sum)",
+                "value": "not measured (--quick runs 1 and 2 workers)",
+                "met": None,
             }
         )
     return out

@@ -47,9 +47,11 @@ from typing import Any, Literal
 
 import numpy as np
 from annoy import AnnoyIndex
+from threadpoolctl import threadpool_limits
 
 from deepclick.layout import MANIFEST
 from deepclick.publish import PublishError, Staging, checksums, publishing, read_manifest, verify
+from deepclick.topk import exact_top_k, top_rows
 
 from .funnel import FunnelParams, popularity_prior
 from .popular import PopularAds, rank_popular, read_popular, write_popular
@@ -128,25 +130,10 @@ def loaded_trees(path: Path, dim: int, metric: Metric) -> int:
         forest.unload()
 
 
-def exact_top_k(ads: np.ndarray, queries: np.ndarray, k: int, *, chunk: int = 32) -> np.ndarray:
-    """Rows of the ``k`` largest ``query·ad`` per query (unordered), by brute force in chunks."""
-    k = min(k, ads.shape[0])
-    out = np.empty((queries.shape[0], k), dtype=np.int64)
-    for start in range(0, queries.shape[0], chunk):
-        scores = queries[start : start + chunk] @ np.asarray(ads).T
-        out[start : start + chunk] = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    return out
-
-
 def exact_search(vectors: np.ndarray, query: np.ndarray, n: int) -> np.ndarray:
     """Rows of the ``n`` largest ``query·ad``, best first (ties: lower row first): one BLAS
     matrix-vector product over the (mapped) vectors and a partial sort."""
-    n = min(n, vectors.shape[0])
-    if n <= 0:
-        return np.empty(0, dtype=np.int64)
-    scores = np.asarray(vectors) @ np.asarray(query, dtype=np.float32)
-    top = np.argpartition(-scores, n - 1)[:n] if n < scores.shape[0] else np.arange(n)
-    return top[np.lexsort((top, -scores[top]))].astype(np.int64)
+    return top_rows(np.asarray(vectors) @ np.asarray(query, dtype=np.float32), n)
 
 
 def measure_search(
@@ -180,7 +167,8 @@ def measure_search(
             best = min(best, (time.perf_counter() - started) * 1000.0 / max(len(queries), 1))
         return best
 
-    exact_ms = per_query_ms(lambda i: exact_search(vectors, queries[i], n))
+    with threadpool_limits(limits=1, user_api="blas"):  # as a serving worker runs it
+        exact_ms = per_query_ms(lambda i: exact_search(vectors, queries[i], n))
     ann_ms = per_query_ms(lambda i: index.get_nns_by_vector(prepared[i], n, search_k=effort))
     return {
         "mode": "exact" if exact_ms <= ann_ms else "ann",
@@ -301,7 +289,7 @@ def build_index(
     popular = rank_popular(popularity, top_n=popular_size, keep=lambda a: ads.row(a) is not None)
     queries = sample_queries(embeddings, recall_queries, seed)
     k = min(recall_k, len(ads))
-    exact = exact_top_k(ads.vectors, queries, k)
+    exact = exact_top_k(queries, ads.vectors, k)
 
     def refuse_below_floor(staging: Staging) -> None:
         recall = staging.manifest["ann_recall_at_k"]

@@ -275,6 +275,10 @@ class ServingSettings(_Section):
         0.0, ge=0, description="micro-batching: how long the first request of a batch waits for "
         "others (0: none; requests that arrive during a call join the next one)",
     )  # fmt: skip
+    blas_threads: int = Field(
+        1, ge=0, description="numpy BLAS threads per worker (exact candidate search); 1 avoids "
+        "oversubscription when one worker runs per core, 0 keeps the library's default",
+    )  # fmt: skip
     candidate_search: Literal["auto", "exact", "ann"] = Field(
         "auto", description="neighbour search of the candidate stage: exact (a BLAS scan, "
         "recall 1.0), ann (ANNOY), or auto: the one the index build measured faster for its "

@@ -416,6 +416,17 @@ async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+def limit_blas_threads(threads: int) -> None:
+    """Cap numpy's BLAS threads in this worker (0 keeps the library's default). The candidate
+    stage's exact search is one BLAS call per request; with one worker per core, a BLAS that
+    also starts a thread per core oversubscribes the machine (measured under load: 16 ms per
+    100k x 32 scan with 2 threads vs 3.6 ms with 1)."""
+    if threads > 0:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads, user_api="blas")
+
+
 def create_app(
     settings: Settings,
     *,
@@ -431,6 +442,7 @@ def create_app(
     """
     metrics = metrics or ServingMetrics()
     holder = holder or ReleaseHolder()
+    limit_blas_threads(settings.serving.blas_threads)
     reloader = Reloader(settings, holder, metrics) if watch else None
     if holder.current is not None:
         metrics.set_release(holder.current.versions)

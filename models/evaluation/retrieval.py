@@ -8,7 +8,8 @@ evaluation, the candidate index build and the benchmarks can all measure retriev
   several K at once. A list shorter than K simply has fewer chances.
 - :func:`ann_recall` — recall of an approximate top-k against the exact top-k: the same
   computation with the exact top-k as the relevant set.
-- :func:`exact_top_k` — brute-force best-first top-k by dot product, the reference.
+- :func:`exact_top_k` — brute-force best-first top-k by dot product, the reference (its one home
+  is ``deepclick.topk``; re-exported here).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from deepclick.topk import exact_top_k
+
+__all__ = ["ann_recall", "exact_top_k", "plot_recall_at_k", "recall_at_k"]
 
 QUERY_CHUNK = 1024
 
@@ -110,27 +115,6 @@ def ann_recall(approx: Any, exact: Any, k: int | None = None) -> float:
     k = exact_rows.shape[1] if k is None else k
     truth = [[v for v in row[:k] if not isinstance(v, _Unmatched)] for row in exact_rows]
     return recall_at_k(approx, truth, [k])[k]
-
-
-def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
-    """Rows of the ``k`` items with the largest ``query·item``, best first, per query.
-
-    Equal scores are ordered by the lower row, so the answer is deterministic.
-    """
-    queries = np.asarray(queries, dtype=np.float32)
-    items = np.asarray(items, dtype=np.float32)
-    k = min(int(k), items.shape[0])
-    out = np.empty((queries.shape[0], k), dtype=np.int64)
-    for start in range(0, queries.shape[0], QUERY_CHUNK):
-        scores = queries[start : start + QUERY_CHUNK] @ items.T
-        if k < items.shape[0]:
-            rows = np.sort(np.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)
-        else:
-            rows = np.broadcast_to(np.arange(k), scores.shape)
-        best = np.take_along_axis(scores, rows, axis=1)
-        order = np.argsort(-best, axis=1, kind="stable")
-        out[start : start + QUERY_CHUNK] = np.take_along_axis(rows, order, axis=1)
-    return out
 
 
 def plot_recall_at_k(
