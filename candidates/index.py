@@ -48,6 +48,7 @@ from typing import Any, Literal
 import numpy as np
 from annoy import AnnoyIndex
 
+from deepclick.errors import DeepclickError
 from deepclick.layout import MANIFEST
 from deepclick.publish import PublishError, Staging, checksums, publishing, read_manifest, verify
 
@@ -65,7 +66,7 @@ POPULAR_FILE = "popular.json"
 PRIOR_FILE = "prior.npy"
 
 
-class CandidateIndexError(ValueError):
+class CandidateIndexError(DeepclickError, ValueError):
     """An index folder breaks the contracts §5 rules; the message names the file and the rule."""
 
 

@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 
+from deepclick.errors import DeepclickError
 from deepclick.publish import read_manifest, resolve
 
 from .index import CandidateIndex, open_index
@@ -40,7 +41,7 @@ PRIOR_POOL_CAP = 10_000
 CandidateSource = Literal["ann", "popular"]
 
 
-class PairingError(ValueError):
+class PairingError(DeepclickError, ValueError):
     """An index and an embeddings folder that were not built together."""
 
 
