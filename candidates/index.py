@@ -49,6 +49,7 @@ import numpy as np
 from annoy import AnnoyIndex
 from threadpoolctl import threadpool_limits
 
+from deepclick.errors import DeepclickError
 from deepclick.layout import MANIFEST
 from deepclick.publish import PublishError, Staging, checksums, publishing, read_manifest, verify
 from deepclick.topk import exact_top_k, top_rows
@@ -69,7 +70,7 @@ SEARCH_TIMING_QUERIES = 50
 """Sample queries timed per search kind when a build chooses between exact and ANN search."""
 
 
-class CandidateIndexError(ValueError):
+class CandidateIndexError(DeepclickError, ValueError):
     """An index folder breaks the contracts §5 rules; the message names the file and the rule."""
 
 

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deepclick.errors import DeepclickError
+
 GLOBAL = "__all__"
 """The placement id that the features stage uses for counts over all placements."""
 
 
-class PopularFileError(ValueError):
+class PopularFileError(DeepclickError, ValueError):
     """popular.json does not have the contracts §5 shape."""
 
 

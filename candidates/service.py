@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 
+from deepclick.errors import DeepclickError
 from deepclick.publish import read_manifest, resolve
 
 from .index import CandidateIndex, exact_search, open_index
@@ -44,7 +45,7 @@ SearchMode = Literal["auto", "exact", "ann"]
 (the manifest's ``search.mode``; ``ann`` for an index built before the measurement existed)."""
 
 
-class PairingError(ValueError):
+class PairingError(DeepclickError, ValueError):
     """An index and an embeddings folder that were not built together."""
 
 

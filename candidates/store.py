@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from deepclick.errors import DeepclickError
 from deepclick.publish import publishing, read_manifest, verify
 from deepclick.sorted_ids import sorted_rows
 
@@ -25,7 +26,7 @@ FALLBACK_ENTITIES = ("user", "placement")
 METRIC = "dot"
 
 
-class EmbeddingStoreError(ValueError):
+class EmbeddingStoreError(DeepclickError, ValueError):
     """An embeddings folder or table breaks the §4 contract; the message names the file and rule."""
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deepclick.errors import DeepclickError
 from deepclick.layout import CURRENT, MANIFEST
 
 _AT_FDCWD = -100
@@ -52,15 +53,15 @@ def _load_renameat2() -> Any:
 _RENAMEAT2 = _load_renameat2()
 
 
-class PublishError(RuntimeError):
+class PublishError(DeepclickError, RuntimeError):
     """A stage output failed validation and was not published."""
 
 
-class NotPublishedError(FileNotFoundError):
+class NotPublishedError(DeepclickError, FileNotFoundError):
     """A reader asked for a version (or CURRENT) that has not been published."""
 
 
-class IntegrityError(RuntimeError):
+class IntegrityError(DeepclickError, RuntimeError):
     """A published folder does not match its manifest (missing or altered files)."""
 
 

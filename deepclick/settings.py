@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from deepclick import layout
+from deepclick.errors import DeepclickError
 
 CONFIG_ENV_VAR = "DEEPCLICK_CONFIG"
 
@@ -477,7 +478,7 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
-class SettingsError(ValueError):
+class SettingsError(DeepclickError, ValueError):
     """Settings that cannot be used; the message names every offending key."""
 
 

@@ -12,20 +12,39 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from deepclick import layout
+from deepclick.errors import DeepclickError
 from deepclick.settings import Settings, SettingsError, load_settings
 
+console = Console()
+
+
+class _Commands(TyperGroup):
+    """Every command runs through here: a :class:`DeepclickError` (whose message names the rule
+    broken and the fix) is printed and exits 1; any other exception is a bug and keeps its
+    traceback. The one place the CLI catches errors."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DeepclickError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="deepclick",
     help="Ad click prediction: Spark pipelines, two-tower candidates, a TF Serving CTR ranker.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
 
 ConfigOption = Annotated[
     Path | None,
@@ -85,14 +104,14 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
 
 def _date(value: str, option: str = "--date") -> dt.date:
     try:
-        return dt.date.fromisoformat(value)
+        return layout.parse_date(value)
     except ValueError:
         console.print(f"[red]error:[/red] {option} {value!r} is not a date (YYYY-MM-DD)")
         raise typer.Exit(2) from None
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {exc}")
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
     return typer.Exit(1)
 
 
@@ -134,15 +153,12 @@ def ingest(
 ) -> None:
     """Validate raw logs and publish canonical events, quarantine and side snapshots."""
     settings = _settings(config)
-    from pipelines.ingest.runner import IngestError, run_ingest
-    from pipelines.specs import SpecError, load_spec
+    from pipelines.ingest.runner import run_ingest
+    from pipelines.specs import load_spec
 
-    try:
-        spec = load_spec(dataset)
-        end = _date(until, "--until") if until else None
-        report = run_ingest(settings, spec, source, _date(date), end)
-    except (SpecError, IngestError, FileNotFoundError, ValueError) as exc:
-        raise _fail(exc) from None
+    spec = load_spec(dataset)
+    end = _date(until, "--until") if until else None
+    report = run_ingest(settings, spec, source, _date(date), end)
     print_ingest_report(report)
 
 
@@ -176,16 +192,14 @@ def features(
 ) -> None:
     """Build vocabularies, entity tables and training/evaluation sets from events before D."""
     settings = _settings(config)
-    from lifecycle.daily import ServingPinnedError, stage_guard
+    from lifecycle.daily import stage_guard
     from pipelines.features.runner import run_features
-    from pipelines.specs import SpecError, load_spec
+    from pipelines.specs import load_spec
 
-    try:
-        name = load_spec(dataset).name if dataset else None
-        with stage_guard(settings, _date(date), "features"):
-            folder = run_features(settings, _date(date), dataset=name)
-    except (ServingPinnedError, ValueError, FileNotFoundError, SpecError) as exc:
-        raise _fail(exc) from None
+    name = load_spec(dataset).name if dataset else None
+    day = _date(date)
+    with stage_guard(settings, day, "features"):
+        folder = run_features(settings, day, dataset=name)
     manifest = json.loads((folder / layout.MANIFEST).read_text())
     print_counts(f"features {date} → {folder}", manifest.get("counts", {}))
 
@@ -194,14 +208,12 @@ def features(
 def towers(date: DateOption, config: ConfigOption = None) -> None:
     """Train the two-tower model on D's retrieval set and publish its exported towers."""
     settings = _settings(config)
-    from lifecycle.daily import ServingPinnedError, stage_guard
+    from lifecycle.daily import stage_guard
     from pipelines.towers import run_towers
 
-    try:
-        with stage_guard(settings, _date(date), "towers"):
-            folder = run_towers(settings, _date(date))
-    except (ServingPinnedError, ValueError, FileNotFoundError) as exc:
-        raise _fail(exc) from None
+    day = _date(date)
+    with stage_guard(settings, day, "towers"):
+        folder = run_towers(settings, day)
     manifest = json.loads((folder / layout.MANIFEST).read_text())
     print_counts(f"towers {date} → {folder}", {**manifest["counts"], "dim": manifest["dim"]})
 
@@ -210,14 +222,12 @@ def towers(date: DateOption, config: ConfigOption = None) -> None:
 def embed(date: DateOption, config: ConfigOption = None) -> None:
     """Embed every user, placement and ad with D's towers (Spark) and publish the tables."""
     settings = _settings(config)
-    from lifecycle.daily import ServingPinnedError, stage_guard
+    from lifecycle.daily import stage_guard
     from pipelines.embed import run_embed
 
-    try:
-        with stage_guard(settings, _date(date), "embed"):
-            folder = run_embed(settings, _date(date))
-    except (ServingPinnedError, ValueError, FileNotFoundError) as exc:
-        raise _fail(exc) from None
+    day = _date(date)
+    with stage_guard(settings, day, "embed"):
+        folder = run_embed(settings, day)
     manifest = json.loads((folder / layout.MANIFEST).read_text())
     print_counts(f"embeddings {date} → {folder}", manifest.get("counts", {}))
 
@@ -229,11 +239,9 @@ def index(date: DateOption, config: ConfigOption = None) -> None:
     from lifecycle.daily import stage_guard
     from pipelines.build_index import run_index
 
-    try:
-        with stage_guard(settings, _date(date), "index"):
-            folder = run_index(settings, _date(date))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # ServingPinnedError too
-        raise _fail(exc) from None
+    day = _date(date)
+    with stage_guard(settings, day, "index"):
+        folder = run_index(settings, day)
     manifest = json.loads((folder / layout.MANIFEST).read_text())
     print_counts(
         f"index {date} → {folder}",
@@ -288,28 +296,25 @@ def evaluate(
     day = _date(date)
     version = model_version or version_for(day)
     ctx = DayContext(settings, day, settings.lifecycle.dataset, settings.raw_dir)
-    try:
-        folder = layout.model_repository(settings.root) / settings.predictor.model_name / version
-        model = InProcessPredictor(folder)
-        embeddings = None
-        if model.uses_similarity:
-            embeddings = resolve(
-                layout.embeddings_dir(settings.root), model.embedding_version, what="embeddings"
-            )
-        out = report_folder(settings, day, version)
-        report = evaluate_model(
-            settings,
-            day,
-            ranker=folder,
-            features=ctx.features,
-            embeddings=embeddings,
-            out=out,
-            truth_dir=ctx.truth_dir(),
-            peers=fit_day_peers(settings, ctx.features) if peers else None,
-            back_test=version != version_for(day),
+    folder = layout.model_repository(settings.root) / settings.predictor.model_name / version
+    model = InProcessPredictor(folder)
+    embeddings = None
+    if model.uses_similarity:
+        embeddings = resolve(
+            layout.embeddings_dir(settings.root), model.embedding_version, what="embeddings"
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        raise _fail(exc) from None
+    out = report_folder(settings, day, version)
+    report = evaluate_model(
+        settings,
+        day,
+        ranker=folder,
+        features=ctx.features,
+        embeddings=embeddings,
+        out=out,
+        truth_dir=ctx.truth_dir(),
+        peers=fit_day_peers(settings, ctx.features) if peers else None,
+        back_test=version != version_for(day),
+    )
     from pipelines.quality_tables import models_table
 
     console.print(models_table(f"evaluate ranker {version} on {date} → {out}", report.metrics))
@@ -348,20 +353,17 @@ def replay(
         challenger = DayLayout(settings.root, day).challenger_release
         folder = challenger if challenger.is_dir() else current_release_folder(settings.root)
     if folder is None:
-        raise _fail(ValueError("no release to replay: run the daily pipeline for D first"))
+        raise _fail("no release to replay: run the daily pipeline for D first")
     out = layout.reports_dir(settings.root, day) / "replay"
-    try:
-        report = replay_day(
-            settings,
-            day,
-            release_folder=folder,
-            features_folder=ctx.features,
-            truth_dir=ctx.truth_dir(),
-            out=out,
-            peers=fit_day_peers(settings, ctx.features),
-        )
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        raise _fail(exc) from None
+    report = replay_day(
+        settings,
+        day,
+        release_folder=folder,
+        features_folder=ctx.features,
+        truth_dir=ctx.truth_dir(),
+        out=out,
+        peers=fit_day_peers(settings, ctx.features),
+    )
     from pipelines.quality_tables import replay_tables
 
     for table in replay_tables(f"replay of {date} with release {folder.name} → {out}", report):
@@ -386,12 +388,9 @@ def run(
     """The daily pipeline for D: ingest → features → towers → embed → index → ranker →
     evaluate → gate → publish. Unchanged stages are skipped; a failure leaves serving as it was."""
     settings = _settings(config)
-    from lifecycle.daily import StageFailed, run_daily
+    from lifecycle.daily import run_daily
 
-    try:
-        run_daily(settings, _date(date), dataset=dataset, source=source, console=console)
-    except StageFailed as exc:
-        raise _fail(exc) from None
+    run_daily(settings, _date(date), dataset=dataset, source=source, console=console)
 
 
 @app.command()
@@ -404,34 +403,28 @@ def backfill(
 ) -> None:
     """Run the daily pipeline for every day from START to END, oldest first."""
     settings = _settings(config)
-    from lifecycle.daily import StageFailed, run_backfill
+    from lifecycle.daily import run_backfill
 
-    try:
-        run_backfill(
-            settings,
-            _date(start, "--start"),
-            _date(end, "--end"),
-            dataset=dataset,
-            source=source,
-            console=console,
-        )
-    except StageFailed as exc:
-        raise _fail(exc) from None
+    run_backfill(
+        settings,
+        _date(start, "--start"),
+        _date(end, "--end"),
+        dataset=dataset,
+        source=source,
+        console=console,
+    )
 
 
 @app.command()
 def specs(show: Annotated[str | None, typer.Argument(help="spec name or path")] = None) -> None:
     """List the built-in dataset specs, or validate and show one."""
-    from pipelines.specs import SpecError, builtin_specs, load_spec
+    from pipelines.specs import builtin_specs, load_spec
 
     if show is None:
         for name in builtin_specs():
             console.print(f"{name}: {load_spec(name).description}")
         return
-    try:
-        spec = load_spec(show)
-    except SpecError as exc:
-        raise _fail(exc) from None
+    spec = load_spec(show)
     console.print_json(spec.model_dump_json())
 
 

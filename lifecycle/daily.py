@@ -42,6 +42,7 @@ from rich.table import Table
 from rich.text import Text
 
 from deepclick import layout
+from deepclick.errors import DeepclickError
 from deepclick.layout import RELEASE_FILE
 from deepclick.publish import (
     IntegrityError,
@@ -71,7 +72,7 @@ LEDGER_FILE = "stages.json"
 KEPT_INVOCATIONS = 50
 
 
-class StageFailed(RuntimeError):
+class StageFailed(DeepclickError, RuntimeError):
     """A stage of the daily run failed; everything published before it is intact."""
 
     def __init__(self, stage: str, date: dt.date, cause: BaseException | str) -> None:
@@ -80,11 +81,11 @@ class StageFailed(RuntimeError):
         self.date = date
 
 
-class ServingPinnedError(RuntimeError):
+class ServingPinnedError(DeepclickError, RuntimeError):
     """A stage would republish a folder that the serving release reads."""
 
 
-class StageNotConfirmed(RuntimeError):
+class StageNotConfirmed(DeepclickError, RuntimeError):
     """The run ledger does not confirm that a task's stage completed."""
 
 

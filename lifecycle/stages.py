@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deepclick.errors import DeepclickError
 from deepclick.layout import (
     PARTITION_MANIFEST,
     RANKER_MANIFEST,
@@ -76,11 +77,11 @@ DECISION_FILE = "decision.json"
 EVAL_COLUMNS = ["event_id", "user_id", "placement_id", "ad_id", "label"]
 
 
-class StageInputError(RuntimeError):
+class StageInputError(DeepclickError, RuntimeError):
     """A stage's inputs are not there (an upstream stage has not published for D, no raw logs)."""
 
 
-class ChampionUnavailableError(RuntimeError):
+class ChampionUnavailableError(DeepclickError, RuntimeError):
     """The champion's published folders are gone or were republished: it cannot be re-measured."""
 
 

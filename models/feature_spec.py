@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from deepclick.errors import DeepclickError
 from deepclick.layout import SPEC_FILE
 
 FEATURE_TABLES: tuple[str, ...] = (
@@ -65,7 +66,7 @@ def standard_scale(std: float | None, mean: float = 0.0) -> float:
     return 1.0 / std
 
 
-class FeatureSpecError(ValueError):
+class FeatureSpecError(DeepclickError, ValueError):
     """A feature spec that is missing, malformed or asked for a feature it does not have."""
 
 

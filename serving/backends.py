@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from deepclick.errors import DeepclickError
 from deepclick.settings import PredictorSettings
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ OUTPUT = "pctr"
 MAX_MESSAGE_BYTES = 64 * 2**20
 
 
-class RankerError(RuntimeError):
+class RankerError(DeepclickError, RuntimeError):
     """The ranker did not produce a usable answer (unreachable, refused, malformed output)."""
 
 

@@ -39,6 +39,7 @@ import pandas as pd
 import pyarrow as pa
 
 from candidates.service import CandidateResult, QueryParts
+from deepclick.errors import DeepclickError
 from deepclick.sorted_ids import sorted_rows
 from models.feature_spec import ROLE_KEY, Feature, FeatureSpec
 from models.ranker.inputs import SIMILARITY_INPUTS, NumericStats
@@ -47,11 +48,11 @@ Dtype = Literal["string", "float32"]
 REQUEST_ROLES = ("user", "context")
 
 
-class EntityTableError(ValueError):
+class EntityTableError(DeepclickError, ValueError):
     """An entity table file breaks the release's rules; the message names the file and rule."""
 
 
-class RequestFieldError(ValueError):
+class RequestFieldError(DeepclickError, ValueError):
     """A request field does not fit the release's feature spec or the server's limits (→ 422);
     ``field_path`` names it the way pydantic does (``("body", "user_features", name)``)."""
 

@@ -23,12 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from deepclick.errors import DeepclickError
+
 SAMPLE_QUERIES = 32
 """Items searched like requests are, besides the full walk."""
 EXIT_REFUSED = 3
 
 
-class IndexProbeError(ValueError):
+class IndexProbeError(DeepclickError, ValueError):
     """The index crashed, hung or failed a check when searched in a child process."""
 
 

@@ -36,6 +36,7 @@ import numpy as np
 from candidates.service import CandidateService, PairingError, check_pairing
 from candidates.store import Embeddings
 from deepclick import layout
+from deepclick.errors import DeepclickError
 from deepclick.layout import RANKER_COPY, RANKER_MANIFEST, RELEASE_FILE, RELEASES
 from deepclick.publish import (
     MANIFEST,
@@ -78,7 +79,7 @@ INDEX_PROBE_MIN_S = 60.0
 ENTITY_FILES = {role: f"entities/{ROLE_TABLE[role]}.arrow" for role in ROLES}
 
 
-class ReleaseError(ValueError):
+class ReleaseError(DeepclickError, ValueError):
     """A release that must not be served; the message names the component and the rule."""
 
 

@@ -28,6 +28,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder
 
+from deepclick.errors import DeepclickError
 from models.feature_spec import ROLE_KEY, FeatureSpec, standard_scale
 
 LOGISTIC = "logistic_regression"
@@ -39,7 +40,7 @@ GBDT_MAX_CATEGORIES = 250
 AD_KEY = ROLE_KEY["ad"]
 
 
-class PeerError(ValueError):
+class PeerError(DeepclickError, ValueError):
     """Peers cannot be fitted (no training rows, one class only); the message says which."""
 
 

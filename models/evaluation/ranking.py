@@ -17,11 +17,13 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from deepclick.errors import DeepclickError
+
 LOG_EPS = 1e-7
 """Probabilities are clipped to [eps, 1 - eps] inside log loss, so one 0 or 1 cannot make it ∞."""
 
 
-class EvaluationError(ValueError):
+class EvaluationError(DeepclickError, ValueError):
     """An evaluation that cannot produce a meaningful number; the message says which and why."""
 
 

@@ -16,10 +16,11 @@ import numpy as np
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
+from deepclick.errors import DeepclickError
 from models.ranker.layers import PROBABILITY_EPS, CalibrationHead
 
 
-class CalibrationError(ValueError):
+class CalibrationError(DeepclickError, ValueError):
     """The held-out rows cannot fit a calibration (e.g. they hold one class only)."""
 
 

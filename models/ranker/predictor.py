@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from deepclick.errors import DeepclickError
 from deepclick.layout import RANKER_MANIFEST
 from deepclick.publish import read_manifest, verify
 from models.ranker.inputs import (
@@ -30,7 +31,7 @@ FRAME_BATCH = 8192
 """Rows per ``serving_default`` call when scoring a whole table."""
 
 
-class PredictorInputError(ValueError):
+class PredictorInputError(DeepclickError, ValueError):
     """A request does not fit the model's signature; the message names the inputs at fault."""
 
 

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import tensorflow as tf
 
+from deepclick.errors import DeepclickError
 from deepclick.settings import RankerSettings
 from models.evaluation.ranking import auc, calibration_ratio, logloss
 from models.feature_spec import FeatureSpec
@@ -49,7 +50,7 @@ PREDICT_BATCH = 8192
 READ_BATCH_ROWS = 262_144
 
 
-class RankerTrainingError(ValueError):
+class RankerTrainingError(DeepclickError, ValueError):
     """The features folder cannot train a ranker (no rows, one class, ...); the message says why."""
 
 

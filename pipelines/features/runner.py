@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import functions as F
 
+from deepclick.errors import DeepclickError
 from deepclick.layout import PARTITION_MANIFEST, version_for
 from deepclick.publish import (
     Staging,
@@ -61,7 +62,7 @@ PARALLEL_WRITES = 4
 """Output tables written at once: small jobs are dominated by scheduling latency, not CPU."""
 
 
-class FeaturesInputError(ValueError):
+class FeaturesInputError(DeepclickError, ValueError):
     """The warehouse does not hold what the features stage needs for the requested day."""
 
 

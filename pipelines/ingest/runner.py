@@ -25,6 +25,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from deepclick.errors import DeepclickError
 from deepclick.layout import PARTITION_MANIFEST
 from deepclick.publish import publishing
 from deepclick.settings import Settings
@@ -34,7 +35,7 @@ from pipelines.spark import get_spark
 from pipelines.specs import DatasetSpec
 
 
-class IngestError(RuntimeError):
+class IngestError(DeepclickError, RuntimeError):
     """The source holds nothing usable for the requested dates."""
 
 

@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from deepclick.errors import DeepclickError
+
 BUILTIN_DIR = Path(__file__).parent
 
 ColumnType = Literal["string", "int", "long", "double", "boolean"]
@@ -28,7 +30,7 @@ ROLE_KEY: dict[str, str] = {"user": "user_id", "context": "placement_id", "ad": 
 TABLE_ROLE: dict[str, Role] = {"users": "user", "placements": "context", "ads": "ad"}
 
 
-class SpecError(ValueError):
+class SpecError(DeepclickError, ValueError):
     """A dataset spec that cannot describe its source; the message names the spec and the column."""
 
 
