@@ -82,6 +82,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-max-wait-ms", type=float, default=0.0)
     parser.add_argument("--in-process-requests", type=int, default=400)
     parser.add_argument(
+        "--no-servers", action="store_true",
+        help="only the in-process ceiling and the batching curve (no HTTP servers)",
+    )  # fmt: skip
+    parser.add_argument(
         "--ranker-variants", action="store_true",
         help="only the ranker's quality-vs-latency table (trains each variant; no servers)",
     )  # fmt: skip
@@ -405,6 +409,7 @@ def load(
     return {
         "requests": len(latencies),
         "rps": len(latencies) / elapsed,
+        "ok_rps": statuses[200] / elapsed,  # answered (200), not shed with a fast 503
         "p50_ms": float(np.percentile(ms, 50)),
         "p95_ms": float(np.percentile(ms, 95)),
         "p99_ms": float(np.percentile(ms, 99)),
@@ -850,6 +855,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     curve = batch_curve(root, args)
     print_table("micro-batching: ranker CPU per request by requests per call", curve)
     results["batch_curve"] = curve
+    if args.no_servers:
+        print(f"wrote {write_json(args.name, results)}")
+        return
 
     grpc_port = free_port()
     release = json.loads((root / "releases" / "20240103" / "release.json").read_text())
@@ -989,24 +997,24 @@ def summarise(
         and r["workers"] == 2
         and 8 <= r["concurrency"] <= 32
         and r["degraded"] <= 0.01 * r["requests"]
-        and r["non_200"] <= 0.01 * r["requests"]
     ]
-    if loaded:
-        top = max(loaded, key=lambda r: r["rps"])
+    if loaded:  # answered requests only: a fast 503 (admission control) is not throughput
+        top = max(loaded, key=lambda r: r["ok_rps"])
+        rps = top["ok_rps"]
         out.append(
             {
-                "target": f"2 workers, 8-32 connections: ≥ 4x {BEFORE_RPS:.0f} req/s",
-                "value": f"{top['rps']:.0f} req/s = {top['rps'] / BEFORE_RPS:.1f}x ({top['name']}, "
-                f"{top['concurrency']} connections)",
-                "met": top["rps"] >= 4 * BEFORE_RPS,
+                "target": f"2 workers, 8-32 connections: ≥ 4x {BEFORE_RPS:.0f} answered req/s",
+                "value": f"{rps:.0f} req/s = {rps / BEFORE_RPS:.1f}x ({top['name']}, "
+                f"{top['concurrency']} connections, {top['non_200']} of {top['requests']} shed)",
+                "met": rps >= 4 * BEFORE_RPS,
             }
         )
         if served:
-            share, cap = top["rps"] / served["ceiling_rps_2cores"], served["ceiling_rps_2cores"]
+            share, cap = rps / served["ceiling_rps_2cores"], served["ceiling_rps_2cores"]
             out.append(
                 {
                     "target": "2 workers: ≥ 80% of the compute ceiling (2 cores / CPU per request)",
-                    "value": f"{share:.0%} ({top['rps']:.0f} of {cap:.0f})",
+                    "value": f"{share:.0%} ({rps:.0f} of {cap:.0f})",
                     "met": share >= 0.8,
                 }
             )
