@@ -111,6 +111,12 @@ class TwoTowerSettings(_Section):
         description="share of training rows whose id embedding is zeroed, so towers also place "
         "entities from their features alone (cold-start ads and users)",
     )
+    uniform_negatives: int = Field(
+        0,
+        ge=0,
+        description="ads drawn uniformly from the catalogue as extra negatives of every batch "
+        "(mixed negative sampling, models/two_tower/model.py; 0: in-batch only)",
+    )
 
 
 class RankerSettings(_Section):

@@ -211,3 +211,47 @@ def test_training_on_chosen_days_reads_only_their_clicks(folder: FeatureFolder) 
     assert len(read_retrieval(folder.spec, columns, [first])) == on_first < len(clicks)
     with pytest.raises(FeatureSpecError, match="0 clicked rows on 1999-01-01"):
         read_retrieval(folder.spec, columns, ["1999-01-01"])
+
+
+def test_mixed_negative_loss_corrects_each_source_by_its_sampling_rate(
+    folder: FeatureFolder,
+) -> None:
+    """Mixed negatives (Yang et al., WWW 2020): the softmax over B in-batch ads and M uniform
+    catalogue ads, each corrected by log(how often its source proposes it) — log(B·q_j) in the
+    batch, log(M/N) from the catalogue — with the positive's own ad masked in both. A one-ad
+    catalogue makes the uniform draw certain, so the loss is checked against numpy by hand."""
+    towers = build_towers(folder.spec, SETTINGS)
+    clicks = folder.table("training/retrieval").head(6).reset_index(drop=True)
+    clicks.loc[3, "ad_id"] = clicks.loc[0, "ad_id"]  # an in-batch duplicate of row 0's ad
+    features = [f for tower in towers.values() for f in tower.features]
+    batch = {
+        f.name: clicks[f.name].astype(str).to_numpy()
+        if f.kind == "categorical"
+        else clicks[f.name].to_numpy(np.float32)
+        for f in features
+    }
+    batch["ad_id"] = clicks["ad_id"].astype(str).to_numpy()
+    batch["ad_log_q"] = np.log([0.5, 0.1, 0.2, 0.5, 0.05, 0.15]).astype(np.float32)
+    one_ad = {f.name: batch[f.name][1:2] for f in towers["ad"].features}  # row 1's ad
+    model = TwoTowerModel(towers, temperature=0.5, catalogue=one_ad, uniform_negatives=3, seed=1)
+    out = model(batch)
+    q, a = out["query"].numpy(), out["candidate"].numpy()
+    in_batch = q @ a.T / 0.5 - batch["ad_log_q"][None, :] - np.log(6)
+    ids = batch["ad_id"]
+    in_batch[(ids[:, None] == ids[None, :]) & ~np.eye(6, dtype=bool)] = -1e9
+    drawn = np.asarray(model.ad_tower(one_ad))[0]
+    uniform = np.repeat((q @ drawn / 0.5 - np.log(3 / 1))[:, None], 3, axis=1)
+    uniform[ids == ids[1]] = -1e9  # row 1 drew its own ad: not a negative
+    logits = np.concatenate([in_batch, uniform], axis=1)
+    log_softmax = (
+        logits
+        - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1))[:, None]
+        - logits.max(1, keepdims=True)
+    )
+    expected = -np.mean(log_softmax[np.arange(6), np.arange(6)])
+    loss = float(model.compute_loss(batch, y_pred=out))
+    assert loss == pytest.approx(expected, rel=1e-4)
+    without = TwoTowerModel(towers, temperature=0.5)
+    assert float(without.compute_loss(batch, y_pred=out)) < loss  # more negatives, more loss
+    with pytest.raises(ValueError, match="needs a catalogue of ad features"):
+        TwoTowerModel(towers, temperature=0.5, uniform_negatives=3)

@@ -8,6 +8,15 @@ the probability it is sampled) — the "logQ correction" of Yi et al., RecSys 20
 divided by ``temperature`` first; in-batch duplicates of the positive ad are masked so an ad is
 never its own negative.
 
+Mixed negative sampling (Yang et al., WWW 2020). In-batch negatives are only ads that were
+clicked, so an ad that is rarely or never clicked is almost never pushed down: its score is
+unconstrained and it can crowd the top of the candidate list. With ``uniform_negatives`` M > 0,
+every batch also scores M ads drawn uniformly from the whole catalogue (``entities/ads``, ads
+with no click included). Each candidate's logit is corrected by the log of how often its source
+proposes it: ``log(B · q_j)`` for an in-batch ad (B rows, ``q_j`` its click share) and
+``log(M / N)`` for a uniform ad (N ads in the catalogue), so the softmax over the union still
+estimates the full softmax over the catalogue. A uniform draw of the positive's own ad is masked.
+
 Why the query side is a *sum* of towers: user, placement and time vectors can then be computed
 independently (the Spark embed job precomputes users and placements) and added online, so
 serving never runs a tower for a known entity.
@@ -44,6 +53,10 @@ class TwoTowerModel(keras.Model):
         temperature: logits are ``query·ad / temperature``.
         candidate_key: the batch column that identifies an ad (to mask in-batch duplicates).
         log_q_key: the batch column holding each ad's log sampling probability.
+        catalogue: raw ad-tower features of every ad (``{feature: [N]}``, with the
+            ``candidate_key`` column) from which ``uniform_negatives`` are drawn per batch.
+        uniform_negatives: M, the uniform negatives per batch (0: in-batch only).
+        seed: seeds the uniform draws.
     """
 
     def __init__(
@@ -53,6 +66,9 @@ class TwoTowerModel(keras.Model):
         temperature: float,
         candidate_key: str = "ad_id",
         log_q_key: str = "ad_log_q",
+        catalogue: Mapping[str, np.ndarray] | None = None,
+        uniform_negatives: int = 0,
+        seed: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -66,6 +82,17 @@ class TwoTowerModel(keras.Model):
         self.temperature = float(temperature)
         self.candidate_key = candidate_key
         self.log_q_key = log_q_key
+        self.uniform_negatives = int(uniform_negatives)
+        self.catalogue: dict[str, tf.Tensor] = {}
+        if self.uniform_negatives:
+            if not catalogue or candidate_key not in catalogue:
+                raise ValueError(
+                    f"uniform_negatives={uniform_negatives} needs a catalogue of ad features "
+                    f"with the {candidate_key!r} column (entities/ads)"
+                )
+            self.catalogue = {name: tf.constant(values) for name, values in catalogue.items()}
+            self.catalogue_size = len(catalogue[candidate_key])
+            self.seed_generator = keras.random.SeedGenerator(seed)
 
     @property
     def towers(self) -> dict[str, Tower]:
@@ -101,22 +128,37 @@ class TwoTowerModel(keras.Model):
         sample_weight: tf.Tensor | None = None,
         training: bool = True,
     ) -> tf.Tensor:
-        """Mean in-batch softmax cross-entropy of each query against its own clicked ad."""
+        """Mean softmax cross-entropy of each query against its own clicked ad, the negatives being
+        the batch's other ads and, with ``uniform_negatives``, M ads drawn from the catalogue."""
         if x is None or y_pred is None:
             raise ValueError("the two-tower loss needs the batch (x) and the model output")
-        logits = tf.matmul(y_pred["query"], y_pred["candidate"], transpose_b=True)
-        logits = logits / self.temperature
-        logits -= tf.cast(tf.reshape(x[self.log_q_key], [1, -1]), logits.dtype)
+        query = y_pred["query"]
+        batch = tf.shape(query)[0]
+        logits = tf.matmul(query, y_pred["candidate"], transpose_b=True) / self.temperature
+        log_q = tf.cast(tf.reshape(x[self.log_q_key], [1, -1]), logits.dtype)
+        logits -= log_q + tf.math.log(tf.cast(batch, logits.dtype))
         ids = tf.reshape(x[self.candidate_key], [-1])
         same_ad = tf.equal(ids[:, None], ids[None, :])
-        batch = tf.shape(logits)[0]
         duplicate = tf.logical_and(same_ad, tf.logical_not(tf.eye(batch, dtype=tf.bool)))
         logits = tf.where(duplicate, tf.constant(MASKED_LOGIT, logits.dtype), logits)
-        labels = tf.range(batch)
+        if self.uniform_negatives:
+            logits = tf.concat([logits, self.uniform_logits(query, ids)], axis=1)
         loss = tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.range(batch), logits=logits)
         )
         return loss + tf.add_n(self.losses) if self.losses else loss
+
+    def uniform_logits(self, query: tf.Tensor, positive_ids: tf.Tensor) -> tf.Tensor:
+        """``[batch, M]`` corrected logits of M ads drawn uniformly from the catalogue (the
+        positive's own ad masked)."""
+        m = self.uniform_negatives
+        rows = keras.random.randint((m,), 0, self.catalogue_size, seed=self.seed_generator)
+        drawn = {name: tf.gather(values, rows) for name, values in self.catalogue.items()}
+        vectors = self.ad_tower(drawn, training=True)
+        logits = tf.matmul(query, vectors, transpose_b=True) / self.temperature
+        logits -= tf.math.log(tf.cast(m, logits.dtype) / float(self.catalogue_size))
+        hit = tf.equal(positive_ids[:, None], drawn[self.candidate_key][None, :])
+        return tf.where(hit, tf.constant(MASKED_LOGIT, logits.dtype), logits)
 
 
 def additive_offsets(

@@ -1,7 +1,8 @@
 """Train the two-tower model on a published features folder (``training/retrieval``).
 
 :func:`train_two_tower` is the one entry point: it reads the clicked impressions with pandas,
-builds the towers from the feature spec, fits the logQ-corrected in-batch softmax with Keras and
+builds the towers from the feature spec, fits the logQ-corrected in-batch softmax (plus, with
+``uniform_negatives``, ads drawn uniformly from ``entities/ads``: mixed negatives) with Keras and
 returns :class:`TrainedTowers` — the towers, the additive offsets that fold request time into the
 context vector (see ``model.py``) and the training history. Runs are seeded
 (``keras.utils.set_random_seed`` plus a seeded shuffle), so the same folder and settings give the
@@ -27,6 +28,7 @@ from models.two_tower.preprocessing import input_array, input_dtype
 from models.two_tower.towers import TOWER_ROLES, Tower, tower_features
 
 RETRIEVAL_TABLE = "training/retrieval"
+AD_TABLE = "entities/ads"
 LOG_Q_COLUMN = "ad_log_q"
 EMBED_BATCH = 8192
 
@@ -147,6 +149,28 @@ def read_retrieval(
     return frame
 
 
+def read_catalogue(spec: FeatureSpec, ad_tower: Tower) -> dict[str, np.ndarray]:
+    """The ad tower's raw inputs (and the ad id) for every ad of ``entities/ads``: the pool the
+    uniform negatives are drawn from, ads never clicked included.
+
+    Raises:
+        FeatureSpecError: the table is missing or empty.
+    """
+    path = spec.table_path(AD_TABLE)
+    if not path.exists():
+        raise FeatureSpecError(
+            f"{path} does not exist: uniform negatives need the ad catalogue of the features folder"
+        )
+    ad_key = ROLE_KEY["ad"]
+    columns = sorted({f.name for f in ad_tower.features} | {ad_key})
+    frame = pd.read_parquet(path, columns=columns)
+    if frame.empty:
+        raise FeatureSpecError(f"{path} holds no ads: uniform negatives need at least one")
+    catalogue = {f.name: input_array(frame[f.name], input_dtype(f)) for f in ad_tower.features}
+    catalogue.setdefault(ad_key, input_array(frame[ad_key], tf.string))
+    return catalogue
+
+
 def training_inputs(frame: pd.DataFrame, towers: Mapping[str, Tower]) -> dict[str, np.ndarray]:
     """Tower inputs plus the ad key and ``ad_log_q`` the loss reads, as numpy columns."""
     inputs: dict[str, np.ndarray] = {}
@@ -204,7 +228,14 @@ def train_two_tower(
     n = len(inputs[LOG_Q_COLUMN])
     batch_size = min(settings.batch_size, n)
     dataset = shuffled_batches(inputs, batch_size, settings.seed)
-    model = TwoTowerModel(towers, temperature=settings.temperature)
+    catalogue = read_catalogue(spec, towers["ad"]) if settings.uniform_negatives else None
+    model = TwoTowerModel(
+        towers,
+        temperature=settings.temperature,
+        catalogue=catalogue,
+        uniform_negatives=settings.uniform_negatives,
+        seed=settings.seed,
+    )
     model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate), jit_compile=False)
     started = time.perf_counter()
     fitted = model.fit(dataset, epochs=settings.epochs, verbose=1 if progress else 0, shuffle=False)
