@@ -2,8 +2,8 @@
 
 The serving tests need every upstream artifact — a features folder, embeddings, an ANNOY index and
 an exported ranker — combined into releases. Building them costs ~30 s (mostly importing and
-running TensorFlow), so :func:`serving_world` builds them once and caches the result for every
-test module (a fixture imported into several modules would be built once per module).
+running TensorFlow), so the session-scoped ``world`` fixture of ``tests/conftest.py`` calls
+:func:`build_serving_world` once for every test module.
 
 Planted structure, so tests can check answers rather than run code: users of group ``g`` and ads
 of category ``g`` get nearby vectors (tests/feature_folder.py plants the same match in the clicks),
@@ -99,7 +99,8 @@ def planted_embeddings(folder: FeatureFolder, seed: int = 0) -> tuple[dict, dict
     return tables, fallbacks
 
 
-def _build(base: Path) -> World:
+def build_serving_world(base: Path) -> World:
+    """Build the releases described above under ``base`` (once per session: conftest)."""
     from candidates.index import build_index
     from candidates.store import publish_embeddings, read_embeddings
     from lifecycle.release_writer import publish_release
@@ -142,18 +143,6 @@ def _build(base: Path) -> World:
         update_current=False,
     )  # fmt: skip
     return World(root, folder, embeddings, index, ranker, release, second, spare_index, spare)
-
-
-_WORLD: dict[str, World] = {}
-_LOCK = threading.Lock()
-
-
-def serving_world(base: Path) -> World:
-    """The session's world, built under ``base`` on first use."""
-    with _LOCK:
-        if "world" not in _WORLD:
-            _WORLD["world"] = _build(base)
-        return _WORLD["world"]
 
 
 # --------------------------------------------------------------------------- a real server

@@ -18,7 +18,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from test_serving_support import serving_world
 
 from models.evaluation.replay import replay_report, slate_ctr
 
@@ -103,7 +102,7 @@ class TruthPeer:
         return frame["ad_id"].map(self.p_by_ad).to_numpy(dtype=np.float64)
 
 
-def test_replay_through_the_serving_path_against_a_planted_world(tmp_path_factory) -> None:
+def test_replay_through_the_serving_path_against_a_planted_world(world, tmp_path_factory) -> None:
     from lifecycle.replay import (
         DEEPCLICK,
         POPULARITY,
@@ -118,7 +117,7 @@ def test_replay_through_the_serving_path_against_a_planted_world(tmp_path_factor
     from pipelines.retrieval_eval import training_counts
     from serving.release import load_release
 
-    world_dir = serving_world(tmp_path_factory.mktemp("serving"))
+    world_dir = world
     folder = world_dir.features
     release = load_release(world_dir.release, world_dir.settings())
     ad_table = folder.table("entities/ads")["ad_id"].astype(str).tolist()
@@ -185,7 +184,7 @@ def test_requests_carry_the_hour_of_the_impression() -> None:
 
 
 def test_evaluate_command_prints_intervals_writes_beside_the_run_and_matches_it(
-    tmp_path_factory, monkeypatch: pytest.MonkeyPatch
+    world, tmp_path_factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Regression (issue 11, item 13): ``deepclick evaluate`` printed no interval, wrote into the
     run's published ``evaluations/<v>/`` and drew another bootstrap than the daily run."""
@@ -196,7 +195,7 @@ def test_evaluate_command_prints_intervals_writes_beside_the_run_and_matches_it(
     from models.evaluation.report import evaluate_ranking
     from models.ranker.similarity import EmbeddingSimilarity
 
-    world_dir = serving_world(tmp_path_factory.mktemp("serving"))
+    world_dir = world
     monkeypatch.setenv("DEEPCLICK_ROOT", str(world_dir.root))
     monkeypatch.setenv("DEEPCLICK_PREDICTOR__MODEL_NAME", "ranker")
     monkeypatch.setenv("DEEPCLICK_LIFECYCLE__EVAL_BOOTSTRAP", "30")

@@ -1,7 +1,7 @@
 """The ranking API end to end: a real uvicorn server on loopback, request validation, body limits,
 degradation when the ranker is slow or gone, and a property-based run against the OpenAPI schema.
 
-Planted answer (tests/test_serving_support.py): users of group g and ads of category g have nearby
+Planted answer (tests/serving_world.py): users of group g and ads of category g have nearby
 vectors, so the ANN candidates of a user are mostly ads of their group's category.
 """
 
@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from test_serving_support import MODEL, World, running_server, serving_world, wait_ready
+from serving_world import MODEL, World, running_server, wait_ready
 
 from deepclick.settings import PredictorSettings, ServingSettings, Settings
 from serving.app import create_app
@@ -28,16 +28,6 @@ from serving.release import LoadedRelease, load_release
 from serving.reloader import ReleaseHolder
 
 USER, PLACEMENT = "u00010", "p003"
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return serving_world(tmp_path_factory.getbasetemp() / "serving-world")
-
-
-@pytest.fixture(scope="module")
-def loaded(world: World) -> LoadedRelease:
-    return load_release(world.release, world.settings())
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from test_serving_support import MODEL, World, serving_world
+from serving_world import MODEL, World
 
 from deepclick.settings import PredictorSettings
 from serving.backends import (
@@ -25,19 +25,9 @@ from serving.backends import (
 )
 from serving.features import Gathered
 from serving.model_server import ModelStore, start_grpc_server, start_rest_server
-from serving.release import LoadedRelease, load_release
+from serving.release import LoadedRelease
 
 SIGNATURES = ("rank", "serving_default")
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return serving_world(tmp_path_factory.getbasetemp() / "serving-world")
-
-
-@pytest.fixture(scope="module")
-def loaded(world: World) -> LoadedRelease:
-    return load_release(world.release, world.settings())
 
 
 @pytest.fixture(scope="module")

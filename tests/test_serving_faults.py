@@ -2,7 +2,7 @@
 fault probe — a corrupt index that segfaults ANNOY, a refused CURRENT at start-up, a ranker down at
 start-up, non-finite JSON, overload, slow or disconnecting clients — and checks the answer.
 
-Planted: the serving world of tests/test_serving_support.py, copied where a test changes it.
+Planted: the serving world of tests/serving_world.py, copied where a test changes it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from test_serving_support import World, running_server, serving_world, wait_ready
+from serving_world import World, running_server, wait_ready
 
 from deepclick.publish import MANIFEST, checksums, set_current
 from deepclick.settings import PredictorSettings, ServingSettings, Settings
@@ -32,16 +32,6 @@ from serving.reloader import ReleaseHolder
 
 USER, PLACEMENT = "u00010", "p003"
 RANK = {"user_id": USER, "placement_id": PLACEMENT, "num_ads": 5}
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return serving_world(tmp_path_factory.getbasetemp() / "serving-world")
-
-
-@pytest.fixture(scope="module")
-def loaded(world: World) -> LoadedRelease:
-    return load_release(world.release, world.settings())
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_serving_support import World, planted_embeddings, serving_world
+from serving_world import World, planted_embeddings
 
 from candidates.index import build_index
 from candidates.store import publish_embeddings, read_embeddings
@@ -33,16 +33,6 @@ from serving.release import (
     ReleaseError,
     load_release,
 )
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return serving_world(tmp_path_factory.getbasetemp() / "serving-world")
-
-
-@pytest.fixture(scope="module")
-def loaded(world: World) -> LoadedRelease:
-    return load_release(world.release, world.settings())
 
 
 def test_release_names_its_paired_components(world: World) -> None:

@@ -12,18 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
-from test_serving_support import World, running_server, serving_world, wait_ready
+from serving_world import World, running_server, wait_ready
 
 from deepclick.publish import set_current
 from serving.app import create_app
 from serving.metrics import ServingMetrics
 from serving.release import LoadedRelease, ReleaseError, ReleaseWarmupError
 from serving.reloader import ReleaseHolder, Reloader
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return serving_world(tmp_path_factory.getbasetemp() / "serving-world")
 
 
 @pytest.fixture(scope="module")
