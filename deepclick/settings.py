@@ -275,8 +275,10 @@ class ServingSettings(_Section):
         16 * 1024, ge=1024, description="requests with more header bytes get 431"
     )
     batch_max_rows: int = Field(
-        0, ge=0, description="micro-batching: requests reaching the ranker together are scored "
-        "in one call of at most this many candidate rows (0: off, each request alone)",
+        2000, ge=0, description="micro-batching: requests reaching the ranker together are "
+        "scored in one call of at most this many candidate rows (0: off, each request alone); "
+        "measured (bench.serving batch curve): ranker CPU per 500-candidate request 10.0 ms "
+        "alone, 7.1 at 2 per call, 5.1 at 4, 4.9 at 8 - no gain past 2,000 rows",
     )  # fmt: skip
     batch_max_wait_ms: float = Field(
         0.0, ge=0, description="micro-batching: how long the first request of a batch waits for "
