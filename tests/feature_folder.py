@@ -188,6 +188,8 @@ def _impressions(
     base_logit: float,
     match_strength: float,
     popularity_skew: float,
+    id_bias_std: float = 0.0,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Impressions of every day with their true click probability and a drawn label."""
     n_ads = len(ad_frame)
@@ -223,6 +225,12 @@ def _impressions(
         + np.vectorize(POSITION_EFFECT.get)(position)
         + 0.3 * np.sin(2 * np.pi * rows["ctx__hour"].astype(int).to_numpy() / 24)
     )
+    if id_bias_std:
+        # own stream, so folders without id biases stay exactly as they were
+        bias_rng = np.random.default_rng(seed + 1_000)
+        user_bias = bias_rng.normal(0.0, id_bias_std, len(user_frame))
+        ad_bias = bias_rng.normal(0.0, id_bias_std, n_ads)
+        logit = logit + user_bias[rows["_user"].to_numpy()] + ad_bias[rows["_ad"].to_numpy()]
     rows["p_click"] = 1.0 / (1.0 + np.exp(-logit))
     rows["label"] = (rng.random(len(rows)) < rows["p_click"]).astype("int32")
     rows["user_id"] = user_frame["user_id"].to_numpy()[rows["_user"].to_numpy()]
@@ -313,6 +321,7 @@ def write_feature_folder(
     oov_buckets: int = 1,
     ctr_prior_strength: float = 20.0,
     popularity_top_n: int = 200,
+    id_bias_std: float = 0.0,
     seed: int = 0,
 ) -> FeatureFolder:
     """Write a features folder with a planted signal and return it with its truth.
@@ -324,6 +333,8 @@ def write_feature_folder(
         impressions_per_day: impressions of each training day and of the target day.
         train_days: days before the target day (2024-01-01 onwards).
         base_logit, match_strength: click logit without / added by a group–category match.
+        id_bias_std: std of a per-user and a per-ad click-logit bias (0: none), what a one-hot
+            logistic regression learns and embeddings under-use (issue 10).
         popularity_skew: Zipf exponent of how often each ad is shown (0 = uniform).
         min_count, oov_buckets, ctr_prior_strength, popularity_top_n: as in FeatureSettings.
         seed: everything is drawn from this seed; the same arguments give the same folder.
@@ -348,6 +359,8 @@ def write_feature_folder(
         base_logit,
         match_strength,
         popularity_skew,
+        id_bias_std,
+        seed,
     )
     rows = rows.merge(user_frame, on="user_id").merge(placement_frame, on="placement_id")
     rows = rows.merge(ad_frame, on="ad_id").sort_values("event_id", ignore_index=True)

@@ -42,6 +42,7 @@ from models.ranker.inputs import (
 )
 from models.ranker.layers import CalibrationHead
 from models.ranker.model import build_logit_model, head_config, with_calibration
+from models.ranker.wide import fit_wide
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +313,20 @@ def _check_labels(rows: pd.DataFrame, label: str, what: str) -> None:
         )
 
 
+def _wide_rows(
+    spec: FeatureSpec, settings: RankerSettings, logit_model: keras.Model
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The fit rows of every training day of the folder (the held-out rows left out, split as
+    for the network), for the wide part: it reads no two-tower score, so the days the towers
+    learned from cannot leak into it. The scores' inputs are NaN (their default)."""
+    rows = load_split(spec, settings).fit
+    inputs = frame_to_inputs(spec, rows)
+    for name in SIMILARITY_INPUTS:
+        if name in logit_model.input:
+            inputs[name] = np.full(len(rows), np.nan, dtype=np.float32)
+    return inputs, rows[spec.label].to_numpy()
+
+
 def train_ranker(
     spec: FeatureSpec,
     settings: RankerSettings,
@@ -360,6 +375,20 @@ def train_ranker(
     logit_model = build_logit_model(
         spec, settings, similarity_stats=sim_stats, base_rate=float(fit_labels.mean())
     )
+    wide_metrics: dict[str, float] = {}
+    if settings.architecture == "dcn_v2" and settings.wide and settings.wide_fit == "logistic":
+        wide_inputs, wide_labels = fit_inputs, fit_labels
+        if settings.wide_days == "all" and dates is not None:
+            wide_inputs, wide_labels = _wide_rows(spec, settings, logit_model)
+        wide_metrics = fit_wide(
+            logit_model,
+            _tensors(logit_model, wide_inputs),
+            wide_labels,
+            c=settings.wide_c,
+            seed=settings.seed,
+        )
+        wide_metrics["wide_rows"] = float(len(wide_labels))
+
     logit_model.compile(
         optimizer=keras.optimizers.Adam(settings.learning_rate),
         loss=keras.losses.BinaryCrossentropy(from_logits=True),
@@ -393,6 +422,7 @@ def train_ranker(
         "holdout_calibration_ratio": calibration_ratio(held_labels, calibrated),
         "holdout_calibration_ratio_uncorrected": calibration_ratio(held_labels, uncorrected),
         "holdout_calibration_ratio_corrected": calibration_ratio(held_labels, corrected),
+        **wide_metrics,
         "fit_rows": float(len(fit_rows)),
         "fit_rows_before_sampling": float(split.fit_rows_before_sampling or len(fit_rows)),
     }

@@ -1,0 +1,73 @@
+"""The ranker's wide (first-order) part, issue 10: on data where per-id click biases dominate, a
+one-hot logistic regression beat the DCN-v2 ranker because a few Adam epochs barely move the
+embeddings of ids seen a handful of times. The wide part, solved first as that very regression,
+puts the ranker level with it before the network adds anything.
+
+Planted folder (tests/feature_folder.py): every user and every ad has its own click-logit bias
+(std 1.0), no group × category match, 1,000 users and 200 ads, so each user appears ~4 times a
+day: the regime of the demo's users.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from feature_folder import FeatureFolder, write_feature_folder
+from sklearn.linear_model import LogisticRegression
+
+from deepclick.settings import RankerSettings
+from models.evaluation.peers import PeerColumns, fit_logistic
+from models.evaluation.ranking import auc
+from models.ranker.inputs import frame_to_inputs
+from models.ranker.model import build_logit_model
+from models.ranker.train import _tensors, predict, train_ranker
+from models.ranker.wide import fit_wide, wide_design
+
+SETTINGS = RankerSettings(batch_size=256, epochs=2, cross_layers=1, dropout=0.3, baseline=False)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> FeatureFolder:
+    return write_feature_folder(
+        tmp_path_factory.mktemp("id_bias"),
+        users=1000,
+        ads=200,
+        impressions_per_day=4000,
+        base_logit=-2.0,
+        match_strength=0.0,
+        id_bias_std=1.0,
+        seed=0,
+    )
+
+
+def test_wide_fit_writes_the_logistic_regression_into_the_network(folder: FeatureFolder) -> None:
+    """Right after the wide fit (before any epoch) the network's logit is exactly the regression's
+    decision function: weights per vocabulary index, numbers, intercept; the deep part adds 0."""
+    rows = folder.table("training/ranking")
+    labels = rows["label"].to_numpy()
+    model = build_logit_model(folder.spec, SETTINGS, base_rate=float(labels.mean()))
+    tensors = _tensors(model, frame_to_inputs(folder.spec, rows))
+    fit_wide(model, tensors, labels, c=0.1, seed=7)
+    design = wide_design(model, tensors)
+    reference = LogisticRegression(C=0.1, max_iter=500).fit(design, labels)
+    np.testing.assert_allclose(
+        predict(model, tensors), reference.decision_function(design), atol=2e-3
+    )
+    assert not any(layer.trainable for layer in model.layers if layer.name.startswith("wide__"))
+
+
+def test_wide_part_matches_the_one_hot_lr_where_embeddings_alone_fall_behind(
+    folder: FeatureFolder,
+) -> None:
+    eval_rows = folder.table("eval")
+    labels = eval_rows["label"].to_numpy()
+    scores = {}
+    for name, update in (("deep only", {"wide": False}), ("wide and deep", {})):
+        trained = train_ranker(folder.spec, SETTINGS.model_copy(update=update), progress=False)
+        scores[name] = auc(labels, trained.predict(eval_rows))
+    fit = trained.split.fit  # the same rows both rankers trained on
+    peer = fit_logistic(PeerColumns.of(folder.spec), fit, fit["label"].to_numpy())
+    scores["one-hot LR"] = auc(labels, peer.predict(eval_rows))
+    # measured: deep only 0.762, wide and deep 0.774, LR 0.774 (oracle 0.830)
+    assert scores["wide and deep"] >= scores["one-hot LR"] - 0.005, scores
+    assert scores["deep only"] < scores["one-hot LR"] - 0.005, scores
