@@ -14,6 +14,12 @@ over the ANNOY neighbours and the most clicked ads (the index's prior and weight
 the placement (its own list, else the overall list). An index without a prior (weight 0) gives
 the neighbours plus the popular quota, as before.
 
+The neighbours come from an exact scan of the mapped ad vectors (recall 1.0) or from ANNOY,
+whichever the index build measured faster for this catalogue and dimension (issue 14). The whole
+selection works on integer rows with numpy arrays — no object per candidate — and the result
+carries the rows, ids, scores and the two halves of each score, so feature assembly reuses them
+instead of decoding, searching and scoring the ads again.
+
 Thread safety: a service never changes after loading. ANNOY's ``get_nns_by_vector`` is a read-only
 traversal of the mmapped forest that releases the GIL, and the numpy tables are read-only maps, so
 one instance serves any number of concurrent threads; each worker process maps the same files and
