@@ -9,7 +9,13 @@ towers (negatives, epochs, batch size, dropout…): each ``--variant NAME=JSON``
 SavedModels serve. Usage (a state root whose daily run for D has published features)::
 
     python -m bench.funnel_towers --root var/bench-quality/medium --date 2024-01-08 \\
-        --variant 'inbatch={}' --variant 'mixed={"uniform_negatives": 1024}'
+        --variant 'inbatch={"uniform_negatives": 0}' --variant 'mixed={}' \\
+        [--truth var/bench-quality/medium/raw/marketplace]
+
+``--truth`` (a generated world) adds the oracle funnel: every live ad ranked by its true expected
+clicks for the query — the chance the logging policy shows it (popularity × bid for the untargeted
+share, best of ``targeting_candidates`` random live ads for the targeted share) times its true
+click probability — the ceiling any learned funnel can reach on that day.
 """
 
 from __future__ import annotations
@@ -75,6 +81,36 @@ def recall_rows(
     }
 
 
+def oracle_hits(
+    truth: Path, date: str, clicks: pd.DataFrame, ks, settings: Settings, block: int = 200
+) -> dict[int, np.ndarray]:
+    """Per click and K: 1 when the clicked ad is among the K live ads with the most expected
+    clicks for its (user, placement) under the world's logging policy and click model."""
+    from pipelines.simulate.world import ad_score, index_of, live_ads, sigmoid
+    from pipelines.simulate.writer import load_world
+
+    world = load_world(truth)
+    user = index_of(world, "user", clicks["user_id"].astype(str).to_numpy())
+    placement = index_of(world, "placement", clicks["placement_id"].astype(str).to_numpy())
+    clicked = index_of(world, "ad", clicks["ad_id"].astype(str).to_numpy())
+    live = live_ads(world, date)
+    weight = world.ad_popularity[live] * world.ad_bid[live]
+    untargeted = weight / weight.sum()
+    share, tried = settings.simulate.targeted_share, settings.simulate.targeting_candidates
+    hits = {k: np.zeros(len(clicked)) for k in ks}
+    for start in range(0, len(clicked), block):
+        rows = slice(start, start + block)
+        score = ad_score(world, user[rows], placement[rows], live, all_pairs=True)
+        rank = np.argsort(np.argsort(-score, axis=1), axis=1) / len(live)  # 0 = best
+        targeted = (1 - rank) ** tried - (1 - rank - 1 / len(live)) ** tried
+        # sigmoid(s - 4) ~ exp(s) up to a per-query constant at this marketplace's 3% CTR
+        expected = (share * targeted + (1 - share) * untargeted) * sigmoid(score - 4.0)
+        ranked = live[np.argsort(-expected, axis=1)[:, : max(ks)]]
+        for k in ks:
+            hits[k][rows] = [c in set(r[:k]) for c, r in zip(clicked[rows], ranked, strict=True)]
+    return hits
+
+
 def compare(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
     """Recall, ratio to popularity and the paired 95% interval of the difference."""
     diff = ours - theirs
@@ -91,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True, help="state root of the daily run")
     parser.add_argument("--date", required=True, help="D, YYYY-MM-DD")
-    parser.add_argument("--variant", action="append", required=True, help="NAME=JSON overrides")
+    parser.add_argument("--variant", action="append", default=[], help="NAME=JSON overrides")
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--ks", default="50,100,500,1000")
     parser.add_argument("--betas", default="0,1,2,3")
     parser.add_argument("--all-days", action="store_true", help="towers on every training day")
+    parser.add_argument("--truth", type=Path, help="generated world: add the oracle funnel")
     args = parser.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
     settings = Settings(root=args.root)
@@ -116,6 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{version}: {len(ad_ids)} ads, {len(clicked)} clicks, towers on {', '.join(dates)}")
     print("popularity " + " ".join(f"@{k} {baseline[k].mean():.4f}" for k in ks), flush=True)
     results: dict[str, Any] = {"popularity": {k: float(baseline[k].mean()) for k in ks}}
+    if args.truth is not None:
+        oracle = oracle_hits(args.truth, args.date, clicks, ks, settings)
+        results["oracle"] = {k: compare(oracle[k], baseline[k]) for k in ks}
+        print(
+            "oracle     "
+            + " ".join(
+                f"@{k} {c['recall']:.4f} x{c['ratio']:.2f}" for k, c in results["oracle"].items()
+            ),
+            flush=True,
+        )
     for variant in args.variant:
         name, _, overrides = variant.partition("=")
         tt = settings.two_tower.model_copy(update=json.loads(overrides or "{}"))
