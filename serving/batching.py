@@ -12,7 +12,8 @@ the leader, takes up to ``max_rows`` candidate rows from the queue (whole reques
 first), calls the backend with the per-row ``serving_default`` signature (different users cannot
 share one ``rank`` call) and hands each request its slice; a batch of one request keeps the
 backend's own signature. Each request keeps its deadline: a follower whose time runs out leaves
-with :class:`RankerTimeout`, and a batch's failure is every member's failure.
+with :class:`RankerTimeout`, a batch's call gets the shortest deadline of its members (no request
+waits past its own), and a batch's failure is every member's failure.
 """
 
 from __future__ import annotations
@@ -98,14 +99,14 @@ class BatchingBackend(RankerBackend):
             with self._cond:
                 while not me.done.is_set() and self._busy:
                     left = me.deadline - time.monotonic()
-                    if left <= 0 and me in self._queue:  # not taken yet: leave the queue
-                        self._queue.remove(me)
+                    if left <= 0:  # past its deadline, queued or in another's running batch
+                        if me in self._queue:
+                            self._queue.remove(me)
                         raise RankerTimeout(
                             f"{self.kind} ranker: no answer within {budget * 1000:.0f} ms "
-                            "(waiting for a batch)"
+                            "(batched with other requests)"
                         )
-                    # In a running batch, that call enforces the deadline: wait for it.
-                    self._cond.wait(max(left, 0.001))
+                    self._cond.wait(left)
                 if me.done.is_set():
                     break
                 self._busy = True  # the leader: score the oldest requests, then hand over
@@ -138,7 +139,7 @@ class BatchingBackend(RankerBackend):
                 self._cond.notify_all()
 
     def _run(self, batch: list[_Waiting]) -> None:
-        timeout = max(max(w.deadline for w in batch) - time.monotonic(), 0.001)
+        timeout = max(min(w.deadline for w in batch) - time.monotonic(), 0.001)
         try:
             if len(batch) == 1:
                 scores = [
