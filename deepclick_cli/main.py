@@ -27,13 +27,14 @@ console = Console()
 
 class _Commands(TyperGroup):
     """Every command runs through here: a :class:`DeepclickError` (whose message names the rule
-    broken and the fix) is printed and exits 1; any other exception is a bug and keeps its
+    broken and the fix) or an :class:`OSError` (a missing path, a full disk, a permission: the
+    machine, not the code) is printed and exits 1; any other exception is a bug and keeps its
     traceback. The one place the CLI catches errors."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except DeepclickError as exc:
+        except (DeepclickError, OSError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from None
 
