@@ -76,7 +76,7 @@ def publish_release(
 
     ``version`` defaults to the feature spec's (the target day). ``parent`` (a folder directly
     under ``root``, default ``<root>/releases``) may hold releases that are never served, such as
-    the challenger release the evaluation replays (``pipelines/replay.py``). The components are
+    the challenger release the evaluation replays (``lifecycle/replay.py``). The components are
     checked first (checksums, index ↔ embeddings, ranker ↔ spec and embeddings); the entity
     tables are written from the features folder's ``entities/*`` with exactly the columns the
     ranker reads.
