@@ -105,11 +105,16 @@ class RankerBackend(ABC):
             return np.zeros(0, dtype=np.float32)
         inputs = signature_inputs(self.signature, common, candidates, n)
         scores = self.call(inputs, self.timeout_s if timeout_s is None else timeout_s)
+        return self.checked_scores(scores, n)
+
+    def checked_scores(self, scores: np.ndarray, n: int) -> np.ndarray:
+        """``scores`` as a flat float32 array, refused (:class:`RankerError`) unless it holds
+        ``n`` probabilities: a wrong-length or out-of-range answer must never be ranked."""
         scores = np.asarray(scores, dtype=np.float32).reshape(-1)
         if scores.shape != (n,) or not np.all((scores >= 0.0) & (scores <= 1.0)):
             raise RankerError(
                 f"{self.kind} ranker {self.ranker.model_name}/{self.ranker.version} returned "
-                f"{scores.shape[0]} values for {n} candidates (or values outside [0, 1])"
+                f"{scores.shape[0]} values for {n} rows (or values outside [0, 1])"
             )
         return scores
 

@@ -163,12 +163,6 @@ class BatchingBackend(RankerBackend):
         parts = [signature_inputs(BATCH_SIGNATURE, w.common, w.candidates, w.rows) for w in batch]
         inputs = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         total = sum(w.rows for w in batch)
-        scores = np.asarray(
-            self.inner.call(inputs, timeout, signature=BATCH_SIGNATURE), dtype=np.float32
-        ).reshape(-1)
-        if scores.shape != (total,) or not np.all((scores >= 0.0) & (scores <= 1.0)):
-            raise RankerError(
-                f"{self.kind} ranker returned {scores.shape[0]} values for a batch of {total} "
-                "rows (or values outside [0, 1])"
-            )
+        raw = self.inner.call(inputs, timeout, signature=BATCH_SIGNATURE)
+        scores = self.inner.checked_scores(raw, total)
         return np.split(scores, np.cumsum([w.rows for w in batch])[:-1])
