@@ -43,3 +43,17 @@ def test_the_cli_prints_a_deepclick_error_and_exits_1(tmp_path) -> None:
     assert result.exit_code == 1
     assert result.output.startswith("error:") and "nowhere" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_cli_prints_an_os_error_instead_of_a_traceback(tmp_path) -> None:
+    """Regression: an output folder under a regular file (NotADirectoryError, an OSError from the
+    machine, not a bug) printed a Python traceback; it must be one ``error:`` line and exit 1."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = CliRunner(env={"DEEPCLICK_ROOT": str(tmp_path / "var")}).invoke(
+        app,
+        ["simulate", "--out", str(blocker / "raw"), "--days", "1", "--impressions-per-day", "50"],
+    )
+    assert result.exit_code == 1
+    assert "error: [Errno 20] Not a directory" in result.output and "a-file" in result.output
+    assert "Traceback" not in result.output
