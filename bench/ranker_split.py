@@ -8,8 +8,10 @@ features folder and scores D's ``eval`` table. Usage::
         --variant base --variant 'all_days:similarity=0' --variant 'es:epochs=8'
 
 A variant is ``name[:key=value,...]``; keys are RankerSettings fields plus ``similarity`` (0/1:
-the ranker takes the two-tower scores, trained on the last ``ranker_days`` days) and
-``ranker_days``.
+the ranker takes the two-tower scores, trained on the last ``ranker_days`` days), ``ranker_days``
+and ``clip`` (the shared preprocessing's clip of standardised numbers, ``models.preprocessing``;
+``inf``: none). Each variant's AUC on D comes with its bootstrap 95% interval and the paired
+difference to the first variant (same rows, ``auc_difference_interval``).
 """
 
 from __future__ import annotations
@@ -26,11 +28,17 @@ import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
+import models.preprocessing
 from candidates.store import read_embeddings
 from deepclick.layout import version_for
 from deepclick.publish import resolve
 from deepclick.settings import Settings
-from models.evaluation.ranking import auc, calibration_ratio
+from models.evaluation.ranking import (
+    auc,
+    auc_difference_interval,
+    auc_interval,
+    calibration_ratio,
+)
 from models.feature_spec import load_feature_spec
 from models.ranker.similarity import EmbeddingSimilarity
 from models.ranker.train import train_ranker
@@ -78,10 +86,13 @@ def main() -> None:
     similarity = EmbeddingSimilarity(read_embeddings(emb))
     results = {}
     train_all = pd.read_parquet(features / "training" / "ranking")
+    first: np.ndarray | None = None
+    default_clip = models.preprocessing.CLIP_STD
     for variant in args.variant or ["base"]:
         name, pairs = parse(variant)
         use_sim = pairs.pop("similarity", "1") == "1"
         ranker_days = int(pairs.pop("ranker_days", settings.lifecycle.ranker_days))
+        models.preprocessing.CLIP_STD = float(pairs.pop("clip", default_clip))
         cfg = settings.ranker.model_copy(
             update={
                 k: type(getattr(settings.ranker, k))(v)
@@ -102,8 +113,14 @@ def main() -> None:
         p = trained.predict(eval_rows)
         fit = train_all[train_all["date"].astype(str).isin(days.ranker)]
         lr_same = one_hot_lr(spec, fit, eval_rows)
+        first = p if first is None else first
+        low, high = auc_interval(y, p)
+        diff = auc_difference_interval(y, p, first)
         results[name] = {
             "auc": round(auc(y, p), 4),
+            "auc_ci": [round(low, 4), round(high, 4)],
+            "auc_minus_first": [round(v, 4) for v in diff],
+            "clip": models.preprocessing.CLIP_STD,
             "calibration": round(calibration_ratio(y, p), 3),
             "epochs_run": len(trained.history.get("loss", [])),
             "val_auc": [round(v, 4) for v in trained.history.get("val_auc", [])],

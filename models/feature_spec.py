@@ -5,10 +5,13 @@ Pure Python + json (no Spark, no TensorFlow), so any component can import it. A 
 preprocessing from :class:`FeatureSpec` alone:
 
 - ``categorical`` features are strings looked up in ``vocabulary_file`` (most frequent first) with
-  ``oov_buckets`` extra buckets; a missing value is :data:`MISSING` (``default``).
+  ``oov_buckets`` extra buckets; a missing value (null or ``""``) is :data:`MISSING` (``default``).
 - ``numeric`` features are ``log1p(max(x, 0))`` when ``log1p`` is set, then standardised with
-  ``mean``/``std`` (``std`` is 1.0 for a constant feature, so dividing is always safe); a missing
-  value is ``default``, which standardises to 0 (history features: 0 counts and the prior CTR).
+  ``mean``/``std`` (:class:`NumericStats`; a feature constant in training standardises to 0) and
+  clipped to ±:data:`CLIP_STD`; a missing value is ``default``, which standardises to 0 (history
+  features: 0 counts and the prior CTR).
+
+Both models build those transforms in one place, :mod:`models.preprocessing`.
 - ``request_time`` features (``ctx__hour``, ``ctx__dow``) come with each request; every other
   feature of a role is held by that role's entity table (``entities``).
 """
@@ -16,9 +19,12 @@ preprocessing from :class:`FeatureSpec` alone:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from deepclick.errors import DeepclickError
 from deepclick.layout import SPEC_FILE
@@ -47,6 +53,10 @@ ROLE_ENTITY: dict[str, str] = {"user": "user", "context": "placement", "ad": "ad
 ROLE_TABLE: dict[str, str] = {"user": "users", "context": "placements", "ad": "ads"}
 REQUEST_TIME_FEATURES: tuple[str, ...] = ("ctx__hour", "ctx__dow")
 HISTORY_SUFFIXES: tuple[str, ...] = ("hist_impressions", "hist_clicks", "hist_ctr")
+CLIP_STD = 5.0
+"""Standardised numeric inputs of every model are clipped to ±this many standard deviations, so an
+unseen extreme (a new heavy advertiser's impression count) cannot push a network far outside what it
+was trained on. One value for the towers and the ranker; why this one: ``models.preprocessing``."""
 
 
 def standard_scale(std: float | None, mean: float = 0.0) -> float:
@@ -64,6 +74,59 @@ def standard_scale(std: float | None, mean: float = 0.0) -> float:
     if std <= 1e-9 * max(1.0, abs(mean)):
         return 0.0
     return 1.0 / std
+
+
+@dataclass(frozen=True)
+class NumericStats:
+    """How one numeric input is standardised: ``(f(x) - mean) / std``, ``f`` = log1p or identity
+    (``std`` 0: constant in training, standardised to 0, see ``standard_scale``), clipped to
+    ±``clip``; ``default`` is the raw value a missing (NaN) input takes (it standardises to 0 for
+    spec features). The towers, the ranker and the ranker's LR baseline all standardise with it."""
+
+    name: str
+    mean: float
+    std: float
+    log1p: bool = False
+    default: float = 0.0
+
+    @classmethod
+    def of(cls, feature: Feature) -> NumericStats:
+        """The spec's standardisation of a numeric feature; a feature without a numeric default
+        gets the raw value that standardises to 0 (``expm1(mean)`` after log1p, else ``mean``)."""
+        mean = float(feature.mean or 0.0)
+        std = 1.0 if feature.std is None else float(feature.std)
+        default = feature.default
+        if not isinstance(default, int | float) or math.isnan(default):
+            default = math.expm1(mean) if feature.log1p else mean
+        return cls(feature.name, mean, std, feature.log1p, float(default))
+
+    @classmethod
+    def fitted(cls, name: str, values: np.ndarray) -> NumericStats:
+        """Statistics measured on training values (the similarity scores, which the spec does not
+        describe: they come from the embeddings, after the features stage)."""
+        values = np.asarray(values, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        mean = float(values.mean()) if values.size else 0.0
+        std = float(values.std()) if values.size else 0.0
+        return cls(name, mean, std, False, mean)
+
+    def standardize(self, values: np.ndarray, clip: float = CLIP_STD) -> np.ndarray:
+        """The numpy twin of the models' in-graph transform (``models.preprocessing.Standardize``),
+        for models outside Keras (the hashed-LR baseline): NaN → default, log1p, scale, clip."""
+        x = np.asarray(values, dtype=np.float64)
+        x = np.where(np.isnan(x), self.default, x)
+        if self.log1p:
+            x = np.log1p(np.maximum(x, 0.0))
+        return np.clip((x - self.mean) * standard_scale(self.std, self.mean), -clip, clip)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mean": self.mean,
+            "std": self.std,
+            "log1p": self.log1p,
+            "default": self.default,
+        }
 
 
 class FeatureSpecError(DeepclickError, ValueError):

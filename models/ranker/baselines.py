@@ -21,11 +21,10 @@ import scipy.sparse as sp
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from models.feature_spec import FeatureSpec, standard_scale
+from models.feature_spec import FeatureSpec, NumericStats
 from models.ranker.calibration import fit_calibration
-from models.ranker.inputs import NumericStats, frame_to_inputs
+from models.ranker.inputs import frame_to_inputs
 from models.ranker.layers import CalibrationHead
-from models.ranker.preprocessing import NUMERIC_CLIP
 
 
 def hashed_design(spec: FeatureSpec, frame: pd.DataFrame, bits: int) -> sp.csr_matrix:
@@ -52,16 +51,8 @@ def hashed_design(spec: FeatureSpec, frame: pd.DataFrame, bits: int) -> sp.csr_m
         if cols
         else sp.csr_matrix((n, width), dtype=np.float32)
     )
-    numeric = []
-    for feature in spec.numeric:
-        stats = NumericStats.of(feature)
-        x = inputs[feature.name].astype(np.float64)
-        if stats.log1p:
-            x = np.log1p(np.maximum(x, 0.0))
-        # A feature constant over the training rows has std 0 (one training day: history counts
-        # are all 0): scaled by 0 like the ranker does, never divided by (issue 11, item 1).
-        scale = standard_scale(stats.std, stats.mean)
-        numeric.append(np.clip((x - stats.mean) * scale, -NUMERIC_CLIP, NUMERIC_CLIP))
+    # standardised as the ranker's graph does (a feature constant in training → 0, issue 11)
+    numeric = [NumericStats.of(f).standardize(inputs[f.name]) for f in spec.numeric]
     dense = sp.csr_matrix(np.stack(numeric, axis=1)) if numeric else sp.csr_matrix((n, 0))
     return sp.hstack([indicators, dense], format="csr")
 

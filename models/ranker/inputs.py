@@ -10,15 +10,14 @@ without loading Keras.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
 
-from models.feature_spec import MISSING, ROLE_KEY, Feature, FeatureSpec
+from models.feature_spec import MISSING, ROLE_KEY, FeatureSpec, NumericStats
+from models.raw_values import text_values
 
 SIMILARITY_INPUTS: tuple[str, str] = ("sim_user_ad", "sim_context_ad")
 """Input names of the two-tower scores: user·ad and context·ad (docs/contracts.md §4, ``dot``)."""
@@ -48,47 +47,6 @@ class SimilarityProvider(Protocol):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(user·ad, context·ad)``, two float arrays as long as the inputs."""
         ...
-
-
-@dataclass(frozen=True)
-class NumericStats:
-    """How one numeric input is standardised: ``(f(x) - mean) / std``, ``f`` = log1p or identity
-    (``std`` 0: constant in training, standardised to 0, see ``standard_scale``); ``default`` is
-    the raw value a missing input takes (it standardises to 0 for spec features)."""
-
-    name: str
-    mean: float
-    std: float
-    log1p: bool = False
-    default: float = 0.0
-
-    @classmethod
-    def of(cls, feature: Feature) -> NumericStats:
-        mean = float(feature.mean or 0.0)
-        std = 1.0 if feature.std is None else float(feature.std)
-        default = feature.default
-        if not isinstance(default, int | float) or math.isnan(default):
-            default = math.expm1(mean) if feature.log1p else mean
-        return cls(feature.name, mean, std, feature.log1p, float(default))
-
-    @classmethod
-    def fitted(cls, name: str, values: np.ndarray) -> NumericStats:
-        """Statistics measured on training values (the similarity scores, which the spec does not
-        describe: they come from the embeddings, after the features stage)."""
-        values = np.asarray(values, dtype=np.float64)
-        values = values[np.isfinite(values)]
-        mean = float(values.mean()) if values.size else 0.0
-        std = float(values.std()) if values.size else 0.0
-        return cls(name, mean, std, False, mean)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "mean": self.mean,
-            "std": self.std,
-            "log1p": self.log1p,
-            "default": self.default,
-        }
 
 
 def input_dtypes(spec: FeatureSpec, similarity: bool) -> dict[str, Dtype]:
@@ -145,8 +103,7 @@ def columns_to_inputs(
             continue
         column = frame[name]
         if dtype == "string":
-            text = column.astype(object).where(column.notna(), missing_value).astype(str)
-            out[name] = text.where(text != "", missing_value).to_numpy(dtype=object)
+            out[name] = text_values(column, missing_value)
         else:
             values = pd.to_numeric(column, errors="coerce")
             if name in defaults:

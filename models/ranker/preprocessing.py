@@ -1,10 +1,11 @@
-"""Preprocessing of the ranker, built from the feature spec alone and kept inside the model.
+"""The ranker's raw inputs and how they reach the shared preprocessing, kept inside the model.
 
 DESIGN.md asks for one feature spec read by both sides: the exported SavedModel therefore takes raw
 values (strings for categorical features, floats for numeric ones) and does its own vocabulary
 lookups and standardisation, so serving never re-implements a transform and can never drift from
-training. This module holds those Keras pieces; :mod:`models.ranker.inputs` says which inputs exist
-and turns rows into them.
+training. The lookup and the standardisation are :mod:`models.preprocessing`, shared with the
+towers (re-exported here under the names the ranker's model uses); this module groups the ranker's
+inputs for them; :mod:`models.ranker.inputs` says which inputs exist and turns rows into them.
 
 Similarity inputs (two-tower scores user·ad and context·ad) are extra numeric inputs whose
 statistics come from the training rows rather than from the spec, because the spec describes the
@@ -13,69 +14,27 @@ features stage and the scores come later, from the embeddings.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import keras
-import numpy as np
-from keras import ops
 
-from models.feature_spec import Feature, FeatureSpec, standard_scale
-from models.ranker.inputs import SIMILARITY_INPUTS, NumericStats, input_dtypes
+from models.feature_spec import FeatureSpec, NumericStats
+from models.preprocessing import Standardize, categorical_lookup
+from models.ranker.inputs import SIMILARITY_INPUTS, input_dtypes
 
-OOV_TOKEN = "__deepclick_oov__"
-"""StringLookup's name for out-of-vocabulary values (it must not be a vocabulary entry)."""
+__all__ = [
+    "Inputs",
+    "NumericStats",
+    "Standardize",
+    "model_inputs",
+    "numeric_stats",
+    "string_lookup",
+]
 
-NUMERIC_CLIP = 10.0
-"""Standardised numeric values are clipped to ±this: an unseen extreme (a new heavy advertiser's
-impression count) must not push the network far outside what it was trained on."""
-
-
-@keras.saving.register_keras_serializable(package="deepclick")
-class Standardize(keras.layers.Layer):
-    """Stack numeric inputs into ``[batch, k]`` and standardise each column with fixed statistics.
-
-    NaN (a value the caller could not fill) becomes the column's default before the transform, so a
-    missing value standardises to the same number it did in training.
-    """
-
-    def __init__(self, stats: Sequence[dict[str, Any]], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.stats = [dict(s) for s in stats]
-        self._mean = np.array([s["mean"] for s in self.stats], dtype=np.float32)
-        self._scale = np.array(
-            [standard_scale(s["std"], s["mean"]) for s in self.stats], dtype=np.float32
-        )
-        self._log = np.array([bool(s["log1p"]) for s in self.stats])
-        self._default = np.array([s["default"] for s in self.stats], dtype=np.float32)
-
-    def call(self, inputs: Sequence[Any]) -> Any:
-        x = ops.stack([ops.cast(v, "float32") for v in inputs], axis=-1)
-        x = ops.where(ops.isnan(x), self._default, x)
-        logged = ops.log1p(ops.maximum(x, 0.0))
-        x = ops.where(self._log, logged, x)
-        return ops.clip((x - self._mean) * self._scale, -NUMERIC_CLIP, NUMERIC_CLIP)
-
-    def compute_output_shape(self, input_shape: Sequence[tuple[int | None, ...]]) -> tuple:
-        return (*input_shape[0], len(self.stats))
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "stats": self.stats}
-
-
-def string_lookup(spec: FeatureSpec, feature: Feature) -> keras.layers.StringLookup:
-    """A vocabulary lookup for one categorical feature: ids ``0..oov-1`` are the OOV buckets (values
-    hashed among them), then the vocabulary in file order. An empty vocabulary (no value reached
-    ``min_count``) gets the missing marker as its only entry, so everything else lands in OOV."""
-    vocabulary = spec.vocabulary(feature.name) or [spec.missing_value]
-    return keras.layers.StringLookup(
-        vocabulary=vocabulary,
-        num_oov_indices=max(1, int(feature.oov_buckets or 1)),
-        mask_token=None,
-        oov_token=OOV_TOKEN,
-        name=f"lookup__{feature.name}",
-    )
+string_lookup = categorical_lookup
+"""The ranker's name for :func:`models.preprocessing.categorical_lookup` (one lookup, 2 callers)."""
 
 
 @dataclass
