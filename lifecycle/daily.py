@@ -325,7 +325,7 @@ def _execute(
                 adopted, reason = True, "published earlier from the same unchanged source"
         if not skip and outcome is None:
             _guard_serving(stage, ctx)
-            outcome = stage.run(ctx)
+            outcome = stage.run(ctx, inputs)
     except ServingPinnedError as exc:  # refused before doing anything: the record stands
         raise StageFailed(stage.name, ctx.date, exc) from exc
     except Exception as exc:
