@@ -33,7 +33,6 @@ from deepclick.layout import (
     DayLayout,
     challengers_dir,
     truth_dir,
-    version_for,
 )
 from deepclick.publish import (
     MANIFEST,
@@ -91,8 +90,12 @@ the name of D's folder they describe. Fingerprinted, then handed to the stage's 
 
 
 @dataclass
-class DayContext:
-    """One day's run: the settings, D, where its raw logs are, and (lazily) a Spark session."""
+class DayContext(DayLayout):
+    """One day's run: the settings, D, where its raw logs are, and (lazily) a Spark session.
+
+    It is D's :class:`~deepclick.layout.DayLayout` under ``settings.root``: every stage reads and
+    writes the folders it names (``ctx.features``, ``ctx.index`` …), derived there and only there.
+    """
 
     settings: Settings
     date: dt.date
@@ -103,14 +106,8 @@ class DayContext:
     """MLflow versions of D's towers and ranker (from the run ledger), for decision records."""
     _feature_inputs: Any = field(default=None, init=False, repr=False)
 
-    @property
-    def version(self) -> str:
-        return version_for(self.date)
-
-    @property
-    def layout(self) -> DayLayout:
-        """Where D's folders are (``deepclick.layout``): every stage reads and writes these."""
-        return DayLayout(self.settings.root, self.date, self.settings.predictor.model_name)
+    def __post_init__(self) -> None:
+        DayLayout.__init__(self, self.settings.root, self.date, self.settings.predictor.model_name)
 
     def spark(self) -> SparkSession:
         if self.spark_session is None:
@@ -123,39 +120,6 @@ class DayContext:
         from pipelines.specs import load_spec
 
         return load_spec(self.dataset)
-
-    # the published folders of day D, by convention
-    @property
-    def events(self) -> Path:
-        return self.layout.events
-
-    @property
-    def features(self) -> Path:
-        return self.layout.features
-
-    @property
-    def towers(self) -> Path:
-        return self.layout.towers
-
-    @property
-    def embeddings(self) -> Path:
-        return self.layout.embeddings
-
-    @property
-    def index(self) -> Path:
-        return self.layout.index
-
-    @property
-    def ranker(self) -> Path:
-        return self.layout.ranker
-
-    @property
-    def evaluation(self) -> Path:
-        return self.layout.evaluation
-
-    @property
-    def gate(self) -> Path:
-        return self.layout.gate
 
     def feature_inputs(self) -> Any:
         """The event partitions and side snapshots D's features are built from
