@@ -6,12 +6,16 @@ ranker → evaluate → gate → publish. Each stage declares
 - ``config``: the settings it depends on, and ``inputs``: the upstream manifests it reads (for
   ingest: the source files' names, sizes and mtimes). With the package version they make the
   stage's fingerprint, which ``lifecycle/daily.py`` compares to decide whether a re-run may skip it;
-- ``run``: calls the stage's runner — which publishes atomically — and returns an :class:`Outcome`
-  naming the published folder and what the tracker should log.
+- ``run``: takes what ``inputs`` read (read once: the fingerprint and the run see the same
+  manifests), calls the stage's runner in ``pipelines/`` with D's folders from the
+  :class:`DayContext` and those inputs — the runner derives no path and re-reads nothing — and
+  returns an :class:`Outcome` naming the published folder and what the tracker should log.
 
-Stages find each other's outputs by convention (``<parent>/<YYYYMMDD>``), never through memory, so
-any stage can run alone in its own process (an Airflow task, a spark-submit driver). Nothing here
-calls MLflow: registering and mirroring decisions is the runner's job, through the tracker.
+This module is the wiring (kedro's ``pipeline.py``); the work is in the runners. Stages find each
+other's outputs through ``deepclick.layout`` (``<parent>/<YYYYMMDD>``), never through memory, so any
+stage can run alone in its own process (a per-stage command, an Airflow task, a spark-submit
+driver). Nothing here calls MLflow: registering and mirroring decisions is the runner's job,
+through the tracker.
 """
 
 from __future__ import annotations
