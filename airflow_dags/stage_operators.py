@@ -1,6 +1,7 @@
 """The operator of the cluster DAG: one Spark stage submitted with ``spark-submit``.
 
-The submitted application is ``lifecycle/daily.py`` itself (``--stage S --date D --run-key K``):
+The submitted application is the driver ``deepclick_cli/spark_stage.py`` (``--stage S --date D
+--run-key K``), an entry point that calls ``lifecycle.daily.run_stage``:
 the driver runs the stage exactly as a local task would, ledger and MLflow included, so the two
 DAGs differ only in where the Spark work happens. ``<root>`` must be shared by the Airflow worker
 and the cluster (a shared filesystem or mount), since the ledger and the published folders are
@@ -19,8 +20,8 @@ from deepclick.settings import CONFIG_ENV_VAR
 
 
 class StageSparkSubmitOperator(SparkSubmitOperator):
-    """``spark-submit lifecycle/daily.py --stage <stage> …``, configured from the settings when
-    the task runs and judged by the stage's run-ledger entry afterwards.
+    """``spark-submit deepclick_cli/spark_stage.py --stage <stage> …``, configured from the
+    settings when the task runs and judged by the stage's run-ledger entry afterwards.
 
     Args:
         stage: a Spark stage of ``lifecycle/stages.py`` (ingest, features, embed).
@@ -29,7 +30,7 @@ class StageSparkSubmitOperator(SparkSubmitOperator):
     def __init__(self, *, stage: str, **kwargs: Any) -> None:
         kwargs.setdefault("name", f"deepclick-{stage}")
         super().__init__(
-            application="lifecycle/daily.py",  # replaced by the installed path at run time
+            application="deepclick_cli/spark_stage.py",  # the installed path, set at run time
             application_args=["--stage", stage, "--date", "{{ ds }}", "--run-key", "{{ run_id }}"],
             **kwargs,
         )

@@ -30,7 +30,7 @@ from candidates.index import DEFAULT_METRIC, Metric, build_index, open_index
 from candidates.store import publish_embeddings
 from candidates.synthetic import two_tower_like
 from deepclick.publish import read_manifest
-from deepclick.topk import exact_top_k
+from deepclick.topk import ann_recall, exact_top_k, top_rows
 
 TARGET_RECALL = 0.95
 RECALL_K = 100
@@ -76,21 +76,13 @@ def timed(search: Search, queries: np.ndarray, k: int) -> tuple[list[list[int]],
     return answers, seconds
 
 
-def recall(answers: Sequence[Sequence[int]], truth: np.ndarray) -> float:
-    return float(
-        np.mean(
-            [len(set(a) & set(t.tolist())) / len(t) for a, t in zip(answers, truth, strict=True)]
-        )
-    )
-
-
 def measure(search: Search, queries: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """Recall@100 and latency at K=100 and K=500 of one configured search."""
     answers, small = timed(search, queries, RECALL_K)
     _, large = timed(search, queries, LARGE_K)
     at_small, at_large = latency_ms(small), latency_ms(large)
     return {
-        "recall@100": recall(answers, truth),
+        "recall@100": ann_recall(answers, truth),
         "k100_p50_ms": at_small["p50_ms"],
         "k100_p99_ms": at_small["p99_ms"],
         "k500_p50_ms": at_large["p50_ms"],
@@ -114,7 +106,7 @@ def sweep(
             {
                 "method": label,
                 "effort": effort,
-                "recall@100": recall(answers, truth),
+                "recall@100": ann_recall(answers, truth),
                 "k100_p50_ms": latency_ms(seconds)["p50_ms"],
             }
         )
@@ -124,9 +116,7 @@ def sweep(
 
 def bench_exact(ads: np.ndarray, queries: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
     def search(query: np.ndarray, k: int) -> np.ndarray:
-        scores = ads @ query
-        top = np.argpartition(-scores, k - 1)[:k]
-        return top[np.argsort(-scores[top])]
+        return top_rows(ads @ query, k)
 
     return {
         "method": "exact numpy",

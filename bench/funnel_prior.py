@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from candidates.store import read_embeddings
 from deepclick.layout import version_for
 from deepclick.publish import resolve
+from deepclick.topk import top_k_rows
 from models.evaluation.retrieval import recall_at_k
 from models.evaluation.retrieval_report import additive_queries, sample_clicks
 
@@ -38,12 +39,6 @@ def clicks_per_ad(features: Path, half_life: float = 0.0) -> pd.Series:
         age = (days.max() - days).dt.days.to_numpy()
         frame = frame.assign(label=0.5 ** (age / half_life))
     return frame.groupby(frame["ad_id"].astype(str))["label"].sum()
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
 
 
 def merged(primary: np.ndarray, secondary: np.ndarray, k: int, share: float) -> list[list[int]]:
@@ -108,10 +103,10 @@ def main() -> None:
     pop_rows = np.argsort(-clicks - 1e-9 * np.arange(len(clicks)), kind="stable")[:kmax]
     pop_recall = recall(np.broadcast_to(pop_rows, (len(q), kmax)))
     results["popularity"] = pop_recall
-    pure = top_k(sims, kmax)
+    pure = top_k_rows(sims, kmax)
     prior = np.log(weighted + args.alpha)
     for beta in [float(b) for b in args.betas.split(",")]:
-        boosted = top_k(sims + beta * prior[None, :], kmax)
+        boosted = top_k_rows(sims + beta * prior[None, :], kmax)
         for share in [float(s) for s in args.shares.split(",")]:
             name = f"beta={beta} explore={share}"
             if share == 0:

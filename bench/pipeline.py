@@ -34,10 +34,11 @@ from typing import Any
 from rich.console import Console
 
 from bench.common import PeakMemory, print_table, write_json
+from deepclick.layout import DayLayout
 from deepclick.settings import RankerSettings, Settings, SimulateSettings, SparkSettings
 from lifecycle.daily import run_daily, run_stage
 from lifecycle.stages import STAGE_NAMES
-from pipelines.features.runner import run_features
+from pipelines.features.runner import find_inputs, run_features
 from pipelines.ingest.runner import run_ingest
 from pipelines.simulate import run_simulate
 from pipelines.spark import get_spark
@@ -84,7 +85,9 @@ def run_size(impressions: int, days: int, root: Path, spark_settings: SparkSetti
         ]
     )
     target = dt.date.fromisoformat(summary.days[-1].date)
-    folder, t_features = _timed(lambda: run_features(settings, target, spark=spark))
+    inputs = find_inputs(settings.warehouse, target, settings.features)
+    out = DayLayout(settings.root, target).features
+    folder, t_features = _timed(lambda: run_features(settings, inputs, out, spark=spark))
     counts = json.loads((folder / "manifest.json").read_text()).get("counts", {})
     written = sum(r.rows_written for r in reports)
     rows = [

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,7 +52,7 @@ from threadpoolctl import threadpool_limits
 from deepclick.errors import DeepclickError
 from deepclick.layout import MANIFEST
 from deepclick.publish import PublishError, Staging, checksums, publishing, read_manifest, verify
-from deepclick.topk import exact_top_k, top_rows
+from deepclick.topk import ann_recall, exact_top_k, top_rows
 
 from .funnel import FunnelParams, popularity_prior
 from .popular import PopularAds, rank_popular, read_popular, write_popular
@@ -194,34 +194,6 @@ def ann_top_k(
     return [index.get_nns_by_vector(as_query(q, metric), k, search_k=effort) for q in queries]
 
 
-def recall_at_k(
-    approx: Sequence[Sequence[int]],
-    exact: np.ndarray,
-    ads: np.ndarray | None = None,
-    queries: np.ndarray | None = None,
-) -> float:
-    """Mean share of each query's exact top-k that the approximate answer contains.
-
-    Given the ``ads`` and ``queries`` the rows index, an answer scoring at least the k-th best
-    exact score also counts: ads with identical vectors are interchangeable, and a small or
-    cold catalogue holds many (cold ads share their features' vector), so matching the exact
-    search's arbitrary pick among ties would cap recall below 1 even for an exhaustive search.
-    """
-    if ads is None or queries is None:
-        hits = [len(set(a) & set(e.tolist())) / len(e) for a, e in zip(approx, exact, strict=True)]
-        return float(np.mean(hits)) if hits else 1.0
-    vectors = np.asarray(ads, dtype=np.float32)
-    shares = []
-    for query, found, best in zip(queries, approx, exact, strict=True):
-        kth = float((vectors[best] @ query).min())
-        scores = vectors[np.asarray(found, dtype=np.int64)] @ query if len(found) else []
-        tolerance = 1e-5 * max(abs(kth), 1.0)
-        shares.append(
-            min(int(np.sum(np.asarray(scores) >= kth - tolerance)), len(best)) / len(best)
-        )
-    return float(np.mean(shares)) if shares else 1.0
-
-
 def sample_queries(embeddings: Embeddings, n: int, seed: int) -> np.ndarray:
     """Queries formed like real ones: a random user's vector plus a random placement's.
 
@@ -322,12 +294,12 @@ def build_index(
         build_seconds = time.perf_counter() - started
         index.save(str(staging.path / ANN_FILE))  # re-opens the saved file as a read-only mmap
         found = ann_top_k(index, queries, k, metric=metric, search_k=search_k)
-        recall = recall_at_k(found, exact, ads.vectors, queries)
+        recall = ann_recall(found, exact, items=ads.vectors, queries=queries)
         exhaustive = n_trees * len(ads)
         while tune_search_k and recall < recall_floor and search_k < exhaustive:
             search_k = min(2 * max(search_k, n_trees * k), exhaustive)
             found = ann_top_k(index, queries, k, metric=metric, search_k=search_k)
-            recall = recall_at_k(found, exact, ads.vectors, queries)
+            recall = ann_recall(found, exact, items=ads.vectors, queries=queries)
         search = measure_search(
             ads.vectors, index, queries[:SEARCH_TIMING_QUERIES], search_n,
             metric=metric, search_k=search_k,

@@ -8,7 +8,6 @@ the stage runners; heavy imports (Spark, TensorFlow) happen inside the command t
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,7 +34,7 @@ class _Commands(TyperGroup):
         try:
             return super().invoke(ctx)
         except (DeepclickError, OSError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {exc}", soft_wrap=True)  # one line, whole
             raise typer.Exit(1) from None
 
 
@@ -182,6 +181,49 @@ def print_ingest_report(report: Any) -> None:
         console.print(f"  quarantined {count:,}: {reason}")
 
 
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="run even a stage whose inputs, settings and code version are unchanged and whose "
+        "output verifies (skipped otherwise); the serving guard still applies",
+    ),
+]
+
+
+def run_one_stage(
+    settings: Settings, day: dt.date, stage: str, *, dataset: str | None = None, force: bool
+) -> tuple[Path, dict[str, Any]]:
+    """Run one stage of D's daily run through the run's own stage runner
+    (:func:`lifecycle.daily.run_stage`): the day's lock, the run ledger entry, the fingerprint
+    skip, the tracker and the serving guard are those of ``deepclick run``. Prints what the stage
+    did; returns its published folder and manifest."""
+    import uuid
+
+    from deepclick.publish import read_manifest
+    from lifecycle.daily import run_stage
+
+    run_key = f"cli-{stage}-{layout.version_for(day)}-{uuid.uuid4().hex[:8]}"
+    result = run_stage(
+        settings, day, stage, run_key=run_key, dataset=dataset, force=force, finish=True
+    )
+    if result.output is None:  # pragma: no cover - every per-stage command publishes a folder
+        raise _fail(f"stage {stage!r} published nothing")
+    folder = settings.root / result.output
+    shown = "ran" if result.status == "ran" else f"skipped: {result.reason}"
+    console.print(f"{stage} {day.isoformat()}: {shown} ({result.seconds:.1f} s)")
+    return folder, read_manifest(folder)
+
+
+def _events_dataset(settings: Settings, day: dt.date) -> str | None:
+    """The dataset of D's events (else the warehouse's only one): the features window's
+    default, as before the command ran through the stage runner. None without any events."""
+    from pipelines.features.runner import choose_dataset, list_partitions
+
+    held = list_partitions(layout.events_dir(settings.root))
+    return choose_dataset(held, day, None) if held else None
+
+
 @app.command()
 def features(
     date: DateOption,
@@ -190,60 +232,37 @@ def features(
         str | None,
         typer.Option(help="dataset whose days form the window (default: the one of D's events)"),
     ] = None,
+    force: ForceOption = False,
 ) -> None:
     """Build vocabularies, entity tables and training/evaluation sets from events before D."""
     settings = _settings(config)
-    from lifecycle.daily import stage_guard
-    from pipelines.features.runner import run_features
-    from pipelines.specs import load_spec
-
-    name = load_spec(dataset).name if dataset else None
     day = _date(date)
-    with stage_guard(settings, day, "features"):
-        folder = run_features(settings, day, dataset=name)
-    manifest = json.loads((folder / layout.MANIFEST).read_text())
+    name = dataset or _events_dataset(settings, day)
+    folder, manifest = run_one_stage(settings, day, "features", dataset=name, force=force)
     print_counts(f"features {date} → {folder}", manifest.get("counts", {}))
 
 
 @app.command()
-def towers(date: DateOption, config: ConfigOption = None) -> None:
+def towers(date: DateOption, config: ConfigOption = None, force: ForceOption = False) -> None:
     """Train the two-tower model on D's retrieval set and publish its exported towers."""
     settings = _settings(config)
-    from lifecycle.daily import stage_guard
-    from pipelines.towers import run_towers
-
-    day = _date(date)
-    with stage_guard(settings, day, "towers"):
-        folder = run_towers(settings, day)
-    manifest = json.loads((folder / layout.MANIFEST).read_text())
+    folder, manifest = run_one_stage(settings, _date(date), "towers", force=force)
     print_counts(f"towers {date} → {folder}", {**manifest["counts"], "dim": manifest["dim"]})
 
 
 @app.command()
-def embed(date: DateOption, config: ConfigOption = None) -> None:
+def embed(date: DateOption, config: ConfigOption = None, force: ForceOption = False) -> None:
     """Embed every user, placement and ad with D's towers (Spark) and publish the tables."""
     settings = _settings(config)
-    from lifecycle.daily import stage_guard
-    from pipelines.embed import run_embed
-
-    day = _date(date)
-    with stage_guard(settings, day, "embed"):
-        folder = run_embed(settings, day)
-    manifest = json.loads((folder / layout.MANIFEST).read_text())
+    folder, manifest = run_one_stage(settings, _date(date), "embed", force=force)
     print_counts(f"embeddings {date} → {folder}", manifest.get("counts", {}))
 
 
 @app.command()
-def index(date: DateOption, config: ConfigOption = None) -> None:
+def index(date: DateOption, config: ConfigOption = None, force: ForceOption = False) -> None:
     """Build the ANNOY index over D's ad vectors, measure its recall and publish it."""
     settings = _settings(config)
-    from lifecycle.daily import stage_guard
-    from pipelines.build_index import run_index
-
-    day = _date(date)
-    with stage_guard(settings, day, "index"):
-        folder = run_index(settings, day)
-    manifest = json.loads((folder / layout.MANIFEST).read_text())
+    folder, manifest = run_one_stage(settings, _date(date), "index", force=force)
     print_counts(
         f"index {date} → {folder}",
         {
@@ -385,13 +404,14 @@ def run(
     dataset: DatasetOption = None,
     source: SourceOption = None,
     config: ConfigOption = None,
+    force: ForceOption = False,
 ) -> None:
     """The daily pipeline for D: ingest → features → towers → embed → index → ranker →
     evaluate → gate → publish. Unchanged stages are skipped; a failure leaves serving as it was."""
     settings = _settings(config)
     from lifecycle.daily import run_daily
 
-    run_daily(settings, _date(date), dataset=dataset, source=source, console=console)
+    run_daily(settings, _date(date), dataset=dataset, source=source, console=console, force=force)
 
 
 @app.command()

@@ -14,22 +14,23 @@ a failed stage is :class:`StageFailed`, which names it.
 
 MLflow never appears here directly: each finished stage is handed to a
 :class:`lifecycle.tracking.Tracker` (one parent run per daily run, one nested run per stage).
-The same code runs one stage alone (:func:`run_stage`) for an Airflow task or a spark-submit
-driver (``python lifecycle/daily.py --stage features --date D``); a task then judges its success
-from the ledger entry (:func:`confirm_stage`), not from an exit status.
+The same code runs one stage alone (:func:`run_stage`) for a per-stage command (``deepclick
+features|towers|embed|index --date D``), an Airflow task or the spark-submit driver
+(``deepclick_cli/spark_stage.py``): one code path, so each of them writes the same ledger entry,
+skips the same unchanged stage and refuses the same republishing under serving. An Airflow task
+judges its success from the ledger entry (:func:`confirm_stage`), not from an exit status.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import importlib.util
 import json
 import logging
 import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -267,24 +268,6 @@ def _guard_serving(stage: Stage, ctx: DayContext) -> None:
             )
 
 
-@contextlib.contextmanager
-def stage_guard(settings: Settings, date: dt.date | str, stage: str) -> Iterator[None]:
-    """Hold what ``deepclick run`` holds around a stage, for a stand-alone stage command
-    (``deepclick features|towers|embed|index --date D``): the day's run lock, so two commands
-    for the same day never write the same folder at once (the last writer won), and the serving
-    guard, so a re-run never republishes a folder the serving release reads (issue 12, item 4).
-
-    Raises:
-        ServingPinnedError: the stage would republish a folder the serving release reads.
-    """
-    day = dt.date.fromisoformat(date) if isinstance(date, str) else date
-    chosen = get_stage(stage)
-    ctx = DayContext(settings, day, settings.lifecycle.dataset, settings.raw_dir)
-    with RunLedger.locked(settings, day):
-        _guard_serving(chosen, ctx)
-        yield
-
-
 def _input_versions(inputs: Mapping[str, Any]) -> dict[str, Any]:
     """Data versions for the tracker: each upstream manifest's version (and creation time)."""
     found: dict[str, Any] = {}
@@ -303,9 +286,19 @@ def _input_versions(inputs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _execute(
-    stage: Stage, ctx: DayContext, ledger: RunLedger, tracker: Tracker, run_key: str
+    stage: Stage,
+    ctx: DayContext,
+    ledger: RunLedger,
+    tracker: Tracker,
+    run_key: str,
+    *,
+    force: bool = False,
 ) -> StageResult:
-    """Run or skip one stage, record it in the ledger, then hand it to the tracker."""
+    """Run or skip one stage, record it in the ledger, then hand it to the tracker.
+
+    ``force`` runs it even when its recorded outcome could stand (the serving guard still
+    applies). A stage whose inputs cannot be read cannot be shown to be a skip: the serving guard
+    is asked first, so a refusal to republish what serving reads wins over the missing input."""
     started = time.perf_counter()
     digest: str | None = None
     inputs: dict[str, Any] = {}
@@ -315,18 +308,24 @@ def _execute(
         if s.registers
     }
     try:
-        digest, inputs = fingerprint(stage, ctx)
+        try:
+            digest, inputs = fingerprint(stage, ctx)
+        except Exception:
+            _guard_serving(stage, ctx)
+            raise
         previous = ledger.entry(stage.name)
         skip, reason = _reuse(stage, ctx, previous, digest)
+        if skip and force:
+            skip, reason = False, "forced (--force)"
         outcome: Outcome | None = None
         adopted = False
-        if not skip and stage.adopt is not None and previous is None:
+        if not skip and not force and stage.adopt is not None and previous is None:
             outcome = stage.adopt(ctx)
             if outcome is not None:
                 adopted, reason = True, "published earlier from the same unchanged source"
         if not skip and outcome is None:
             _guard_serving(stage, ctx)
-            outcome = stage.run(ctx)
+            outcome = stage.run(ctx, inputs)
     except ServingPinnedError as exc:  # refused before doing anything: the record stands
         raise StageFailed(stage.name, ctx.date, exc) from exc
     except Exception as exc:
@@ -514,6 +513,7 @@ def run_daily(
     stages: Sequence[str] | None = None,
     tracker: Tracker | None = None,
     run_key: str | None = None,
+    force: bool = False,
 ) -> DailyReport:
     """Run (or resume) the daily run of ``date``; return what every stage did.
 
@@ -524,6 +524,7 @@ def run_daily(
         spark: a session to reuse (created from ``settings.spark`` when a Spark stage needs one).
         stages: a subset of the stages, in the usual order (default: all).
         tracker: where stages are logged (default: MLflow when ``mlflow.enabled``).
+        force: run the chosen stages even where their recorded outcome could stand.
 
     Raises:
         StageFailed: a stage failed; the message names it. Everything published before it stays,
@@ -551,7 +552,7 @@ def run_daily(
         try:
             for stage in chosen:
                 with console.status(f"[bold]{stage.name}[/bold] …"):
-                    result = _execute(stage, ctx, ledger, tracker, run_key)
+                    result = _execute(stage, ctx, ledger, tracker, run_key, force=force)
                 report.stages.append(result)
                 _print_stage(console, result)
         except StageFailed as exc:
@@ -633,11 +634,20 @@ def run_stage(
     source: Path | str | None = None,
     spark: SparkSession | None = None,
     tracker: Tracker | None = None,
+    force: bool = False,
+    finish: bool | None = None,
 ) -> StageResult:
-    """Run (or skip) one stage of D's daily run — an Airflow task or a spark-submit driver.
+    """Run (or skip) one stage of D's daily run — a per-stage command, an Airflow task or the
+    spark-submit driver — exactly as :func:`run_daily` runs it: the day's lock, the ledger entry,
+    the fingerprint skip, the serving guard and the tracker.
 
     Tasks of the same Airflow run share ``run_key``, so they log into one MLflow parent run; the
     last stage closes it, a failing stage marks it failed (a retry re-opens it).
+
+    Args:
+        force: run the stage even when its recorded outcome could stand.
+        finish: close the MLflow parent run after this stage (default: only after the last
+            stage; a command that runs one stage on its own closes its run).
 
     Raises:
         StageFailed: the stage failed; nothing it would have published is visible.
@@ -654,12 +664,12 @@ def run_stage(
         )
         ledger.note_invocation(run_key, mlflow_run_id=parent, stages=[stage])
         try:
-            result = _execute(chosen, ctx, ledger, tracker, run_key)
+            result = _execute(chosen, ctx, ledger, tracker, run_key, force=force)
         except StageFailed:
             with contextlib.suppress(Exception):
                 tracker.finish("FAILED", {})
             raise
-        if stage == STAGE_NAMES[-1]:
+        if (stage == STAGE_NAMES[-1]) if finish is None else finish:
             tracker.finish("FINISHED", {})
     log.info("stage %s for %s: %s (%s)", stage, ctx.date, result.status, result.note)
     return result
@@ -719,12 +729,26 @@ def airflow_task(stage: str, date: str, run_key: str) -> dict[str, Any]:
     }
 
 
+SPARK_DRIVER = "deepclick_cli.spark_stage"
+"""The module spark-submit runs: an entry point (named here, never imported: the lifecycle layer
+does not import upward)."""
+
+
+def spark_driver_path() -> str:
+    """The file of :data:`SPARK_DRIVER`, as spark-submit wants its application."""
+    spec = importlib.util.find_spec(SPARK_DRIVER)
+    if spec is None or spec.origin is None:  # pragma: no cover - a broken installation
+        raise RuntimeError(f"the spark-submit driver {SPARK_DRIVER} is not installed")
+    return str(Path(spec.origin).resolve())
+
+
 def spark_submit_options(
     settings: Settings, stage: str, date: str, run_key: str, config: str | None = None
 ) -> dict[str, Any]:
-    """The SparkSubmitOperator arguments of a Spark stage in the cluster DAG: this module as the
-    application, run as ``--stage S --date D --run-key K``, with the connection, ``--conf`` and
-    ``--py-files`` of ``settings.lifecycle``. ``config`` is the settings file the driver loads."""
+    """The SparkSubmitOperator arguments of a Spark stage in the cluster DAG: the driver
+    :data:`SPARK_DRIVER` as the application, run as ``--stage S --date D --run-key K``, with the
+    connection, ``--conf`` and ``--py-files`` of ``settings.lifecycle``. ``config`` is the
+    settings file the driver loads."""
     if stage not in {s.name for s in STAGES if s.uses_spark}:
         raise ValueError(
             f"stage {stage!r} does not run on Spark; only these do: ingest, features, embed"
@@ -737,7 +761,7 @@ def spark_submit_options(
     if config:
         args += ["--config", config]
     return {
-        "application": str(Path(__file__).resolve()),
+        "application": spark_driver_path(),
         "application_args": args,
         "conn_id": cfg.spark_submit_conn_id,
         "conf": {**conf, **cfg.spark_submit_conf},
@@ -792,32 +816,3 @@ def print_summary(console: Console, report: DailyReport) -> None:
     console.print(f"serving release: {report.release or 'none yet'}")
     if report.mlflow_run_id:
         console.print(f"MLflow run: {report.mlflow_run_id}")
-
-
-# --------------------------------------------------------------------------- spark-submit driver
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one stage: the application the cluster DAG hands to spark-submit."""
-    parser = argparse.ArgumentParser(prog="lifecycle/daily.py", description=main.__doc__)
-    parser.add_argument("--stage", required=True, choices=STAGE_NAMES)
-    parser.add_argument("--date", required=True, help="day D, YYYY-MM-DD")
-    parser.add_argument("--run-key", required=True, help="the Airflow run id")
-    parser.add_argument("--config", default=None, help="settings YAML (default $DEEPCLICK_CONFIG)")
-    parser.add_argument("--dataset", default=None)
-    parser.add_argument("--source", default=None)
-    args = parser.parse_args(argv)
-    settings = load_settings(args.config)
-    run_stage(
-        settings,
-        args.date,
-        args.stage,
-        run_key=args.run_key,
-        dataset=args.dataset,
-        source=args.source,
-    )
-    return 0
-
-
-if __name__ == "__main__":  # spark-submit runs this file as a script
-    sys.exit(main())

@@ -326,47 +326,26 @@ def replay(
     timings: dict[str, float] = {}
     ids: dict[str, list[list[str]]] = {}
 
-    def timed(name: str, make: Callable[[], list[list[str]]]) -> None:
+    def timed(
+        name: str, rows: pd.DataFrame = requests, k: int = num_candidates, **parts: Any
+    ) -> None:
+        """Serve ``rows`` through the release with ``parts`` swapped in (the candidate stage,
+        the backend); keep the slates and the seconds they took."""
         tick = time.perf_counter()
-        ids[name] = make()
+        served = dataclasses.replace(release, **parts) if parts else release
+        ids[name] = served_slates(served, rows, date, num_candidates=k)
         timings[name] = round(time.perf_counter() - tick, 3)
 
-    timed(DEEPCLICK, lambda: served_slates(release, requests, date, num_candidates=num_candidates))
+    timed(DEEPCLICK)
     subset = requests.head(min(all_ads, len(requests)))
     if len(subset):
-        everything = FixedCandidates(lambda _: catalogue)
-        timed(
-            RANKER_ALL,
-            lambda: served_slates(
-                dataclasses.replace(release, candidates=everything),
-                subset,
-                date,
-                num_candidates=len(catalogue),
-            ),
-        )
+        timed(RANKER_ALL, subset, len(catalogue), candidates=FixedCandidates(lambda _: catalogue))
     popular = FixedCandidates(
         lambda p: _continued(by_placement.get(p, ()), overall, num_candidates)
     )
-    timed(
-        RANKER_POPULAR,
-        lambda: served_slates(
-            dataclasses.replace(release, candidates=popular),
-            requests,
-            date,
-            num_candidates=num_candidates,
-        ),
-    )
+    timed(RANKER_POPULAR, candidates=popular)
     if peers is not None and LOGISTIC in peers.models:
-        backend = PeerBackend(peers.models[LOGISTIC])
-        timed(
-            LR_SAME,
-            lambda: served_slates(
-                dataclasses.replace(release, backend=backend),
-                requests,
-                date,
-                num_candidates=num_candidates,
-            ),
-        )
+        timed(LR_SAME, backend=PeerBackend(peers.models[LOGISTIC]))
     ids[POPULARITY] = [overall[:SLOTS]] * len(requests)
     ids[POPULARITY_PLACEMENT] = [
         _continued(by_placement.get(p, ()), overall, SLOTS) for p in requests["placement_id"]

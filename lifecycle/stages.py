@@ -6,12 +6,16 @@ ranker → evaluate → gate → publish. Each stage declares
 - ``config``: the settings it depends on, and ``inputs``: the upstream manifests it reads (for
   ingest: the source files' names, sizes and mtimes). With the package version they make the
   stage's fingerprint, which ``lifecycle/daily.py`` compares to decide whether a re-run may skip it;
-- ``run``: calls the stage's runner — which publishes atomically — and returns an :class:`Outcome`
-  naming the published folder and what the tracker should log.
+- ``run``: takes what ``inputs`` read (read once: the fingerprint and the run see the same
+  manifests), calls the stage's runner in ``pipelines/`` with D's folders from the
+  :class:`DayContext` and those inputs — the runner derives no path and re-reads nothing — and
+  returns an :class:`Outcome` naming the published folder and what the tracker should log.
 
-Stages find each other's outputs by convention (``<parent>/<YYYYMMDD>``), never through memory, so
-any stage can run alone in its own process (an Airflow task, a spark-submit driver). Nothing here
-calls MLflow: registering and mirroring decisions is the runner's job, through the tracker.
+This module is the wiring (kedro's ``pipeline.py``); the work is in the runners. Stages find each
+other's outputs through ``deepclick.layout`` (``<parent>/<YYYYMMDD>``), never through memory, so any
+stage can run alone in its own process (a per-stage command, an Airflow task, a spark-submit
+driver). Nothing here calls MLflow: registering and mirroring decisions is the runner's job,
+through the tracker.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from deepclick.layout import (
     DayLayout,
     challengers_dir,
     truth_dir,
-    version_for,
 )
 from deepclick.publish import (
     MANIFEST,
@@ -85,9 +88,18 @@ class ChampionUnavailableError(DeepclickError, RuntimeError):
     """The champion's published folders are gone or were republished: it cannot be re-measured."""
 
 
+Upstream = dict[str, Any]
+"""What a stage's ``inputs`` read: the upstream manifests (for ingest, the source files), keyed by
+the name of D's folder they describe. Fingerprinted, then handed to the stage's ``run``."""
+
+
 @dataclass
-class DayContext:
-    """One day's run: the settings, D, where its raw logs are, and (lazily) a Spark session."""
+class DayContext(DayLayout):
+    """One day's run: the settings, D, where its raw logs are, and (lazily) a Spark session.
+
+    It is D's :class:`~deepclick.layout.DayLayout` under ``settings.root``: every stage reads and
+    writes the folders it names (``ctx.features``, ``ctx.index`` …), derived there and only there.
+    """
 
     settings: Settings
     date: dt.date
@@ -96,15 +108,10 @@ class DayContext:
     spark_session: SparkSession | None = None
     registered: dict[str, str | None] = field(default_factory=dict)
     """MLflow versions of D's towers and ranker (from the run ledger), for decision records."""
+    _feature_inputs: Any = field(default=None, init=False, repr=False)
 
-    @property
-    def version(self) -> str:
-        return version_for(self.date)
-
-    @property
-    def layout(self) -> DayLayout:
-        """Where D's folders are (``deepclick.layout``): every stage reads and writes these."""
-        return DayLayout(self.settings.root, self.date, self.settings.predictor.model_name)
+    def __post_init__(self) -> None:
+        DayLayout.__init__(self, self.settings.root, self.date, self.settings.predictor.model_name)
 
     def spark(self) -> SparkSession:
         if self.spark_session is None:
@@ -118,38 +125,17 @@ class DayContext:
 
         return load_spec(self.dataset)
 
-    # the published folders of day D, by convention
-    @property
-    def events(self) -> Path:
-        return self.layout.events
+    def feature_inputs(self) -> Any:
+        """The event partitions and side snapshots D's features are built from
+        (``pipelines.features.runner.find_inputs``), chosen once per run: the features stage
+        fingerprints them and hands the same ones to its runner."""
+        if self._feature_inputs is None:
+            from pipelines.features.runner import find_inputs
 
-    @property
-    def features(self) -> Path:
-        return self.layout.features
-
-    @property
-    def towers(self) -> Path:
-        return self.layout.towers
-
-    @property
-    def embeddings(self) -> Path:
-        return self.layout.embeddings
-
-    @property
-    def index(self) -> Path:
-        return self.layout.index
-
-    @property
-    def ranker(self) -> Path:
-        return self.layout.ranker
-
-    @property
-    def evaluation(self) -> Path:
-        return self.layout.evaluation
-
-    @property
-    def gate(self) -> Path:
-        return self.layout.gate
+            self._feature_inputs = find_inputs(
+                self.settings.warehouse, self.date, self.settings.features, self.spec().name
+            )
+        return self._feature_inputs
 
     def truth_dir(self) -> Path | None:
         """The simulator's ground truth of this dataset, when there is one (generated data)."""
@@ -177,8 +163,10 @@ class Stage:
     """One step of the daily run (see the module docstring)."""
 
     name: str
-    run: Callable[[DayContext], Outcome]
-    inputs: Callable[[DayContext], dict[str, Any]]
+    run: Callable[[DayContext, Upstream], Outcome]
+    """Runs the stage on what ``inputs`` returned (read once: the fingerprint and the run see
+    the same manifests) and the folders the context names; returns what it published."""
+    inputs: Callable[[DayContext], Upstream]
     config: Callable[[DayContext], dict[str, Any]]
     uses_spark: bool = False
     registers: ModelKind | None = None
@@ -279,7 +267,7 @@ def _ingest_outcome(ctx: DayContext, note: str) -> Outcome:
     )
 
 
-def _ingest_run(ctx: DayContext) -> Outcome:
+def _ingest_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     from pipelines.ingest.runner import run_ingest
 
     report = run_ingest(ctx.settings, ctx.spec(), ctx.source, ctx.date, spark=ctx.spark())
@@ -314,20 +302,18 @@ def _ingest_adopt(ctx: DayContext) -> Outcome | None:
 # --------------------------------------------------------------------------- Spark and TF stages
 
 
-def _features_inputs(ctx: DayContext) -> dict[str, Any]:
-    from pipelines.features.runner import find_inputs
-
-    found = find_inputs(ctx.settings.warehouse, ctx.date, ctx.settings.features, ctx.spec().name)
+def _features_inputs(ctx: DayContext) -> Upstream:
+    found = ctx.feature_inputs()
     return {
         "events": [p.manifest for p in found.events],
         "side": {s.table: [p.manifest for p in s.used] for s in found.sides.values()},
     }
 
 
-def _features_run(ctx: DayContext) -> Outcome:
+def _features_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     from pipelines.features.runner import run_features
 
-    folder = run_features(ctx.settings, ctx.date, spark=ctx.spark(), dataset=ctx.spec().name)
+    folder = run_features(ctx.settings, ctx.feature_inputs(), ctx.features, spark=ctx.spark())
     manifest = read_manifest(folder)
     metrics = {**numeric(manifest.get("counts", {})), **numeric(manifest.get("metrics", {}))}
     days = len(manifest.get("train_dates", []))
@@ -339,10 +325,10 @@ def _features_run(ctx: DayContext) -> Outcome:
     )
 
 
-def _towers_run(ctx: DayContext) -> Outcome:
+def _towers_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     from pipelines.towers import run_towers
 
-    folder = run_towers(ctx.settings, ctx.date, progress=False)
+    folder = run_towers(ctx.settings, ctx.features, ctx.towers, progress=False)
     manifest = read_manifest(folder)
     history = manifest.get("metrics", {}).get("history", {})
     metrics = {k: v for k, v in manifest.get("metrics", {}).items() if isinstance(v, int | float)}
@@ -355,10 +341,17 @@ def _towers_run(ctx: DayContext) -> Outcome:
     )
 
 
-def _embed_run(ctx: DayContext) -> Outcome:
+def _embed_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     from pipelines.embed import run_embed
 
-    folder = run_embed(ctx.settings, ctx.date, spark=ctx.spark())
+    folder = run_embed(
+        ctx.settings,
+        features=ctx.features,
+        towers=ctx.towers,
+        out=ctx.embeddings,
+        upstream=upstream,
+        spark=ctx.spark(),
+    )
     counts = read_manifest(folder).get("counts", {})
     return Outcome(
         folder,
@@ -368,10 +361,12 @@ def _embed_run(ctx: DayContext) -> Outcome:
     )
 
 
-def _index_run(ctx: DayContext) -> Outcome:
+def _index_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     from pipelines.build_index import run_index
 
-    folder = run_index(ctx.settings, ctx.date)
+    folder = run_index(
+        ctx.settings, ctx.date, embeddings=ctx.embeddings, features=ctx.features, out=ctx.index
+    )
     manifest = read_manifest(folder)
     metrics = numeric(manifest.get("counts", {}))
     for key in ("ann_recall_at_k", "search_k", "n_trees", "recall_k"):
@@ -392,7 +387,7 @@ def _ranker_inputs(ctx: DayContext) -> dict[str, Any]:
     return found
 
 
-def _ranker_run(ctx: DayContext) -> Outcome:
+def _ranker_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     from candidates.store import read_embeddings
     from models.feature_spec import load_feature_spec
     from models.ranker.export import export_ranker
@@ -658,7 +653,7 @@ def _evaluate_config(ctx: DayContext) -> dict[str, Any]:
     }
 
 
-def _evaluate_run(ctx: DayContext) -> Outcome:
+def _evaluate_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     from models.evaluation.retrieval_report import RetrievalEvalConfig
     from pipelines.retrieval_eval import evaluate_retrieval
 
@@ -695,7 +690,7 @@ def _evaluate_run(ctx: DayContext) -> Outcome:
             run_als=cfg.retrieval_als,
         )
         (staging.path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        versions = {k: v.get("version") for k, v in _evaluate_inputs(ctx).items()}
+        versions = {k: v.get("version") for k, v in upstream.items()}
         staging.manifest.update(
             {
                 "stage": "evaluate",
@@ -786,9 +781,9 @@ def _gate_config(ctx: DayContext) -> dict[str, Any]:
     }
 
 
-def _gate_run(ctx: DayContext) -> Outcome:
+def _gate_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     settings = ctx.settings
-    evaluation = _manifest(ctx.evaluation, "gate", "evaluation")
+    evaluation = upstream["evaluation"]
     challenger = dict(evaluation.get("metrics", {}))
     champion = current_champion(settings)
     with publishing(ctx.gate.parent, ctx.version, update_current=False) as staging:
@@ -838,9 +833,8 @@ def _gate_run(ctx: DayContext) -> Outcome:
     )
 
 
-def _publish_run(ctx: DayContext) -> Outcome:
+def _publish_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     settings = ctx.settings
-    _manifest(ctx.gate, "publish", "gate decision")
     gate = json.loads((ctx.gate / DECISION_FILE).read_text())
     parts = components(ctx)
     record: dict[str, Any] = {
@@ -895,11 +889,11 @@ def _decision_recorded(ctx: DayContext, entry: dict[str, Any]) -> str | None:
     return f"decision {decision_id} is not in the decisions ledger"
 
 
-def _upstream(stage: str, *names: str) -> Callable[[DayContext], dict[str, Any]]:
+def _upstream(stage: str, *names: str) -> Callable[[DayContext], Upstream]:
     """``inputs`` of a stage that reads the manifests of D's folders ``names``."""
     manifests = {"ranker": RANKER_MANIFEST}
 
-    def inputs(ctx: DayContext) -> dict[str, Any]:
+    def inputs(ctx: DayContext) -> Upstream:
         return {
             name: _manifest(getattr(ctx, name), stage, name, manifests.get(name, MANIFEST))
             for name in names

@@ -22,11 +22,7 @@ from candidates.funnel import FunnelParams, FunnelRefused, funnel_check, refusal
 from candidates.index import CandidateIndex, build_index
 from candidates.service import CandidateService
 from candidates.store import read_embeddings
-from deepclick import layout
-from deepclick.layout import version_for
-from deepclick.publish import resolve
 from deepclick.settings import Settings
-from pipelines.towers import features_folder
 
 EVAL_COLUMNS = ["user_id", "placement_id", "ad_id", "label"]
 
@@ -103,15 +99,15 @@ def funnel_checker(
     settings: Settings,
     date: dt.date,
     embeddings_folder: Path,
+    features: Path,
     counts: dict[str, tuple[float, float]],
 ) -> Callable[[CandidateIndex], dict[str, Any]]:
-    """:func:`candidates_check` on a seeded sample of D's clicked impressions (``eval``, at most
-    ``lifecycle.recall_queries``) at every K of ``lifecycle.recall_ks``."""
+    """:func:`candidates_check` on a seeded sample of D's clicked impressions (``eval`` of the
+    ``features`` folder, at most ``lifecycle.recall_queries``) at every K of
+    ``lifecycle.recall_ks``."""
     cfg = settings.index
     ks = sorted(set(settings.lifecycle.recall_ks))
-    sample = day_clicks(
-        features_folder(settings, date), settings.lifecycle.recall_queries, cfg.seed
-    )
+    sample = day_clicks(features, settings.lifecycle.recall_queries, cfg.seed)
     return candidates_check(
         embeddings_folder,
         list(zip(sample["user_id"].astype(str), sample["placement_id"].astype(str), strict=True)),
@@ -127,15 +123,17 @@ def funnel_checker(
     )
 
 
-def run_index(settings: Settings, date: dt.date) -> Path:
-    version = version_for(date)
-    embeddings = resolve(layout.embeddings_dir(settings.root), version, what="embeddings")
+def run_index(
+    settings: Settings, date: dt.date, *, embeddings: Path, features: Path, out: Path
+) -> Path:
+    """Index the ad vectors of the ``embeddings`` folder of D, measure the ANN recall and the
+    funnel on D's ``features``, and publish the index as ``out`` (``<parent>/<version>``, named
+    by the caller); return ``out``."""
     cfg = settings.index
-    features = features_folder(settings, date)
     counts = training_counts(features)
     return build_index(
         embeddings,
-        layout.index_dir(settings.root),
+        out.parent,
         popularity=popularity_rows(features),
         metric=cfg.metric,
         n_trees=cfg.n_trees,
@@ -145,8 +143,8 @@ def run_index(settings: Settings, date: dt.date) -> Path:
         recall_floor=cfg.recall_floor,
         seed=cfg.seed,
         tune_search_k=cfg.tune_search_k,
-        version=version,
+        version=out.name,
         clicks={ad: c for ad, (c, _) in counts.items()},
         funnel=FunnelParams(cfg.prior_weight, cfg.prior_smoothing, cfg.explore_share),
-        check=funnel_checker(settings, date, embeddings, counts),
+        check=funnel_checker(settings, date, embeddings, features, counts),
     )

@@ -9,10 +9,10 @@ features). The driver then gathers the vectors into the mmappable tables of cont
 
 from __future__ import annotations
 
-import datetime as dt
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,12 +20,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from candidates.store import publish_embeddings
-from deepclick import layout
-from deepclick.layout import version_for
-from deepclick.publish import read_manifest
 from deepclick.settings import Settings
 from pipelines.spark import get_spark
-from pipelines.towers import features_folder, towers_folder
 
 # entity table → (tower role, id column, fallback name in the embeddings contract)
 ENTITY_TOWERS: dict[str, tuple[str, str, str | None]] = {
@@ -59,34 +55,44 @@ def _read_vectors(folder: Path, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, flat.astype(np.float32).reshape(len(ids), dim)
 
 
-def run_embed(settings: Settings, date: dt.date, spark: SparkSession | None = None) -> Path:
-    """Embed D's entity tables with D's towers and publish ``<artifacts>/embeddings/<YYYYMMDD>``."""
+def run_embed(
+    settings: Settings,
+    *,
+    features: Path,
+    towers: Path,
+    out: Path,
+    upstream: Mapping[str, Mapping[str, Any]],
+    spark: SparkSession | None = None,
+) -> Path:
+    """Embed the entity tables of the ``features`` folder with the ``towers`` and publish the
+    vectors as ``out`` (``<parent>/<version>``, named by the caller); return ``out``.
+
+    ``upstream`` holds the manifests of ``features`` and ``towers`` that the caller already read
+    (the lifecycle's embed stage fingerprints them), recorded as the embeddings' inputs.
+    """
     from models.two_tower.export import load_tower
 
     spark = spark or get_spark(settings.spark)
-    features = features_folder(settings, date)
-    towers = towers_folder(settings, date)
-    tower_manifest = read_manifest(towers)
     tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     fallbacks: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(dir=settings.artifacts, prefix=".embed-") as scratch:
         for entity, (role, key, fallback) in ENTITY_TOWERS.items():
             tower = load_tower(towers / role)
             frame = spark.read.parquet(str(features / "entities" / entity))
-            out = Path(scratch) / entity
-            embed_frame(frame, str(towers / role), key, tower.feature_names).write.parquet(str(out))
-            tables[entity] = _read_vectors(out, tower.dim)
+            vectors = Path(scratch) / entity
+            embedded = embed_frame(frame, str(towers / role), key, tower.feature_names)
+            embedded.write.parquet(str(vectors))
+            tables[entity] = _read_vectors(vectors, tower.dim)
             if fallback is not None:
                 fallbacks[fallback] = tower.fallback()
-    version = version_for(date)
     return publish_embeddings(
-        layout.embeddings_dir(settings.root),
-        version,
+        out.parent,
+        out.name,
         tables,
         fallbacks,
         inputs={
-            "features": read_manifest(features)["version"],
-            "towers": version,
-            "towers_created_at": tower_manifest["created_at"],
+            "features": upstream["features"]["version"],
+            "towers": upstream["towers"]["version"],
+            "towers_created_at": upstream["towers"]["created_at"],
         },
     )

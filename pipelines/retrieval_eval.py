@@ -40,7 +40,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from candidates.index import recall_at_k as index_recall
 from candidates.service import CandidateService
 from deepclick import layout
 from deepclick.layout import SPEC_FILE, version_for
@@ -49,6 +48,7 @@ from deepclick.publish import (
     resolve,
 )
 from deepclick.settings import Settings
+from deepclick.topk import ann_recall
 from models.evaluation.retrieval import plot_recall_at_k
 from models.evaluation.retrieval_report import (
     ALS,
@@ -212,8 +212,7 @@ def two_tower_retrieval(
                 for key in ("recall_k", "ann_recall_at_k", "search_k", "n_trees", "metric")
             },
             "measured_vs_exact": {
-                str(k): round(index_recall(retrieved[TWO_TOWER_ANN][k], exact[:, :k]), 6)
-                for k in ks
+                str(k): round(ann_recall(retrieved[TWO_TOWER_ANN][k], exact[:, :k]), 6) for k in ks
             },
         },
     }

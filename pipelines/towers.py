@@ -7,24 +7,13 @@ was trained; the manifest records the features version, the settings and the tra
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
 from pathlib import Path
 
-from deepclick import layout
-from deepclick.layout import version_for
-from deepclick.publish import (
-    publishing,
-    resolve,
-)
+from deepclick.publish import publishing
 from deepclick.settings import Settings
 from models.feature_spec import load_feature_spec
 from pipelines.training_days import TrainingDays, split_training_days
-
-
-def features_folder(settings: Settings, date: dt.date) -> Path:
-    """The published features of day D (built from the days before D)."""
-    return resolve(layout.features_dir(settings.root), version_for(date), what="features")
 
 
 def training_days(settings: Settings, train_dates: Sequence[str]) -> TrainingDays:
@@ -33,24 +22,19 @@ def training_days(settings: Settings, train_dates: Sequence[str]) -> TrainingDay
     return split_training_days(train_dates, cfg.ranker_similarity, cfg.ranker_days)
 
 
-def towers_folder(settings: Settings, date: dt.date) -> Path:
-    return resolve(layout.towers_dir(settings.root), version_for(date), what="two-tower model")
-
-
-def run_towers(settings: Settings, date: dt.date, *, progress: bool = True) -> Path:
-    """Train on ``training/retrieval`` of D's features, export every tower, publish atomically.
+def run_towers(settings: Settings, features: Path, out: Path, *, progress: bool = True) -> Path:
+    """Train on ``training/retrieval`` of the ``features`` folder, export every tower and publish
+    them atomically as ``out`` (``<parent>/<version>``, named by the caller); return ``out``.
 
     With ``lifecycle.ranker_similarity`` the towers leave out the window's last
     ``lifecycle.ranker_days`` days, which the ranker trains on (pipelines/training_days.py).
     """
     from models.two_tower import export_towers, train_two_tower
 
-    source = features_folder(settings, date)
-    spec = load_feature_spec(source)
+    spec = load_feature_spec(features)
     days = training_days(settings, spec.train_dates)
     trained = train_two_tower(spec, settings.two_tower, progress=progress, dates=days.towers)
-    version = version_for(date)
-    with publishing(layout.towers_dir(settings.root), version) as staging:
+    with publishing(out.parent, out.name) as staging:
         export_towers(trained, staging.path)
         staging.manifest.update(
             {
@@ -68,4 +52,4 @@ def run_towers(settings: Settings, date: dt.date, *, progress: bool = True) -> P
                 "dim": trained.dim,
             }
         )
-    return layout.towers_dir(settings.root) / version
+    return out

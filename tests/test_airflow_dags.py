@@ -170,7 +170,8 @@ def test_the_cluster_dag_submits_the_spark_stages(dagbag, monkeypatch, tmp_path:
     assert "spark.executor.memory=2g" in command
     assert command[command.index("--py-files") + 1] == "/opt/deepclick.zip"
     app = command.index(task.application)
-    assert Path(task.application) == Path(__file__).resolve().parent.parent / "lifecycle/daily.py"
+    driver = Path(__file__).resolve().parent.parent / "deepclick_cli" / "spark_stage.py"
+    assert Path(task.application) == driver
     assert command[app + 1 :] == [
         "--stage",
         "features",
@@ -184,13 +185,15 @@ def test_the_cluster_dag_submits_the_spark_stages(dagbag, monkeypatch, tmp_path:
 
 
 def test_the_spark_submit_driver_runs_one_stage(monkeypatch) -> None:
-    """``lifecycle/daily.py`` as the submitted application: arguments reach ``run_stage``."""
+    """``deepclick_cli/spark_stage.py`` as the submitted application: arguments reach
+    ``run_stage``."""
+    import deepclick_cli.spark_stage as driver
     import lifecycle.daily as daily
 
     calls = []
-    monkeypatch.setattr(daily, "run_stage", lambda *a, **k: calls.append((a, k)))
-    monkeypatch.setattr(daily, "load_settings", lambda config=None: Settings(root=Path("/x")))
-    assert daily.main(["--stage", "embed", "--date", "2024-01-03", "--run-key", "r1"]) == 0
+    monkeypatch.setattr(driver, "run_stage", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(driver, "load_settings", lambda config=None: Settings(root=Path("/x")))
+    assert driver.main(["--stage", "embed", "--date", "2024-01-03", "--run-key", "r1"]) == 0
     ((args, kwargs),) = calls
     assert args[1:] == ("2024-01-03", "embed") and kwargs["run_key"] == "r1"
     with pytest.raises(ValueError, match="does not run on Spark"):

@@ -12,13 +12,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from deepclick.layout import DayLayout
 from deepclick.publish import current_version, verify
 from deepclick.settings import FeatureSettings, Settings, SparkSettings
 from models.feature_spec import FEATURE_TABLES, MISSING, load_feature_spec
 from pipelines.features import runner
-from pipelines.features.runner import FeaturesInputError, run_features
+from pipelines.features.runner import FeaturesInputError, find_inputs, run_features
 
 pytestmark = pytest.mark.spark
+
+
+def build_features(settings: Settings, spark) -> Path:
+    """What the lifecycle's features stage does for D: find the inputs, run, publish into D's
+    features folder (``deepclick.layout``)."""
+    inputs = find_inputs(settings.warehouse, D, settings.features)
+    return run_features(settings, inputs, DayLayout(settings.root, D).features, spark)
+
 
 OLD, D1, D2, D3, D, LATER = (
     dt.date(2023, 12, 31),
@@ -209,7 +218,7 @@ def base(spark, tmp_path_factory):
     settings = toy_settings(tmp_path_factory.mktemp("features") / "var")
     events, side = toy_events(), toy_side()
     write_warehouse(settings.warehouse, events, side)
-    folder = run_features(settings, D, spark)
+    folder = build_features(settings, spark)
     return settings, folder, events, read_outputs(folder)
 
 
@@ -376,7 +385,7 @@ def test_rerun_with_flipped_labels_of_d_replaces_the_version_and_changes_only_ev
     shutil.copytree(settings.warehouse, other.warehouse)  # inputs and the published version
     set_labels(other.warehouse, D, 0)
 
-    rerun = run_features(other, D, spark)
+    rerun = build_features(other, spark)
     again = read_outputs(rerun)
 
     assert sorted(p.name for p in rerun.parent.iterdir()) == ["20240104", "CURRENT"]
@@ -399,7 +408,7 @@ def test_too_few_days_before_d_is_an_error_naming_d_and_the_dates_that_exist(set
     strict = settings.model_copy(update={"features": FeatureSettings(min_train_days=2)})
 
     with pytest.raises(FeaturesInputError) as error:
-        run_features(strict, D, spark=None)
+        build_features(strict, None)
 
     message = str(error.value)
     assert "2024-01-04" in message and "at least 2 day(s)" in message
@@ -414,7 +423,7 @@ def test_dataset_without_side_tables_takes_profiles_from_events_and_a_failure_pu
     write_warehouse(settings.warehouse, {d: events[d] for d in TRAIN}, {}, dataset="avazu")
     cfg = settings.model_copy(update={"features": FeatureSettings(min_train_days=3)})
 
-    folder = run_features(cfg, D, spark)  # D has no events
+    folder = build_features(cfg, spark)  # D has no events
     outputs = read_outputs(folder)
     manifest = verify(folder)
 
@@ -438,7 +447,7 @@ def test_dataset_without_side_tables_takes_profiles_from_events_and_a_failure_pu
 
     monkeypatch.setattr(runner, "_write_table", broken)
     with pytest.raises(OSError, match="disk full"):
-        run_features(cfg, D, spark)
+        build_features(cfg, spark)
     assert verify(folder)["checksums"] == manifest["checksums"]
     assert sorted(p.name for p in folder.parent.iterdir()) == ["20240104", "CURRENT"]
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.evaluation.retrieval import ann_recall, exact_top_k, plot_recall_at_k, recall_at_k
+from deepclick.topk import ann_recall, exact_top_k
+from models.evaluation.retrieval import plot_recall_at_k, recall_at_k
 
 
 class TestRecallAtK:
@@ -50,6 +51,19 @@ def test_ann_recall_is_the_share_of_the_exact_top_k_found() -> None:
     exact = np.array([[1, 2, 9], [4, 7, 8]])
     assert ann_recall(approx, exact) == pytest.approx((2 / 3 + 1 / 3) / 2)
     assert ann_recall(approx, exact, k=1) == pytest.approx(1.0)
+
+
+def test_ann_recall_counts_an_item_tied_with_the_kth_exact_one() -> None:
+    # Issue 13: one ANN recall for the index build and the evaluations. Rows 1 and 2 are the same
+    # vector, so an answer holding row 2 where exact search picked row 1 is just as good.
+    items = np.array([[1.0, 0.0], [0.5, 0.0], [0.5, 0.0], [0.0, 1.0]])
+    queries = np.array([[1.0, 0.0]])
+    exact = exact_top_k(queries, items, 2)
+    assert exact.tolist() == [[0, 1]]
+    assert ann_recall([[0, 2]], exact) == pytest.approx(0.5)
+    assert ann_recall([[0, 2]], exact, items=items, queries=queries) == pytest.approx(1.0)
+    assert ann_recall([[0, 3]], exact, items=items, queries=queries) == pytest.approx(0.5)
+    assert ann_recall([], []) == 1.0
 
 
 def test_exact_top_k_is_best_first_with_ties_to_the_lower_row() -> None:

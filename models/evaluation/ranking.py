@@ -47,6 +47,16 @@ def _arrays(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
     return y, p
 
 
+def _clicks(labels: Any, probabilities: Any, what: str) -> tuple[int, float]:
+    """Observed clicks and predicted clicks (the sum of probabilities) of the calibration
+    metrics; raises :class:`SingleClassError` naming ``what`` when nothing was clicked."""
+    y, p = _arrays(labels, probabilities)
+    clicks = int(y.sum())
+    if clicks == 0:
+        raise SingleClassError(_single_class_message(y, what))
+    return clicks, float(p.sum())
+
+
 def _single_class_message(y: np.ndarray, what: str) -> str:
     clicks = int(y.sum())
     return (
@@ -165,12 +175,8 @@ def calibration_interval(
     Raises:
         SingleClassError: no observed clicks.
     """
-    y, p = _arrays(labels, probabilities)
-    clicks = int(y.sum())
-    if clicks == 0:
-        raise SingleClassError(_single_class_message(y, "calibration interval"))
+    clicks, predicted = _clicks(labels, probabilities, "calibration interval")
     low, high = click_count_interval(clicks, level=level)
-    predicted = float(p.sum())
     return predicted / high, predicted / low
 
 
@@ -210,11 +216,8 @@ def calibration_ratio(labels: Any, probabilities: Any) -> float:
     Raises:
         SingleClassError: no observed clicks.
     """
-    y, p = _arrays(labels, probabilities)
-    clicks = float(y.sum())
-    if clicks == 0:
-        raise SingleClassError(_single_class_message(y, "calibration ratio"))
-    return float(p.sum() / clicks)
+    clicks, predicted = _clicks(labels, probabilities, "calibration ratio")
+    return predicted / clicks
 
 
 def reliability(labels: Any, probabilities: Any, *, bins: int = 10) -> list[dict[str, float]]:

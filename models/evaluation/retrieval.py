@@ -1,15 +1,14 @@
-"""Retrieval metrics: recall@K of clicked ads, ANN recall against exact search, and their plot.
+"""Retrieval metrics: recall@K of clicked ads and its plot.
 
 Pure numpy (plus matplotlib's object API on an Agg canvas for the PNG), so the two-tower
-evaluation, the candidate index build and the benchmarks can all measure retrieval the same way.
+evaluation, the retrieval evaluation, the replay and the benchmarks measure retrieval the same way.
 
 - :func:`recall_at_k` — for each query, the share of its relevant items (the clicked ad, or a
   set) found in the first K entries of its ranked candidate list; averaged over queries, for
   several K at once. A list shorter than K simply has fewer chances.
-- :func:`ann_recall` — recall of an approximate top-k against the exact top-k: the same
-  computation with the exact top-k as the relevant set.
-- :func:`exact_top_k` — brute-force best-first top-k by dot product, the reference (its one home
-  is ``deepclick.topk``; re-exported here).
+
+Exact top-k and the recall of an approximate search against it live in ``deepclick.topk``
+(``exact_top_k``, ``ann_recall``), one home for the index build, serving and the evaluations.
 """
 
 from __future__ import annotations
@@ -22,9 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from deepclick.topk import exact_top_k
-
-__all__ = ["ann_recall", "exact_top_k", "plot_recall_at_k", "recall_at_k"]
+__all__ = ["plot_recall_at_k", "recall_at_k"]
 
 QUERY_CHUNK = 1024
 
@@ -101,20 +98,6 @@ def recall_at_k(ranked: Any, relevant: Any, ks: Iterable[int]) -> dict[int, floa
             hits = ((first < k) & ok).sum(axis=1)
             found[j] += (hits[keep] / sizes[keep]).sum()
     return {k: float(found[j] / counted) if counted else 0.0 for j, k in enumerate(cutoffs)}
-
-
-def ann_recall(approx: Any, exact: Any, k: int | None = None) -> float:
-    """Mean share of each query's exact top-k that the approximate top-k contains.
-
-    Args:
-        approx: per query, approximate neighbour ids (best first or not).
-        exact: per query, exact top ids (e.g. :func:`exact_top_k`).
-        k: the cut-off; defaults to the width of ``exact``.
-    """
-    exact_rows = _padded(exact, _Unmatched())
-    k = exact_rows.shape[1] if k is None else k
-    truth = [[v for v in row[:k] if not isinstance(v, _Unmatched)] for row in exact_rows]
-    return recall_at_k(approx, truth, [k])[k]
 
 
 def plot_recall_at_k(

@@ -22,7 +22,8 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from models.evaluation.retrieval import exact_top_k, recall_at_k
+from deepclick.topk import exact_top_k
+from models.evaluation.retrieval import recall_at_k
 
 DEFAULT_KS = (50, 100, 500, 1000)
 TWO_TOWER_EXACT = "two_tower_exact"

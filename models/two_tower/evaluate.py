@@ -15,7 +15,8 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from models.evaluation.retrieval import exact_top_k, recall_at_k
+from deepclick.topk import exact_top_k
+from models.evaluation.retrieval import recall_at_k
 from models.feature_spec import ROLE_KEY
 from models.two_tower.train import TrainedTowers
 

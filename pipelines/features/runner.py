@@ -6,7 +6,9 @@ one unit (docs/contracts.md §3): vocabularies, numeric statistics, point-in-tim
 entity tables as of D, the ranking and retrieval training sets, the eval set of day D, popularity
 lists and ``feature_spec.json``. Day D's labels feed nothing but the ``label`` column of ``eval``.
 
-The logic is in ``nodes.py``; this module finds the inputs, wires the nodes and writes.
+The logic is in ``nodes.py``; this module chooses the inputs (:func:`find_inputs`, which the
+lifecycle's features stage calls once, to fingerprint them and to hand them to
+:func:`run_features`), wires the nodes and writes the folder the stage names.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pyspark.sql import functions as F
 
 from deepclick.errors import DeepclickError
-from deepclick.layout import PARTITION_MANIFEST, version_for
+from deepclick.layout import PARTITION_MANIFEST
 from deepclick.publish import (
     Staging,
     publishing,
@@ -118,6 +120,8 @@ class Inputs:
     events: list[Partition]
     dataset: str
     event_features: list[Feature]
+    warehouse: Path
+    """The warehouse the partitions were found in (their paths are described relative to it)."""
     sides: dict[str, SideInputs] = field(default_factory=dict)
 
     @property
@@ -266,7 +270,7 @@ def find_inputs(
                 f"{table}; the ingest must put each feature in one place"
             )
         sides[role] = SideInputs(table, role, ROLE_KEY[role], features, used, as_of)
-    return Inputs(target, window, events, name, event_features, sides)
+    return Inputs(target, window, events, name, event_features, warehouse, sides)
 
 
 def _history_features(role: str) -> list[Feature]:
@@ -333,24 +337,24 @@ def _validate(expected: dict[str, int]) -> Callable[[Staging], None]:
 
 def run_features(
     settings: Settings,
-    date: dt.date,
+    inputs: Inputs,
+    out: Path,
     spark: SparkSession | None = None,
-    dataset: str | None = None,
 ) -> Path:
-    """Build and publish the features of target day ``date``; return the published folder.
+    """Build the features of ``inputs.target`` from the partitions :func:`find_inputs` chose and
+    publish them as ``out`` (``<parent>/<version>``); return ``out``.
 
+    The caller (the lifecycle's features stage) finds the inputs once, fingerprints them and
+    names the output folder (``deepclick.layout``); this runner only reads, computes and writes.
     Nothing is published unless every table, vocabulary and the spec were written and checked.
-
-    Raises:
-        FeaturesInputError: too few days with events before ``date``, or inputs that disagree.
     """
-    inputs = find_inputs(settings.warehouse, date, settings.features, dataset)
     if spark is None:
         from pipelines.spark import get_spark
 
         spark = get_spark(settings.spark)
     cfg = settings.features
-    warehouse = settings.warehouse
+    warehouse = inputs.warehouse
+    date = inputs.target
 
     # 1. Events of the window and of D; the smoothing prior of each day.
     events = nodes.canonical_events(
@@ -389,7 +393,7 @@ def run_features(
     log.info("features: entity-day tables %s in %.1f s", sizes, time.perf_counter() - started)
     try:
         prepared = _Prepared(events, daily, per_day, snapshots, sizes, totals, global_ctr)
-        return _build_and_publish(settings, inputs, prepared)
+        return _build_and_publish(settings, inputs, prepared, published=out)
     finally:
         for frame in [*per_day.values(), *daily.values()]:
             frame.unpersist()
@@ -590,16 +594,19 @@ def _output_tables(
     return tables, entity_specs
 
 
-def _build_and_publish(settings: Settings, inputs: Inputs, prepared: _Prepared) -> Path:
-    """Compute statistics, write every output into a staging folder and publish it."""
+def _build_and_publish(
+    settings: Settings, inputs: Inputs, prepared: _Prepared, *, published: Path
+) -> Path:
+    """Compute statistics, write every output into a staging folder and publish it as
+    ``published``."""
     cfg = settings.features
-    warehouse = settings.warehouse
+    warehouse = inputs.warehouse
     date = inputs.target
     totals, global_ctr = prepared.totals, prepared.global_ctr
     train_rows = sum(totals[d][0] for d in inputs.window)
     train_clicks = sum(totals[d][1] for d in inputs.window)
     eval_rows, eval_clicks = totals.get(date, (0, 0))
-    parent, version = warehouse / "features", version_for(date)
+    parent, version = published.parent, published.name
     expected = {
         "training/ranking": train_rows,
         "training/retrieval": train_clicks,
