@@ -32,6 +32,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from bench.common import write_json
+from deepclick import layout
 from deepclick.publish import resolve, version_for
 from deepclick.settings import Settings
 from models.evaluation.retrieval_report import sample_clicks
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ks = [int(k) for k in args.ks.split(",")]
     settings = Settings(root=args.root)
     version = version_for(dt.date.fromisoformat(args.date))
-    features = resolve(settings.warehouse / "features", version, what="features")
+    features = resolve(layout.warehouse(settings.root) / "features", version, what="features")
     spec = load_feature_spec(features)
     dates = tuple(sorted(spec.train_dates))
     if not args.all_days:

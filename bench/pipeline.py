@@ -34,6 +34,7 @@ from typing import Any
 from rich.console import Console
 
 from bench.common import PeakMemory, print_table, write_json
+from deepclick import layout
 from deepclick.layout import DayLayout
 from deepclick.settings import RankerSettings, Settings, SimulateSettings, SparkSettings
 from lifecycle.daily import run_daily, run_stage
@@ -71,7 +72,7 @@ def scan_days(spark: Any, day_dirs: list[Path]) -> int:
 
 def run_size(impressions: int, days: int, root: Path, spark_settings: SparkSettings) -> list[dict]:
     settings = Settings(root=root, spark=spark_settings)
-    raw = settings.raw_dir / "marketplace"
+    raw = layout.raw_dir(settings.root) / "marketplace"
     spark = get_spark(settings.spark)
     summary, t_sim = _timed(lambda: run_simulate(simulate_settings(impressions, days, 7), raw))
     day_dirs = [raw / d.date for d in summary.days]
@@ -85,7 +86,7 @@ def run_size(impressions: int, days: int, root: Path, spark_settings: SparkSetti
         ]
     )
     target = dt.date.fromisoformat(summary.days[-1].date)
-    inputs = find_inputs(settings.warehouse, target, settings.features)
+    inputs = find_inputs(layout.warehouse(settings.root), target, settings.features)
     out = DayLayout(settings.root, target).features
     folder, t_features = _timed(lambda: run_features(settings, inputs, out, spark=spark))
     counts = json.loads((folder / "manifest.json").read_text()).get("counts", {})
@@ -138,7 +139,7 @@ def run_daily_size(
         ranker=RankerSettings(negative_sampling_rate=negative_sampling_rate),
     )
     spark = get_spark(settings.spark)
-    raw = settings.raw_dir / "marketplace"
+    raw = layout.raw_dir(settings.root) / "marketplace"
     rows: list[dict] = []
     with PeakMemory() as peak:
         with peak.phase("simulate (set-up)"):

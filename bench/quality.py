@@ -38,6 +38,7 @@ from typing import Any
 from rich.console import Console
 
 from bench.common import print_table, write_json
+from deepclick import layout
 from deepclick.settings import Settings, SimulateSettings
 
 ROOT = Path("var/bench-quality")
@@ -81,7 +82,7 @@ def run_generated(scale: Scale, root: Path, console: Console) -> dict[str, Any]:
     from pipelines.spark import get_spark
 
     settings = _settings(root / scale.name, scale.simulate)
-    raw = settings.raw_dir / "marketplace"
+    raw = layout.raw_dir(settings.root) / "marketplace"
     sim = scale.simulate
     started = time.perf_counter()
     days = [dt.date.fromisoformat(sim.start_date) + dt.timedelta(days=d) for d in range(sim.days)]

@@ -30,6 +30,7 @@ from sklearn.preprocessing import OneHotEncoder
 
 import models.preprocessing
 from candidates.store import read_embeddings
+from deepclick import layout
 from deepclick.layout import version_for
 from deepclick.publish import resolve
 from deepclick.settings import Settings
@@ -78,11 +79,11 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings(root=args.root)
     version = version_for(dt.date.fromisoformat(args.date))
-    features = resolve(settings.warehouse / "features", version, what="features")
+    features = resolve(layout.warehouse(settings.root) / "features", version, what="features")
     spec = load_feature_spec(features)
     eval_rows = pd.read_parquet(features / "eval")
     y = eval_rows[spec.label].to_numpy()
-    emb = resolve(settings.artifacts / "embeddings", version, what="embeddings")
+    emb = resolve(layout.artifacts(settings.root) / "embeddings", version, what="embeddings")
     similarity = EmbeddingSimilarity(read_embeddings(emb))
     results = {}
     train_all = pd.read_parquet(features / "training" / "ranking")

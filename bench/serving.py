@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import latency_ms, memory_kb, print_table, write_json
+from deepclick import layout
 from serving.app import MetricsDep, ReleaseDep
 from serving.schemas import RankRequest
 
@@ -168,7 +169,7 @@ def build_world(work: Path, args: argparse.Namespace) -> Path:
     similarity = EmbeddingSimilarity(read_embeddings(embeddings))
     ranker_settings = RankerSettings(epochs=1, baseline=False)
     trained = train_ranker(folder.spec, ranker_settings, similarity=similarity, progress=False)
-    ranker = export_ranker(trained, settings.model_repository, MODEL, version)
+    ranker = export_ranker(trained, layout.model_repository(settings.root), MODEL, version)
     publish_release(settings, folder.path, embeddings, index, ranker)
     marker.write_text(
         json.dumps({"seconds": time.perf_counter() - started, "metrics": trained.metrics})

@@ -168,6 +168,11 @@ def retrieval_reports_dir(root: Path, date: dt.date) -> Path:
     return root / REPORTS / "retrieval" / version_for(date)
 
 
+def mlflow_dir(root: Path) -> Path:
+    """The embedded MLflow store: its SQLite database and artifact folder."""
+    return root / "mlflow"
+
+
 class DayLayout:
     """Every folder the daily run reads or writes for day D, under one root.
 

@@ -477,32 +477,15 @@ class Settings(BaseSettings):
         self.root = self.root.expanduser().resolve()
         return self
 
-    # Derived locations: one root, fixed sub-folders, so nothing else invents paths.
-    @property
-    def raw_dir(self) -> Path:
-        return layout.raw_dir(self.root)
-
-    @property
-    def warehouse(self) -> Path:
-        return layout.warehouse(self.root)
-
-    @property
-    def artifacts(self) -> Path:
-        return layout.artifacts(self.root)
-
-    @property
-    def model_repository(self) -> Path:
-        return layout.model_repository(self.root)
-
     @property
     def mlflow_tracking_uri(self) -> str:
         if self.mlflow.tracking_uri:
             return self.mlflow.tracking_uri
-        return f"sqlite:///{self.root / 'mlflow' / 'mlflow.db'}"
+        return f"sqlite:///{layout.mlflow_dir(self.root) / 'mlflow.db'}"
 
     @property
     def mlflow_artifact_location(self) -> str:
-        return (self.root / "mlflow" / "artifacts").as_uri()
+        return (layout.mlflow_dir(self.root) / "artifacts").as_uri()
 
     _yaml_file: ClassVar[Path | None] = None
 

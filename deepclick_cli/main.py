@@ -315,7 +315,7 @@ def evaluate(
 
     day = _date(date)
     version = model_version or version_for(day)
-    ctx = DayContext(settings, day, settings.lifecycle.dataset, settings.raw_dir)
+    ctx = DayContext(settings, day, settings.lifecycle.dataset, layout.raw_dir(settings.root))
     folder = layout.model_repository(settings.root) / settings.predictor.model_name / version
     model = InProcessPredictor(folder)
     embeddings = None
@@ -367,7 +367,7 @@ def replay(
     from serving.release import current_release_folder
 
     day = _date(date)
-    ctx = DayContext(settings, day, settings.lifecycle.dataset, settings.raw_dir)
+    ctx = DayContext(settings, day, settings.lifecycle.dataset, layout.raw_dir(settings.root))
     folder = release
     if folder is None:
         challenger = DayLayout(settings.root, day).challenger_release

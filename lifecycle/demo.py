@@ -40,7 +40,7 @@ def run_demo(
     sim = settings.simulate.model_copy(
         update={"days": days, "impressions_per_day": impressions_per_day}
     )
-    raw = settings.raw_dir / "marketplace"
+    raw = layout.raw_dir(settings.root) / "marketplace"
     console.rule(f"simulate {days} days × {impressions_per_day:,} impressions → {raw}")
     summary = run_simulate(sim, raw)
     _table(
@@ -102,7 +102,9 @@ def run_demo(
         f"MLflow UI:         .venv/bin/mlflow ui --backend-store-uri "
         f"{settings.mlflow_tracking_uri} --port 5000"
     )
-    console.print(f"model repository:  {settings.model_repository} (TF Serving layout)")
+    console.print(
+        f"model repository:  {layout.model_repository(settings.root)} (TF Serving layout)"
+    )
     return {"reports": [r.to_dict() for r in reports], "answers": answers}
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deepclick import layout
 from deepclick.errors import DeepclickError
 from deepclick.layout import (
     PARTITION_MANIFEST,
@@ -133,7 +134,10 @@ class DayContext(DayLayout):
             from pipelines.features.runner import find_inputs
 
             self._feature_inputs = find_inputs(
-                self.settings.warehouse, self.date, self.settings.features, self.spec().name
+                layout.warehouse(self.settings.root),
+                self.date,
+                self.settings.features,
+                self.spec().name,
             )
         return self._feature_inputs
 
@@ -405,7 +409,7 @@ def _ranker_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     # Not moving <model>/CURRENT: a challenger is not served until it is promoted.
     folder = export_ranker(
         trained,
-        settings.model_repository,
+        layout.model_repository(settings.root),
         settings.predictor.model_name,
         ctx.version,
         {"history": trained.history, "training_days": days.describe()},

@@ -20,6 +20,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from candidates.store import publish_embeddings
+from deepclick import layout
 from deepclick.settings import Settings
 from pipelines.spark import get_spark
 
@@ -75,7 +76,9 @@ def run_embed(
     spark = spark or get_spark(settings.spark)
     tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     fallbacks: dict[str, np.ndarray] = {}
-    with tempfile.TemporaryDirectory(dir=settings.artifacts, prefix=".embed-") as scratch:
+    with tempfile.TemporaryDirectory(
+        dir=layout.artifacts(settings.root), prefix=".embed-"
+    ) as scratch:
         for entity, (role, key, fallback) in ENTITY_TOWERS.items():
             tower = load_tower(towers / role)
             frame = spark.read.parquet(str(features / "entities" / entity))

@@ -32,6 +32,7 @@ import uvicorn
 from fastapi import FastAPI
 from feature_folder import FeatureFolder, write_feature_folder
 
+from deepclick import layout
 from deepclick.publish import set_current
 from deepclick.settings import PredictorSettings, RankerSettings, ServingSettings, Settings
 
@@ -131,7 +132,7 @@ def build_serving_world(base: Path) -> World:
 
     similarity = EmbeddingSimilarity(read_embeddings(embeddings))
     trained = train_ranker(folder.spec, TINY_RANKER, similarity=similarity, progress=False)
-    ranker = export_ranker(trained, settings.model_repository, MODEL, version)
+    ranker = export_ranker(trained, layout.model_repository(settings.root), MODEL, version)
 
     release = publish_release(settings, folder.path, embeddings, index, ranker)
     second = publish_release(

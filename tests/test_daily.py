@@ -34,6 +34,7 @@ import yaml
 from rich.console import Console
 from test_airflow_dags import DAGS, airflow_db, airflow_home, restored_logging
 
+from deepclick import layout
 from deepclick.publish import current_version, sha256_file, verify
 from deepclick.settings import (
     IndexSettings,
@@ -153,7 +154,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, spark) -> World:
     from pipelines.simulate import run_simulate
 
     settings = small_settings(tmp_path_factory.mktemp("daily") / "var")
-    run_simulate(settings.simulate, settings.raw_dir / "marketplace")
+    run_simulate(settings.simulate, layout.raw_dir(settings.root) / "marketplace")
     config = settings.root.parent / "deepclick.yaml"  # what Airflow tasks load when they run
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
     return World(settings, spark, io.StringIO(), config)
@@ -239,7 +240,7 @@ def test_airflow_runs_a_day_end_to_end_and_its_model_becomes_champion(
         replay["systems"]["deepclick"]["top_10"]["share_of_oracle"]
     )
     assert "## Replay against the truth" in (evaluation / "ranking" / "report.md").read_text()
-    assert current_version(world.settings.model_repository / "ranker") == "20240102"
+    assert current_version(layout.model_repository(world.settings.root) / "ranker") == "20240102"
     assert tfserving_versions(world) == ["20240102"]
     verify(tfserving_repository(world.settings) / "ranker" / "20240102", RANKER_MANIFEST)
     assert served_on(world.settings, D2) is None
@@ -302,7 +303,7 @@ def test_a_failing_stage_leaves_the_release_serving(
     done = [s for s in STAGE_NAMES if (ledger.entry(s) or {}).get("status") == "done"]
     assert done == ["ingest", "features", "towers", "embed"]
     assert ledger.entry("index")["status"] == "failed"
-    assert not (world.settings.artifacts / "index" / "20240103").exists()
+    assert not (layout.artifacts(world.settings.root) / "index" / "20240103").exists()
 
 
 def test_a_worse_challenger_is_refused(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -325,8 +326,10 @@ def test_a_worse_challenger_is_refused(world: World, monkeypatch: pytest.MonkeyP
 
     assert report.release == world.release == "20240102"
     assert served_on(world.settings, dt.date(2024, 1, 4)).release == "20240102"
-    assert current_version(world.settings.model_repository / "ranker") == "20240102"
-    assert (world.settings.model_repository / "ranker" / "20240103").is_dir()  # exported, evaluated
+    assert current_version(layout.model_repository(world.settings.root) / "ranker") == "20240102"
+    assert (
+        layout.model_repository(world.settings.root) / "ranker" / "20240103"
+    ).is_dir()  # exported, evaluated
     assert tfserving_versions(world) == ["20240102"]  # but never loaded by TF Serving
     client = world.mlflow()
     assert str(client.get_model_version_by_alias("deepclick-ranker", CHAMPION).version) == "1"
@@ -377,7 +380,10 @@ def test_the_serving_day_is_not_republished_under_serving(world: World) -> None:
     with pytest.raises(StageFailed, match="serving release 20240103 reads"):
         world.run(D3, settings=changed)
     assert world.release == "20240103"
-    verify(world.settings.model_repository / "ranker" / "20240103", "deepclick_manifest.json")
+    verify(
+        layout.model_repository(world.settings.root) / "ranker" / "20240103",
+        "deepclick_manifest.json",
+    )
     # the refusal touched nothing: the finished day re-runs as a no-op
     report = world.run(D3)
     assert statuses(report) == dict.fromkeys(STAGE_NAMES, "skipped")
@@ -405,7 +411,7 @@ def test_ingest_adopts_an_unchanged_partition_and_redoes_a_changed_source(world:
     from pipelines.specs import load_spec
 
     day4 = dt.date(2024, 1, 4)
-    folder = world.settings.raw_dir / "marketplace" / day4.isoformat()
+    folder = layout.raw_dir(world.settings.root) / "marketplace" / day4.isoformat()
     run_ingest(world.settings, load_spec("marketplace"), folder, day4, spark=world.spark)
     first = world.run(day4, stages=["ingest"]).stage("ingest")  # `deepclick ingest` came first
     assert first.status == "skipped"
@@ -419,7 +425,7 @@ def test_ingest_adopts_an_unchanged_partition_and_redoes_a_changed_source(world:
 
 def test_the_source_is_a_day_folder_or_a_whole_source(tmp_path: Path) -> None:
     settings = Settings(root=tmp_path)
-    day = settings.raw_dir / "marketplace" / "2024-01-05"
+    day = layout.raw_dir(settings.root) / "marketplace" / "2024-01-05"
     day.mkdir(parents=True)
     assert resolve_source(settings, "marketplace", dt.date(2024, 1, 5), None) == day
     assert resolve_source(settings, "marketplace", dt.date(2024, 1, 6), None) == day.parent
@@ -434,7 +440,7 @@ def test_files_the_spec_does_not_read_do_not_force_a_new_ingest(tmp_path: Path) 
     from lifecycle.stages import get_stage, spec_files
 
     settings = Settings(root=tmp_path)
-    day = settings.raw_dir / "marketplace" / "2024-01-05"
+    day = layout.raw_dir(settings.root) / "marketplace" / "2024-01-05"
     day.mkdir(parents=True)
     for name in ("raw_sample.csv", "ad_feature.csv", "user_profile.csv", "placement_feature.csv"):
         (day / name).write_text("x\n")

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from deepclick import layout
 from deepclick.layout import DayLayout
 from deepclick.publish import current_version, verify
 from deepclick.settings import FeatureSettings, Settings, SparkSettings
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.spark
 def build_features(settings: Settings, spark) -> Path:
     """What the lifecycle's features stage does for D: find the inputs, run, publish into D's
     features folder (``deepclick.layout``)."""
-    inputs = find_inputs(settings.warehouse, D, settings.features)
+    inputs = find_inputs(layout.warehouse(settings.root), D, settings.features)
     return run_features(settings, inputs, DayLayout(settings.root, D).features, spark)
 
 
@@ -217,7 +218,7 @@ def feature_columns(frame: pd.DataFrame) -> list[str]:
 def base(spark, tmp_path_factory):
     settings = toy_settings(tmp_path_factory.mktemp("features") / "var")
     events, side = toy_events(), toy_side()
-    write_warehouse(settings.warehouse, events, side)
+    write_warehouse(layout.warehouse(settings.root), events, side)
     folder = build_features(settings, spark)
     return settings, folder, events, read_outputs(folder)
 
@@ -225,7 +226,7 @@ def base(spark, tmp_path_factory):
 def test_published_folder_has_every_output_and_a_manifest_that_counts_them(base):
     settings, folder, events, outputs = base
 
-    assert folder == settings.warehouse / "features" / "20240104"
+    assert folder == layout.warehouse(settings.root) / "features" / "20240104"
     assert current_version(folder.parent) == "20240104"
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
     manifest = verify(folder)  # every file matches its checksum
@@ -382,8 +383,10 @@ def test_rerun_with_flipped_labels_of_d_replaces_the_version_and_changes_only_ev
 ):
     settings, folder, _, outputs = base
     other = toy_settings(tmp_path / "var")
-    shutil.copytree(settings.warehouse, other.warehouse)  # inputs and the published version
-    set_labels(other.warehouse, D, 0)
+    shutil.copytree(
+        layout.warehouse(settings.root), layout.warehouse(other.root)
+    )  # inputs and the published version
+    set_labels(layout.warehouse(other.root), D, 0)
 
     rerun = build_features(other, spark)
     again = read_outputs(rerun)
@@ -404,7 +407,7 @@ def test_rerun_with_flipped_labels_of_d_replaces_the_version_and_changes_only_ev
 
 def test_too_few_days_before_d_is_an_error_naming_d_and_the_dates_that_exist(settings):
     events = toy_events()
-    write_warehouse(settings.warehouse, {D1: events[D1], D: events[D]}, {})
+    write_warehouse(layout.warehouse(settings.root), {D1: events[D1], D: events[D]}, {})
     strict = settings.model_copy(update={"features": FeatureSettings(min_train_days=2)})
 
     with pytest.raises(FeaturesInputError) as error:
@@ -413,14 +416,16 @@ def test_too_few_days_before_d_is_an_error_naming_d_and_the_dates_that_exist(set
     message = str(error.value)
     assert "2024-01-04" in message and "at least 2 day(s)" in message
     assert "dates with events in the warehouse: 2024-01-01, 2024-01-04" in message
-    assert not (settings.warehouse / "features").exists()
+    assert not (layout.warehouse(settings.root) / "features").exists()
 
 
 def test_dataset_without_side_tables_takes_profiles_from_events_and_a_failure_publishes_nothing(
     settings, spark, monkeypatch
 ):
     events = toy_events()
-    write_warehouse(settings.warehouse, {d: events[d] for d in TRAIN}, {}, dataset="avazu")
+    write_warehouse(
+        layout.warehouse(settings.root), {d: events[d] for d in TRAIN}, {}, dataset="avazu"
+    )
     cfg = settings.model_copy(update={"features": FeatureSettings(min_train_days=3)})
 
     folder = build_features(cfg, spark)  # D has no events

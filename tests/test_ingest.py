@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from layouts import avazu_source, open_bandit_source, taobao_source
 
+from deepclick import layout
 from deepclick.settings import Settings
 from pipelines.ingest.runner import IngestError, run_ingest
 from pipelines.specs import SpecError, load_spec
@@ -19,11 +20,13 @@ pytestmark = pytest.mark.spark
 
 
 def _events(settings: Settings, date: str) -> pd.DataFrame:
-    return pd.read_parquet(settings.warehouse / "events" / f"date={date}")
+    return pd.read_parquet(layout.warehouse(settings.root) / "events" / f"date={date}")
 
 
 def _manifest(settings: Settings, table: str, date: str) -> dict:
-    return json.loads((settings.warehouse / table / f"date={date}" / "_manifest.json").read_text())
+    return json.loads(
+        (layout.warehouse(settings.root) / table / f"date={date}" / "_manifest.json").read_text()
+    )
 
 
 @pytest.fixture
@@ -42,7 +45,7 @@ def test_planted_faults_are_quarantined_with_reasons(spark, settings, taobao) ->
     assert report.rows_other_dates == planted["other_dates"]
     assert report.quarantine_reasons == planted["reasons"]
     assert report.balanced
-    quarantine = pd.read_parquet(settings.warehouse / "quarantine" / "date=2017-05-09")
+    quarantine = pd.read_parquet(layout.warehouse(settings.root) / "quarantine" / "date=2017-05-09")
     assert len(quarantine) == len(planted["reasons"]) + planted["side_quarantined"]
     short = quarantine[quarantine.reason.str.startswith("malformed")]
     assert short.raw.tolist() == ["u1,1494288400,ad1"]  # the raw line survives whole
@@ -73,7 +76,7 @@ def test_canonical_events_follow_the_contract(spark, settings, taobao) -> None:
     manifest = _manifest(settings, "events", "2017-05-09")
     assert manifest["counts"]["rows_written"] == planted["good"]
     assert {f["name"] for f in manifest["features"]} >= {"ctx__hour", "ctx__dow"}
-    side = pd.read_parquet(settings.warehouse / "side" / "ads" / "date=2017-05-09")
+    side = pd.read_parquet(layout.warehouse(settings.root) / "side" / "ads" / "date=2017-05-09")
     assert sorted(side.ad_id) == ["ad0", "ad1", "ad2"]
     assert side.set_index("ad_id").loc["ad0", "ad__price"] == 10.5
     side_manifest = _manifest(settings, "side/ads", "2017-05-09")
@@ -88,9 +91,9 @@ def test_rerun_is_idempotent_and_replaces_the_partition(spark, settings, taobao)
     run_ingest(settings, spec, folder, dt.date(2017, 5, 9), spark=spark)
     second = _events(settings, "2017-05-09")
     pd.testing.assert_frame_equal(first, second)
-    partition = settings.warehouse / "events" / "date=2017-05-09"
+    partition = layout.warehouse(settings.root) / "events" / "date=2017-05-09"
     assert len(list(partition.glob("*.parquet"))) == 1
-    leftovers = [p.name for p in settings.warehouse.rglob(".*") if p.is_dir()]
+    leftovers = [p.name for p in layout.warehouse(settings.root).rglob(".*") if p.is_dir()]
     assert leftovers == []
 
 
@@ -104,7 +107,7 @@ def test_failed_run_leaves_the_published_partition_untouched(spark, settings, ta
         run_ingest(settings, spec, folder, dt.date(2017, 5, 9), spark=spark)
     assert _manifest(settings, "events", "2017-05-09") == before
     assert len(_events(settings, "2017-05-09")) == planted["good"]
-    assert [p for p in settings.warehouse.rglob(".*") if p.is_dir()] == []
+    assert [p for p in layout.warehouse(settings.root).rglob(".*") if p.is_dir()] == []
 
 
 def test_dates_absent_from_the_source_are_an_error_naming_what_exists(
@@ -141,7 +144,9 @@ def test_open_bandit_reads_obp_all_csv_as_it_ships(spark, settings, tmp_path) ->
     assert events.user_id.nunique() == planted["users"]
     assert events.placement_id.nunique() == planted["placements"]
     assert sorted(events.ctx__hour.astype(int)) == [0, 1, 2, 3]
-    side = pd.read_parquet(settings.warehouse / "side" / "ads" / f"date={planted['date']}")
+    side = pd.read_parquet(
+        layout.warehouse(settings.root) / "side" / "ads" / f"date={planted['date']}"
+    )
     assert side.set_index("ad_id").loc["1", "ad__item_feature_0"] == 0.25
 
 

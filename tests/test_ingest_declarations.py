@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from layouts import write_csv
 
+from deepclick import layout
 from deepclick.settings import Settings
 from pipelines.ingest.runner import IngestError, run_ingest
 from pipelines.specs import UNKNOWN_KEY, DatasetSpec, SpecError, load_spec, parse_spec
@@ -49,7 +50,7 @@ def row(uid: str, y: str, ts: int = T0 + 60, *, day: str = "", hour: str = "") -
 
 
 def events(settings: Settings, date: str = "2021-03-01") -> pd.DataFrame:
-    return pd.read_parquet(settings.warehouse / "events" / f"date={date}")
+    return pd.read_parquet(layout.warehouse(settings.root) / "events" / f"date={date}")
 
 
 def test_minus_one_labels_are_read_by_the_declared_values(spark, settings, tmp_path) -> None:
@@ -76,8 +77,8 @@ def test_undeclared_label_encoding_fails_the_ingest_and_publishes_nothing(
     write_csv(tmp_path / "log.csv", HEADER, rows)
     with pytest.raises(IngestError, match=r"9 of 10 rows .*\(90\.0%\).*max_quarantined_share 50%"):
         run_ingest(settings, mini_spec(), tmp_path, DAY, spark=spark)
-    assert not (settings.warehouse / "events").exists()
-    assert not (settings.warehouse / "quarantine").exists()
+    assert not (layout.warehouse(settings.root) / "events").exists()
+    assert not (layout.warehouse(settings.root) / "quarantine").exists()
 
 
 def test_identical_lines_without_event_id_are_distinct_events(spark, settings, tmp_path) -> None:
@@ -187,7 +188,7 @@ def test_a_day_holding_another_dataset_is_not_replaced(spark, settings, tmp_path
     other = mini_spec(name="other")
     with pytest.raises(IngestError, match=r"events of 2021-03-01 .* already dataset 'mini'"):
         run_ingest(settings, other, tmp_path, DAY, spark=spark)
-    manifest = settings.warehouse / "events" / "date=2021-03-01" / "_manifest.json"
+    manifest = layout.warehouse(settings.root) / "events" / "date=2021-03-01" / "_manifest.json"
     assert json.loads(manifest.read_text())["dataset"] == "mini"
 
 

@@ -38,8 +38,8 @@ def test_the_daily_context_and_the_settings_ask_the_layout(tmp_path: Path) -> No
     for name in ("events", "features", "towers", "embeddings", "index", "ranker", "evaluation"):
         assert getattr(ctx, name) == getattr(day, name), name
     assert ctx.gate == day.gate
-    assert settings.warehouse == layout.warehouse(tmp_path)
-    assert settings.model_repository == layout.model_repository(tmp_path)
+    assert layout.warehouse(settings.root) == layout.warehouse(tmp_path)
+    assert layout.model_repository(settings.root) == layout.model_repository(tmp_path)
 
 
 def test_a_day_that_is_not_yyyy_mm_dd_is_refused_by_name() -> None:

@@ -25,6 +25,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from deepclick import layout
 from deepclick.errors import DeepclickError
 from deepclick.layout import PARTITION_MANIFEST
 from deepclick.publish import publishing
@@ -187,7 +188,7 @@ def run_ingest(
         return _ingest_day_folders(settings, spec, source, dates, day_folders, spark)
     spark = spark or get_spark(settings.spark)
     report = IngestReport(dataset=spec.name, source=str(source), start=dates[0], end=dates[-1])
-    warehouse = settings.warehouse
+    warehouse = layout.warehouse(settings.root)
     warehouse.mkdir(parents=True, exist_ok=True)
     _refuse_other_datasets(warehouse, spec, dates)
     run_dir = warehouse / f".ingest-{uuid.uuid4().hex[:12]}"
@@ -360,7 +361,7 @@ def _publish_all(
     settings: Settings, spec: DatasetSpec, report: IngestReport, run_dir: Path, dates: Iterable[str]
 ) -> None:
     """Rename every staged partition into place; only reached once all Spark work succeeded."""
-    warehouse = settings.warehouse
+    warehouse = layout.warehouse(settings.root)
     run_summary = {
         k: v for k, v in report.to_dict().items() if k not in ("per_date", "side_tables")
     }
