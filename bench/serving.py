@@ -528,15 +528,17 @@ STAGES = ("lookup", "retrieve", "features", "predict", "sort")
 
 def ranker_flops(folder: Path) -> int:
     """FLOPs per candidate row: 2 x the weights of the ranker's matrix kernels (dense and cross
-    layers; embedding tables are lookups, not arithmetic)."""
+    layers; embedding tables, also the serving graph's fused ones, are lookups, not arithmetic)."""
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(folder))
-    return 2 * sum(
-        int(np.prod(v.shape))
+    tables = ("embedding", "wide__", "_table")
+    kernels = {  # by identity: a variable the graph reaches twice is listed twice
+        id(v): v
         for v in loaded.variables
-        if len(v.shape) == 2 and "embedding" not in v.name
-    )
+        if len(v.shape) == 2 and not any(t in v.name for t in tables)
+    }
+    return 2 * sum(int(np.prod(v.shape)) for v in kernels.values())
 
 
 def gemm_gflops(size: int = 256, repeats: int = 20) -> float:

@@ -34,6 +34,7 @@ import tensorflow as tf
 from deepclick.publish import PublishError, Staging, publishing
 from models.ranker.inputs import candidate_inputs, rank_request, shared_inputs
 from models.ranker.predictor import OUTPUT, RANKER_MANIFEST, SIGNATURES
+from models.ranker.serving_graph import ServingRanker, can_fuse
 from models.ranker.train import TrainedRanker, predict
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
@@ -80,16 +81,26 @@ def write_saved_model(trained: TrainedRanker, folder: Path) -> None:
     shared = set(shared_inputs(trained.spec))
     candidates = candidate_inputs(trained.spec, trained.uses_similarity)
 
-    def serving_default(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        return {OUTPUT: model(inputs, training=False)}
-
-    def rank(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        n = tf.shape(inputs[candidates[0]])[:1]
-        rows = {k: tf.broadcast_to(v, n) if k in shared else v for k, v in inputs.items()}
-        return {OUTPUT: model(rows, training=False)}
-
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    if can_fuse(model):  # the same function with fewer ops (models.ranker.serving_graph)
+        fused = ServingRanker(model, trained.spec, sorted(shared))
+        archive.track(fused)  # not the Keras model: its per-feature tables would be saved twice
+
+        def serving_default(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            return {OUTPUT: fused.call(inputs)}
+
+        rank = serving_default  # shared inputs [1] are broadcast inside, after their lookups
+    else:
+
+        def serving_default(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            return {OUTPUT: model(inputs, training=False)}
+
+        def rank(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            n = tf.shape(inputs[candidates[0]])[:1]
+            rows = {k: tf.broadcast_to(v, n) if k in shared else v for k, v in inputs.items()}
+            return {OUTPUT: model(rows, training=False)}
+
+        archive.track(model)
     archive.add_endpoint("serving_default", serving_default, [specs["serving_default"]])
     archive.add_endpoint("rank", rank, [specs["rank"]])
     archive.write_out(str(folder), verbose=False)
