@@ -74,15 +74,17 @@ def _describe(specs: Mapping[str, tf.TensorSpec]) -> dict[str, dict[str, Any]]:
     }
 
 
-def write_saved_model(trained: TrainedRanker, folder: Path) -> None:
-    """Write the SavedModel with the ``serving_default`` and ``rank`` signatures into ``folder``."""
+def write_saved_model(trained: TrainedRanker, folder: Path, *, fused: bool = True) -> None:
+    """Write the SavedModel with the ``serving_default`` and ``rank`` signatures into ``folder``;
+    ``fused`` (default) writes a DCN-v2 ranker's serving graph (:mod:`models.ranker.serving_graph`),
+    False the Keras model's own graph (kept to measure the two against each other)."""
     model = trained.model
     specs = signature_inputs(trained)
     shared = set(shared_inputs(trained.spec))
     candidates = candidate_inputs(trained.spec, trained.uses_similarity)
 
     archive = keras.export.ExportArchive()
-    if can_fuse(model):  # the same function with fewer ops (models.ranker.serving_graph)
+    if fused and can_fuse(model):  # the same function with fewer ops (models.ranker.serving_graph)
         fused = ServingRanker(model, trained.spec, sorted(shared))
         archive.track(fused)  # not the Keras model: its per-feature tables would be saved twice
 
@@ -232,6 +234,7 @@ def export_ranker(
     manifest_extra: Mapping[str, Any] | None = None,
     *,
     update_current: bool = True,
+    fused: bool = True,
 ) -> Path:
     """Publish ``trained`` as ``<model_repository>/<name>/<version>/`` and return that folder.
 
@@ -243,6 +246,7 @@ def export_ranker(
         manifest_extra: more manifest entries (e.g. MLflow run id); they win over computed ones.
         update_current: also point ``<name>/CURRENT`` at this version (TF Serving ignores the
             file; the in-process predictor and releases may use it).
+        fused: write the fused serving graph (see :func:`write_saved_model`).
 
     Raises:
         ValueError: ``version`` is not a non-negative integer.
@@ -269,7 +273,7 @@ def export_ranker(
         update_current=update_current,
         validate=validate,
     ) as staging:
-        write_saved_model(trained, staging.path)
+        write_saved_model(trained, staging.path, fused=fused)
         write_warmup(staging.path, name, requests)
         staging.manifest.update(ranker_manifest(trained, name))
         staging.manifest["warmup"] = [
