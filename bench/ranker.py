@@ -6,8 +6,11 @@ Data: the planted, contract-true features folder of ``tests/feature_folder.py`` 
 committed). Training throughput covers the DCN-v2 ranker, its calibration and the hashed-LR
 baseline trained in the same run on the same rows (both hold-out AUCs are printed). Predict latency
 is measured on the exported SavedModel (``InProcessPredictor``) for 100 / 500 / 1000 candidates
-with both signatures, alternating call by call so that machine load hits both alike. Results: a
-table and ``bench/results/ranker.json``.
+with both signatures, alternating call by call so that machine load hits both alike, and the
+``rank`` call of the same trained model exported with the fused serving graph (the default,
+``models.ranker.serving_graph``) against the Keras model's own graph: CPU per call of the whole
+predict (input conversion included) and of the signature call alone. Results: a table and
+``bench/results/ranker.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from bench.common import latency_ms, print_table, write_json
@@ -34,6 +38,42 @@ from models.ranker.train import train_ranker
 
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def graph_ab(
+    predictors: dict[str, InProcessPredictor], inputs: dict, repeats: int, n: int = 500
+) -> list[dict]:
+    """CPU per ``rank`` call at ``n`` candidates of each predictor, calls interleaved: the whole
+    ``predict`` (numpy → tensors → signature) and the signature call on prebuilt tensors."""
+    rank = rank_request(
+        {k: v[:n] for k, v in inputs.items()}, next(iter(predictors.values())).shared_inputs
+    )
+    cpu: dict[str, dict[str, list[float]]] = {k: {"predict": [], "call": []} for k in predictors}
+    for repeat in range(repeats):
+        for name, predictor in predictors.items():
+            feeds = predictor._feeds(rank, "rank")
+            function = predictor._functions["rank"]
+            start = time.process_time()
+            predictor.predict(rank, "rank")
+            middle = time.process_time()
+            function(**feeds)
+            end = time.process_time()
+            if repeat >= 5:  # warm-up
+                cpu[name]["predict"].append(middle - start)
+                cpu[name]["call"].append(end - middle)
+    return [
+        {
+            "what": f"rank, {name}",
+            "candidates": n,
+            "cpu_ms_predict": 1000 * float(np.mean(parts["predict"])),
+            "cpu_ms_signature_call": 1000 * float(np.mean(parts["call"])),
+            "graph_nodes": sum(
+                len(f.node_def)
+                for f in predictors[name]._functions["rank"].graph.as_graph_def().library.function
+            ),
+        }
+        for name, parts in cpu.items()
+    ]
 
 
 def main() -> None:
@@ -80,6 +120,14 @@ def main() -> None:
                 results.append(
                     {"what": f"predict {signature}", "candidates": n, **latency_ms(seconds)}
                 )
+        keras_graph = export_ranker(
+            trained, Path(tmp) / "repo-keras", "ranker", "20240101", fused=False
+        )
+        results += graph_ab(
+            {"fused graph": predictor, "Keras graph": InProcessPredictor(keras_graph)},
+            inputs,
+            args.repeats,
+        )
         size = _folder_bytes(model)
         results.append({"what": "SavedModel size", "bytes": size})
         print_table("ranker benchmark", results)

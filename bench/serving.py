@@ -74,13 +74,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--placements", type=int, default=50)
     parser.add_argument("--candidates", type=int, default=500)
     parser.add_argument("--num-ads", type=int, default=10, help="ads returned per request")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=None,
+        help="server worker counts (default 1 2 4; --quick: 1 2); 4 adds the memory measurement",
+    )  # fmt: skip
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument(
         "--batch-max-rows", type=int, default=4000,
         help="micro-batching setting of the batched 2-worker run (0: no batched run)",
     )  # fmt: skip
     parser.add_argument("--batch-max-wait-ms", type=float, default=0.0)
+    parser.add_argument(
+        "--max-in-flight", type=int, default=8,
+        help="serving.max_in_flight of the batched 2-worker run: at the default 2 a batch holds "
+        "at most 2 requests",
+    )  # fmt: skip
     parser.add_argument("--in-process-requests", type=int, default=400)
     parser.add_argument(
         "--no-servers", action="store_true",
@@ -529,15 +537,17 @@ STAGES = ("lookup", "retrieve", "features", "predict", "sort")
 
 def ranker_flops(folder: Path) -> int:
     """FLOPs per candidate row: 2 x the weights of the ranker's matrix kernels (dense and cross
-    layers; embedding tables are lookups, not arithmetic)."""
+    layers; embedding tables, also the serving graph's fused ones, are lookups, not arithmetic)."""
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(folder))
-    return 2 * sum(
-        int(np.prod(v.shape))
+    tables = ("embedding", "wide__", "_table")
+    kernels = {  # by identity: a variable the graph reaches twice is listed twice
+        id(v): v
         for v in loaded.variables
-        if len(v.shape) == 2 and "embedding" not in v.name
-    )
+        if len(v.shape) == 2 and not any(t in v.name for t in tables)
+    }
+    return 2 * sum(int(np.prod(v.shape)) for v in kernels.values())
 
 
 def gemm_gflops(size: int = 256, repeats: int = 20) -> float:
@@ -850,8 +860,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         print(f"wrote {write_json(args.name + '_ranker', {'variants': variants})}")
         return
+    if args.workers is None:
+        args.workers = [1, 2] if args.quick else [1, 2, 4]
     if args.quick:
-        args.workers, args.requests, args.backends = [1, 2], 400, ["in_process"]
+        args.requests, args.backends = 400, ["in_process"]
         args.seconds, args.full_requests = min(args.seconds, 8.0), 3
         args.in_process_requests = min(args.in_process_requests, 200)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -913,11 +925,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                     memory.append(mem)
         if args.batch_max_rows and 2 in args.workers:
             batching = {"batch_max_rows": args.batch_max_rows,
-                        "batch_max_wait_ms": args.batch_max_wait_ms}  # fmt: skip
+                        "batch_max_wait_ms": args.batch_max_wait_ms,
+                        "max_in_flight": args.max_in_flight}  # fmt: skip
             found, _ = run_server_and_load(
                 "api", root, args, bodies, workers=2, backend="in_process", target="x",
                 signature=best["in_process"], concurrencies=[c for c in args.concurrency if c > 1],
-                path="/v1/rank", requests=args.requests, serving=batching, label="+batching",
+                path="/v1/rank", requests=args.requests, serving=batching,
+                label=f"+batching, in flight {args.max_in_flight}",
             )  # fmt: skip
             rows += found
         for workers in args.workers:

@@ -34,6 +34,7 @@ import tensorflow as tf
 from deepclick.publish import PublishError, Staging, publishing
 from models.ranker.inputs import candidate_inputs, rank_request, shared_inputs
 from models.ranker.predictor import OUTPUT, RANKER_MANIFEST, SIGNATURES
+from models.ranker.serving_graph import ServingRanker, can_fuse
 from models.ranker.train import TrainedRanker, predict
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
@@ -73,23 +74,35 @@ def _describe(specs: Mapping[str, tf.TensorSpec]) -> dict[str, dict[str, Any]]:
     }
 
 
-def write_saved_model(trained: TrainedRanker, folder: Path) -> None:
-    """Write the SavedModel with the ``serving_default`` and ``rank`` signatures into ``folder``."""
+def write_saved_model(trained: TrainedRanker, folder: Path, *, fused: bool = True) -> None:
+    """Write the SavedModel with the ``serving_default`` and ``rank`` signatures into ``folder``;
+    ``fused`` (default) writes a DCN-v2 ranker's serving graph (:mod:`models.ranker.serving_graph`),
+    False the Keras model's own graph (kept to measure the two against each other)."""
     model = trained.model
     specs = signature_inputs(trained)
     shared = set(shared_inputs(trained.spec))
     candidates = candidate_inputs(trained.spec, trained.uses_similarity)
 
-    def serving_default(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        return {OUTPUT: model(inputs, training=False)}
-
-    def rank(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        n = tf.shape(inputs[candidates[0]])[:1]
-        rows = {k: tf.broadcast_to(v, n) if k in shared else v for k, v in inputs.items()}
-        return {OUTPUT: model(rows, training=False)}
-
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    if fused and can_fuse(model):  # the same function with fewer ops (models.ranker.serving_graph)
+        fused = ServingRanker(model, trained.spec, sorted(shared))
+        archive.track(fused)  # not the Keras model: its per-feature tables would be saved twice
+
+        def serving_default(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            return {OUTPUT: fused.call(inputs)}
+
+        rank = serving_default  # shared inputs [1] are broadcast inside, after their lookups
+    else:
+
+        def serving_default(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            return {OUTPUT: model(inputs, training=False)}
+
+        def rank(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            n = tf.shape(inputs[candidates[0]])[:1]
+            rows = {k: tf.broadcast_to(v, n) if k in shared else v for k, v in inputs.items()}
+            return {OUTPUT: model(rows, training=False)}
+
+        archive.track(model)
     archive.add_endpoint("serving_default", serving_default, [specs["serving_default"]])
     archive.add_endpoint("rank", rank, [specs["rank"]])
     archive.write_out(str(folder), verbose=False)
@@ -221,6 +234,7 @@ def export_ranker(
     manifest_extra: Mapping[str, Any] | None = None,
     *,
     update_current: bool = True,
+    fused: bool = True,
 ) -> Path:
     """Publish ``trained`` as ``<model_repository>/<name>/<version>/`` and return that folder.
 
@@ -232,6 +246,7 @@ def export_ranker(
         manifest_extra: more manifest entries (e.g. MLflow run id); they win over computed ones.
         update_current: also point ``<name>/CURRENT`` at this version (TF Serving ignores the
             file; the in-process predictor and releases may use it).
+        fused: write the fused serving graph (see :func:`write_saved_model`).
 
     Raises:
         ValueError: ``version`` is not a non-negative integer.
@@ -258,7 +273,7 @@ def export_ranker(
         update_current=update_current,
         validate=validate,
     ) as staging:
-        write_saved_model(trained, staging.path)
+        write_saved_model(trained, staging.path, fused=fused)
         write_warmup(staging.path, name, requests)
         staging.manifest.update(ranker_manifest(trained, name))
         staging.manifest["warmup"] = [

@@ -61,6 +61,15 @@ class InProcessPredictor:
         self._specs: dict[str, dict[str, tf.TensorSpec]] = {
             s: dict(f.structured_input_signature[1]) for s, f in self._functions.items()
         }
+        # per signature, per input: (dtype, is a string, sent once per request) — read once here,
+        # not per request (TensorShape and DType comparisons are slow Python on the hot path)
+        self._plans: dict[str, list[tuple[str, tf.DType, bool, bool]]] = {
+            s: [
+                (n, spec.dtype, spec.dtype == tf.string, spec.shape.as_list() == [1])
+                for n, spec in specs.items()
+            ]
+            for s, specs in self._specs.items()
+        }
 
     @property
     def version(self) -> str:
@@ -108,9 +117,9 @@ class InProcessPredictor:
             )
         feeds: dict[str, tf.Tensor] = {}
         lengths: dict[str, int] = {}
-        for name, spec in specs.items():
+        for name, dtype, is_string, once in self._plans[signature]:
             values = np.asarray(features[name])
-            if spec.dtype != tf.string:
+            if not is_string:
                 try:
                     values = values.astype(np.float32, copy=False)
                 except (TypeError, ValueError):
@@ -119,7 +128,7 @@ class InProcessPredictor:
                     ) from None
             elif values.dtype.kind not in "USO":
                 values = values.astype(str)  # ids or codes sent as numbers
-            if spec.shape.as_list() == [1]:
+            if once:
                 if values.size != 1:
                     raise PredictorInputError(
                         f"{signature}: {name} is sent once per request (shape [1]), "
@@ -130,9 +139,9 @@ class InProcessPredictor:
                 values = values.reshape(-1)
                 lengths[name] = values.size
             try:
-                feeds[name] = tf.constant(values, dtype=spec.dtype)
+                feeds[name] = tf.constant(values, dtype=dtype)
             except (TypeError, ValueError):  # an object array mixing str with other types
-                feeds[name] = tf.constant(values.astype(str), dtype=spec.dtype)
+                feeds[name] = tf.constant(values.astype(str), dtype=dtype)
         if len(set(lengths.values())) > 1:
             sizes = ", ".join(f"{n}={k}" for n, k in sorted(lengths.items()))
             raise PredictorInputError(f"{signature}: per-row inputs differ in length ({sizes})")

@@ -1,0 +1,227 @@
+"""The exported ranker's serving graph: the trained weights re-arranged so that one request costs
+a few dozen TensorFlow ops instead of hundreds (issue 14).
+
+The trained Keras model (:func:`models.ranker.model.build_logit_model`) is written for training:
+per categorical feature one embedding lookup and one wide (first-order) lookup, each a Keras
+``take`` of about six ops, and every input row-aligned, so the ``rank`` signature had to broadcast
+the user's and placement's features to all N candidates and look them up N times. At 500
+candidates the arithmetic is about 1 ms of one core; the measured predict was 10 ms, nearly all
+TensorFlow's per-op cost (``bench/serving``: 504 graph nodes per call, 26 gathers for 13 features).
+
+:class:`ServingRanker` computes the same function from the same weights with fewer ops:
+
+- each categorical feature's embedding row and wide weight are one row of one table
+  (``dim + 1`` columns), and the features of a side share one table with per-feature row offsets:
+  the user-and-context side is one gather, the candidate side one gather;
+- the user and context features are looked up, gathered and standardised once per request (a
+  ``[1]`` batch) and broadcast to the candidates afterwards, not before;
+- the cross layers, the deep tower, the output layer and the calibration head are the trained
+  layers themselves.
+
+The vocabulary lookups and the standardisation are the trained model's own layers
+(:mod:`models.ranker.preprocessing`), so raw inputs mean exactly what they meant in training. Only
+the order of the additions in the wide sum differs from the Keras model (a sum over the gathered
+rows instead of a chain of ``Add``), which moves a probability by about 1e-7. The export checks
+the reloaded model against the Keras model (:func:`models.ranker.export._check`), and
+``tests/test_ranker_serving_graph.py`` holds the two to 1e-5.
+
+DeepFM rankers are exported as the Keras model (no fused graph): they are kept to compare against,
+not to serve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from models.feature_spec import FeatureSpec
+from models.ranker.layers import CalibrationHead, Cross
+from models.ranker.model import WIDE_NUMERIC, WIDE_PREFIX
+from models.ranker.preprocessing import Standardize
+
+
+def _layer(model: keras.Model, name: str) -> keras.layers.Layer | None:
+    names = {layer.name for layer in model.layers}
+    return model.get_layer(name) if name in names else None
+
+
+def can_fuse(model: keras.Model) -> bool:
+    """True for a DCN-v2 ranker (with or without its wide part): the architecture this graph
+    reproduces. DeepFM models are served as they are."""
+    return _layer(model, "x0") is not None and _layer(model, "logit") is not None
+
+
+class _Side:
+    """One side of a request (shared: user and context; candidates: ads and scores): its
+    categorical features as one fused table, its numbers as one standardisation."""
+
+    def __init__(
+        self,
+        model: keras.Model,
+        categorical: Sequence[str],
+        stats: Sequence[dict[str, Any]],
+        wide: bool,
+        name: str,
+    ) -> None:
+        self.categorical = list(categorical)
+        self.numeric = [s["name"] for s in stats]
+        self.lookups = [model.get_layer(f"lookup__{f}") for f in self.categorical]
+        blocks, offsets, start = [], [], 0
+        for feature in self.categorical:
+            table = np.asarray(model.get_layer(f"embedding__{feature}").get_weights()[0])
+            if wide:
+                weight = np.asarray(model.get_layer(f"{WIDE_PREFIX}{feature}").get_weights()[0])
+                table = np.concatenate([table, weight.reshape(-1, 1)], axis=1)
+            blocks.append(table.astype(np.float32))
+            offsets.append(start)
+            start += table.shape[0]
+        self.values = np.concatenate(blocks) if blocks else None
+        self.table: Any = None
+        """The fused table as a weight of the owning layer (so the export tracks it)."""
+        self.offsets = tf.constant(offsets, dtype=tf.int64)
+        self.standardize = Standardize(list(stats), name=f"{name}_standardize") if stats else None
+
+    def rows(self, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor | None:
+        """``[batch, features, dim (+1)]``: every feature's embedding (and wide weight)."""
+        if self.table is None:
+            return None
+        index = tf.stack(
+            [
+                tf.cast(lookup(inputs[f]), tf.int64)
+                for f, lookup in zip(self.categorical, self.lookups, strict=True)
+            ],
+            axis=1,
+        )
+        return tf.gather(self.table, index + self.offsets)
+
+    def numbers(self, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor | None:
+        """``[batch, numbers]`` standardised as in training."""
+        if self.standardize is None:
+            return None
+        return self.standardize([inputs[n] for n in self.numeric])
+
+
+class ServingRanker(keras.layers.Layer):
+    """Raw inputs → calibrated ``pctr`` with the weights of a trained DCN-v2 ranker, shared
+    (user and context) inputs ``[1]`` or ``[N]``, candidate inputs ``[N]``; see the module doc.
+
+    Args:
+        model: the trained, calibrated Keras ranker (``TrainedRanker.model``).
+        spec: its feature spec (which features are categorical, their order in ``x0``).
+        shared: the inputs sent once per request (:func:`models.ranker.inputs.shared_inputs`).
+
+    Raises:
+        ValueError: ``model`` is not a DCN-v2 ranker (:func:`can_fuse`).
+    """
+
+    def __init__(
+        self, model: keras.Model, spec: FeatureSpec, shared: Sequence[str], **kwargs: Any
+    ) -> None:
+        super().__init__(name=kwargs.pop("name", "serving_ranker"), **kwargs)
+        if not can_fuse(model):
+            raise ValueError(f"model {model.name!r} is not a DCN-v2 ranker; export it as it is")
+        shared_set = set(shared)
+        self.wide = _layer(model, f"{WIDE_PREFIX}{spec.categorical[0].name}") is not None
+        standardize = _layer(model, "standardize")
+        stats = list(standardize.stats) if standardize is not None else []
+        order = [f.name for f in spec.categorical]
+        self.categorical_order = order
+        self.numeric_order = [s["name"] for s in stats]
+        self.shared_side = _Side(
+            model,
+            [f for f in order if f in shared_set],
+            [s for s in stats if s["name"] in shared_set],
+            self.wide,
+            "shared",
+        )
+        self.candidate_side = _Side(
+            model,
+            [f for f in order if f not in shared_set],
+            [s for s in stats if s["name"] not in shared_set],
+            self.wide,
+            "candidate",
+        )
+        for side in (self.shared_side, self.candidate_side):
+            if side.values is not None:
+                side.table = self.add_weight(
+                    shape=side.values.shape,
+                    initializer="zeros",
+                    trainable=False,
+                    name=f"{'shared' if side is self.shared_side else 'candidate'}_table",
+                )
+                side.table.assign(side.values)
+        # the vocabulary lookups as attributes of this layer, so an export tracks their tables
+        self.lookups = [*self.shared_side.lookups, *self.candidate_side.lookups]
+        grouped_cat = self.shared_side.categorical + self.candidate_side.categorical
+        grouped_num = self.shared_side.numeric + self.candidate_side.numeric
+        self.cat_perm = _permutation(grouped_cat, order)
+        self.num_perm = _permutation(grouped_num, self.numeric_order)
+        self.dim = int(model.get_layer(f"embedding__{order[0]}").output_dim)
+        self.first_input = (self.candidate_side.categorical + self.candidate_side.numeric)[0]
+        self.crosses = sorted(
+            (layer for layer in model.layers if isinstance(layer, Cross)), key=lambda la: la.name
+        )
+        self.deep = model.get_layer("deep")
+        self.logit = model.get_layer("logit")
+        heads = [layer for layer in model.layers if isinstance(layer, CalibrationHead)]
+        self.head = heads[0] if heads else None
+        wide_numeric = _layer(model, WIDE_NUMERIC) if self.wide else None
+        self.numeric_kernel = (
+            tf.constant(np.asarray(wide_numeric.get_weights()[0], dtype=np.float32))
+            if wide_numeric is not None
+            else None
+        )
+        self.built = True  # every weight exists: the fused tables above, the rest trained
+
+    def call(self, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        n = tf.shape(inputs[self.first_input])[:1]
+        rows = self._join(
+            self.shared_side.rows(inputs), self.candidate_side.rows(inputs), n, self.cat_perm
+        )
+        dense = self._join(
+            self.shared_side.numbers(inputs), self.candidate_side.numbers(inputs), n, self.num_perm
+        )
+        parts = []
+        if rows is not None:
+            features = len(self.categorical_order)
+            parts.append(tf.reshape(rows[:, :, : self.dim], [-1, features * self.dim]))
+        if dense is not None:
+            parts.append(dense)
+        x0 = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+        crossed = x0
+        for cross in self.crosses:
+            crossed = cross([x0, crossed])
+        deep = self.deep(x0, training=False)
+        logit = tf.squeeze(self.logit(tf.concat([crossed, deep], axis=1)), -1)
+        if self.wide and rows is not None:
+            logit = logit + tf.reduce_sum(rows[:, :, self.dim], axis=1)
+        if self.numeric_kernel is not None and dense is not None:
+            width = int(self.numeric_kernel.shape[0])
+            logit = logit + tf.squeeze(tf.matmul(dense[:, :width], self.numeric_kernel), -1)
+        return self.head(logit) if self.head is not None else logit
+
+    @staticmethod
+    def _join(
+        shared: tf.Tensor | None, candidate: tf.Tensor | None, n: tf.Tensor, perm: list[int] | None
+    ) -> tf.Tensor | None:
+        """Shared rows broadcast to the ``n`` candidates, side by side with the candidates' own,
+        in the trained model's column order."""
+        if shared is not None:
+            shared = tf.broadcast_to(shared, tf.concat([n, tf.shape(shared)[1:]], axis=0))
+        parts = [p for p in (shared, candidate) if p is not None]
+        if not parts:
+            return None
+        joined = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+        return tf.gather(joined, perm, axis=1) if perm is not None else joined
+
+
+def _permutation(grouped: Sequence[str], order: Sequence[str]) -> list[int] | None:
+    """Positions in ``grouped`` of each name of ``order``; None when they are the same order."""
+    if list(grouped) == list(order):
+        return None
+    position = {name: i for i, name in enumerate(grouped)}
+    return [position[name] for name in order]
