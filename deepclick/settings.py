@@ -312,8 +312,8 @@ class ServingSettings(_Section):
     batch_max_rows: int = Field(
         2000, ge=0, description="micro-batching: requests reaching the ranker together are "
         "scored in one call of at most this many candidate rows (0: off, each request alone); "
-        "measured (bench.serving batch curve): ranker CPU per 500-candidate request 10.0 ms "
-        "alone, 7.1 at 2 per call, 5.1 at 4, 4.9 at 8 - no gain past 2,000 rows",
+        "the per-request ranker CPU falls up to 4-8 requests of 500 candidates per call "
+        "(bench.serving batch curve; numbers in the README's serving section)",
     )  # fmt: skip
     batch_max_wait_ms: float = Field(
         0.0, ge=0, description="micro-batching: how long the first request of a batch waits for "
