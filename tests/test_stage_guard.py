@@ -9,6 +9,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -137,16 +138,14 @@ def test_a_stage_command_writes_the_ledger_entry_deepclick_run_writes_and_skips_
     shutil.copytree(command_root, run_root)  # the same manifests, byte for byte
     day = dt.date(2024, 1, 3)
 
-    first = CliRunner().invoke(
-        app,
-        [
-            "index",
-            "--date",
-            "2024-01-03",
-            "--config",
-            str(_small_index_config(tmp_path, command_root)),
-        ],
-    )
+    config = str(_small_index_config(tmp_path, command_root))
+
+    def index_command(*extra: str) -> Any:
+        return CliRunner().invoke(
+            app, ["index", "--date", "2024-01-03", *extra, "--config", config]
+        )
+
+    first = index_command()
     assert first.exit_code == 0, first.output
     assert "index 2024-01-03: ran" in first.output and "ann_recall_at_k" in first.output
     by_command = RunLedger(Settings(root=command_root), day).entry("index")
@@ -162,33 +161,14 @@ def test_a_stage_command_writes_the_ledger_entry_deepclick_run_writes_and_skips_
 
     published = command_root / "artifacts" / "index" / "20240103" / "manifest.json"
     before = sha256_file(published)
-    again = CliRunner().invoke(
-        app,
-        [
-            "index",
-            "--date",
-            "2024-01-03",
-            "--config",
-            str(_small_index_config(tmp_path, command_root)),
-        ],
-    )
+    again = index_command()
     assert again.exit_code == 0, again.output
     assert "index 2024-01-03: skipped: inputs and settings unchanged" in again.output
     assert sha256_file(published) == before
     entry = RunLedger(Settings(root=command_root), day).entry("index")
     assert entry["last"] == "skipped" and entry["fingerprint"] == by_command["fingerprint"]
 
-    forced = CliRunner().invoke(
-        app,
-        [
-            "index",
-            "--date",
-            "2024-01-03",
-            "--force",
-            "--config",
-            str(_small_index_config(tmp_path, command_root)),
-        ],
-    )
+    forced = index_command("--force")
     assert forced.exit_code == 0, forced.output
     assert "index 2024-01-03: ran" in forced.output
     assert RunLedger(Settings(root=command_root), day).entry("index")["last"] == "ran"
