@@ -11,15 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 
 def models_table(title: str, metrics: Mapping[str, Any]) -> Table:
     """One row per model (ranker, peers, oracle): AUC with its interval, logloss, NE and the
     calibration ratio with the interval from the click count."""
-    table = Table(title=title, title_justify="left")
-    for column in ("model", "AUC", "AUC 95% CI", "logloss", "NE", "calibration", "cal. 95% CI"):
-        table.add_column(column, justify="right")
 
     def span(values: Any, digits: int) -> str:
         return f"{values[0]:.{digits}f}–{values[1]:.{digits}f}" if values else "—"
@@ -27,16 +25,30 @@ def models_table(title: str, metrics: Mapping[str, Any]) -> Table:
     rows = dict(metrics["models"])
     if "oracle" in metrics:
         rows["oracle (true p)"] = metrics["oracle"]
-    for name, m in rows.items():
-        table.add_row(
+    cells = [
+        [
             name,
             f"{m['auc']:.4f}",
-            span(m.get("auc_ci95"), 4),
+            span(m.get("auc_ci95"), 3),
             f"{m['logloss']:.4f}",
             f"{m['normalized_entropy']:.4f}",
             f"{m['calibration_ratio']:.3f}",
-            span(m.get("calibration_ci95"), 3),
-        )
+            span(m.get("calibration_ci95"), 2),
+        ]
+        for name, m in rows.items()
+    ]
+    # the numbers never shrink (an elided interval says nothing): a narrow terminal folds the
+    # model names instead; a light box leaves them the room of the borders
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    headers = ("model", "AUC", "AUC 95% CI", "logloss", "NE", "calib.", "calib. CI")
+    for i, header in enumerate(headers):
+        if i == 0:
+            table.add_column(header, overflow="fold", min_width=8)
+        else:
+            widest = max([len(header), *(len(row[i]) for row in cells)])
+            table.add_column(header, justify="right", no_wrap=True, min_width=widest)
+    for row in cells:
+        table.add_row(*row)
     data = metrics["evaluation_set"]
     table.caption = f"{data['rows']:,} rows, {data['clicks']:,} clicks"
     return table

@@ -199,15 +199,15 @@ def test_evaluate_command_prints_intervals_writes_beside_the_run_and_matches_it(
     monkeypatch.setenv("DEEPCLICK_ROOT", str(world_dir.root))
     monkeypatch.setenv("DEEPCLICK_PREDICTOR__MODEL_NAME", "ranker")
     monkeypatch.setenv("DEEPCLICK_LIFECYCLE__EVAL_BOOTSTRAP", "30")
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("COLUMNS", "80")  # a plain terminal: no interval elided
     result = CliRunner().invoke(app, ["evaluate", "--date", "2024-01-03", "--no-peers"])
     assert result.exit_code == 0, result.output
     out = world_dir.root / "reports" / "20240103" / "ranker-20240103"
     metrics = json.loads((out / "metrics.json").read_text())
     assert not (world_dir.root / "evaluations").exists()
     low, high = metrics["models"]["ranker"]["auc_ci95"]
-    assert f"{low:.4f}–{high:.4f}" in result.output
-    assert "cal. 95% CI" in result.output
+    assert f"{low:.3f}–{high:.3f}" in result.output
+    assert "calib. CI" in result.output
     # the daily run's evaluation: the same rows, resamples (lifecycle.eval_bootstrap) and seed
     daily = evaluate_ranking(
         world_dir.ranker,
