@@ -20,11 +20,13 @@ java:
 demo: $(STAMP) java
 	$(BIN)/deepclick demo
 
+# Two pytest processes (pytest-xdist): one computes while the other waits on a JVM or a server
+# start-up; --dist loadfile keeps every test module, and so every module-scoped story, in one.
 test: $(STAMP) java
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .
