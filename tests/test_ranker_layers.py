@@ -10,6 +10,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from models.feature_spec import standard_scale  # noqa: E402
+from models.preprocessing import Standardize  # noqa: E402
 from models.ranker.calibration import (  # noqa: E402
     CalibrationError,
     fit_calibration,
@@ -21,7 +22,6 @@ from models.ranker.layers import (  # noqa: E402
     Cross,
     FactorizationMachine,
 )
-from models.ranker.preprocessing import Standardize  # noqa: E402
 from models.ranker.similarity import EmbeddingSimilarity, lookup_rows  # noqa: E402
 
 

@@ -40,6 +40,7 @@ from keras import ops
 
 from deepclick.settings import RankerSettings
 from models.feature_spec import FeatureSpec
+from models.preprocessing import Standardize, categorical_lookup
 from models.ranker.layers import (
     CalibrationHead,
     Cross,
@@ -47,13 +48,7 @@ from models.ranker.layers import (
     NumericEmbedding,
     mlp,
 )
-from models.ranker.preprocessing import (
-    NumericStats,
-    Standardize,
-    model_inputs,
-    numeric_stats,
-    string_lookup,
-)
+from models.ranker.preprocessing import NumericStats, model_inputs, numeric_stats
 
 ARCHITECTURES = ("dcn_v2", "deepfm")
 DEEPFM_INIT_STD = 0.01
@@ -110,7 +105,7 @@ def build_logit_model(
     indices: dict[str, tuple[Any, int]] = {}
     embeddings = []
     for feature in spec.categorical:
-        lookup = string_lookup(spec, feature)
+        lookup = categorical_lookup(spec, feature)
         index = lookup(inputs.categorical[feature.name])
         indices[feature.name] = (index, lookup.vocabulary_size())
         embed = keras.layers.Embedding(

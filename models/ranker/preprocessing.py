@@ -21,20 +21,14 @@ from typing import Any
 import keras
 
 from models.feature_spec import FeatureSpec, NumericStats
-from models.preprocessing import Standardize, categorical_lookup
 from models.ranker.inputs import SIMILARITY_INPUTS, input_dtypes
 
 __all__ = [
     "Inputs",
     "NumericStats",
-    "Standardize",
     "model_inputs",
     "numeric_stats",
-    "string_lookup",
 ]
-
-string_lookup = categorical_lookup
-"""The ranker's name for :func:`models.preprocessing.categorical_lookup` (one lookup, 2 callers)."""
 
 
 @dataclass

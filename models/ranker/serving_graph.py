@@ -39,9 +39,9 @@ import numpy as np
 import tensorflow as tf
 
 from models.feature_spec import FeatureSpec
+from models.preprocessing import Standardize
 from models.ranker.layers import CalibrationHead, Cross
 from models.ranker.model import WIDE_NUMERIC, WIDE_PREFIX
-from models.ranker.preprocessing import Standardize
 
 
 def _layer(model: keras.Model, name: str) -> keras.layers.Layer | None:
