@@ -19,19 +19,17 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="session")
 def spark() -> Iterator:
+    from local_spark import FAST_LOCAL_CONF
+
     from pipelines.spark import get_spark
 
-    # On tiny test data half of Spark's time is JIT compilation: the C1-only tier starts faster.
-    jit = {
-        "spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=256m"
-    }
     session = get_spark(
         SparkSettings(
             master="local[2]",
             shuffle_partitions=2,
             driver_memory="2g",
             log_level="ERROR",
-            extra_conf=jit,
+            extra_conf=FAST_LOCAL_CONF,
         )
     )
     yield session

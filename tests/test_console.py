@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from layouts import taobao_source
+from local_spark import fast_local_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,12 @@ def test_ingest_console_shows_the_table_and_the_log_path_only(tmp_path: Path) ->
         [sys.executable, "-m", "deepclick_cli", *command, "--date", "2017-05-09"],
         capture_output=True,
         text=True,
-        env={**_env(), "DEEPCLICK_ROOT": str(root), "DEEPCLICK_SPARK__MASTER": "local[1]"},
+        env={
+            **_env(),
+            **fast_local_env(),
+            "DEEPCLICK_ROOT": str(root),
+            "DEEPCLICK_SPARK__MASTER": "local[1]",
+        },
         timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from local_spark import JIT_OPTIONS
 
 from deepclick.settings import SparkSettings
 from pipelines.spark import LOCAL_ONLY_CONF, spark_conf
@@ -58,6 +59,8 @@ def test_spark_submit_keeps_its_master_and_conf(tmp_path: Path) -> None:
             "spark.sql.shuffle.partitions=3",
             "--conf",
             "spark.driver.bindAddress=127.0.0.1",
+            "--driver-java-options",
+            JIT_OPTIONS,
             str(script),
         ],
         capture_output=True,
