@@ -37,14 +37,8 @@ import tensorflow as tf
 
 from deepclick.publish import PublishError, Staging, publishing
 from models.ranker.inputs import candidate_inputs, rank_request, shared_inputs
-from models.ranker.predictor import OUTPUT, RANKER_MANIFEST, SIGNATURES, pack_inputs
-from models.ranker.serving_graph import (
-    PACKED_SIGNATURE,
-    ServingRanker,
-    can_fuse,
-    packed_groups,
-    packed_specs,
-)
+from models.ranker.predictor import OUTPUT, PACKED, RANKER_MANIFEST, SIGNATURES, pack_inputs
+from models.ranker.serving_graph import ServingRanker, can_fuse, packed_groups, packed_specs
 from models.ranker.train import TrainedRanker, predict
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
@@ -112,7 +106,7 @@ def write_saved_model(
         def packed(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             return {OUTPUT: fused.call_packed(inputs, groups)}
 
-        archive.add_endpoint(PACKED_SIGNATURE, packed, [packed_specs(groups)])
+        archive.add_endpoint(PACKED, packed, [packed_specs(groups)])
     else:
 
         def serving_default(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -192,7 +186,7 @@ def _check(
     largest difference per signature."""
     loaded = tf.saved_model.load(str(folder))
     shared = set(shared_inputs(trained.spec))
-    names = (*SIGNATURES, PACKED_SIGNATURE) if groups else SIGNATURES
+    names = (*SIGNATURES, PACKED) if groups else SIGNATURES
     worst: dict[str, float] = dict.fromkeys(names, 0.0)
     for signature, inputs in requests:
         n = max(len(v) for v in inputs.values())
@@ -200,7 +194,7 @@ def _check(
         expected = predict(trained.model, rows)
         calls = [(signature, inputs)]
         if groups:
-            calls.append((PACKED_SIGNATURE, pack_inputs(inputs, groups)))
+            calls.append((PACKED, pack_inputs(inputs, groups)))
         for name, feeds_np in calls:
             if name not in loaded.signatures:
                 raise RankerExportError(f"the exported SavedModel has no {name!r} signature")
@@ -293,7 +287,7 @@ def export_ranker(
 
     def validate(staging: Staging) -> None:
         staging.manifest.setdefault("checks", {})["max_abs_difference"] = _check(
-            staging.path, trained, requests, staging.manifest.get(PACKED_SIGNATURE)
+            staging.path, trained, requests, staging.manifest.get(PACKED)
         )
 
     with publishing(
@@ -307,7 +301,7 @@ def export_ranker(
         write_warmup(staging.path, name, requests)
         staging.manifest.update(ranker_manifest(trained, name))
         if groups:  # the packed signature's columns, read back by the in-process predictor
-            staging.manifest[PACKED_SIGNATURE] = groups
+            staging.manifest[PACKED] = groups
         staging.manifest["warmup"] = [
             {"signature": s, "rows": max(len(v) for v in inputs.values())} for s, inputs in requests
         ]

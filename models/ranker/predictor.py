@@ -33,7 +33,7 @@ from models.ranker.inputs import (
 OUTPUT = "pctr"
 SIGNATURES = ("serving_default", "rank")
 PACKED = "packed"
-"""The additional signature of fused rankers (``models.ranker.serving_graph.PACKED_SIGNATURE``)."""
+"""The additional signature of fused rankers (:mod:`models.ranker.serving_graph`)."""
 FRAME_BATCH = 8192
 """Rows per ``serving_default`` call when scoring a whole table."""
 

@@ -49,9 +49,9 @@ from models.preprocessing import Standardize
 from models.ranker.layers import CalibrationHead, Cross
 from models.ranker.model import WIDE_NUMERIC, WIDE_PREFIX
 
-PACKED_SIGNATURE = "packed"
 PACKED_GROUPS = ("shared_strings", "shared_numbers", "candidate_strings", "candidate_numbers")
-"""The ``packed`` signature's inputs, in this order; a group without features is left out."""
+"""The ``packed`` signature's inputs (:data:`models.ranker.predictor.PACKED`), in this order; a
+group without features is left out."""
 
 
 def packed_groups(rank_inputs: Mapping[str, tf.TensorSpec]) -> dict[str, list[str]]:
