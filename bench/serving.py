@@ -86,13 +86,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-max-wait-ms", type=float, default=0.0)
     parser.add_argument(
         "--max-in-flight", type=int, default=8,
-        help="serving.max_in_flight of the batched 2-worker run: at the default 2 a batch holds "
-        "at most 2 requests",
+        help="serving.max_in_flight of the extra batched 2-worker run (the default servers run "
+        "the settings' own, 4); --concurrency-sweep compares several",
     )  # fmt: skip
     parser.add_argument("--in-process-requests", type=int, default=400)
     parser.add_argument(
         "--no-servers", action="store_true",
         help="only the in-process ceiling and the batching curve (no HTTP servers)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--concurrency-sweep", nargs="+", metavar="KEY=VALUE,...", default=None,
+        help="only 2-worker servers at the --concurrency levels > 1, one per configuration of "
+        "max_in_flight, batch_max_rows, batch_max_wait_ms (serving) and timeout_ms (the ranker's "
+        "deadline), e.g. max_in_flight=4,batch_max_rows=2000,timeout_ms=100",
     )  # fmt: skip
     parser.add_argument(
         "--ranker-variants", action="store_true",
@@ -312,13 +318,19 @@ def server_env(
     signature: str,
     serving: dict[str, Any] | None = None,
 ) -> dict[str, str]:
+    """The server's settings as its environment; ``serving`` may also hold the predictor's
+    ``timeout_ms`` (the ranker's deadline, tuned together with the batching)."""
     from deepclick.settings import PredictorSettings, ServingSettings, Settings
     from serving.server import SETTINGS_ENV
 
+    serving = dict(serving or {})
+    deadline = {"timeout_ms": serving.pop("timeout_ms")} if "timeout_ms" in serving else {}
     settings = Settings(
         root=root,
-        predictor=PredictorSettings(backend=backend, target=target, signature=signature),
-        serving=ServingSettings(port=port, reload_interval_s=3600.0, **(serving or {})),
+        predictor=PredictorSettings(
+            backend=backend, target=target, signature=signature, **deadline
+        ),
+        serving=ServingSettings(port=port, reload_interval_s=3600.0, **serving),
     )
     env = dict(os.environ)
     env[SETTINGS_ENV] = settings.model_dump_json()
@@ -789,6 +801,44 @@ def run_server_and_load(
     return rows, mem
 
 
+SWEEP_KEYS = {
+    "max_in_flight": int,
+    "batch_max_rows": int,
+    "batch_max_wait_ms": float,
+    "timeout_ms": int,
+}
+
+
+def parse_config(text: str) -> dict[str, Any]:
+    """``max_in_flight=4,timeout_ms=100`` → settings values (keys: :data:`SWEEP_KEYS`)."""
+    config = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in SWEEP_KEYS or not value:
+            raise SystemExit(
+                f"--concurrency-sweep: {part!r} is not KEY=VALUE with KEY one of "
+                f"{', '.join(SWEEP_KEYS)}"
+            )
+        config[key] = SWEEP_KEYS[key](value)
+    return config
+
+
+def concurrency_sweep(root: Path, args: argparse.Namespace, bodies: list[bytes]) -> list[dict]:
+    """2 workers, in-process ranker, at each connection count > 1, once per configuration:
+    answered requests/s, latency and how many answers came back degraded (the ranker's deadline
+    passed) — the measurement the serving defaults are picked from."""
+    rows = []
+    for text in args.concurrency_sweep:
+        config = parse_config(text)
+        found, _ = run_server_and_load(
+            "api", root, args, bodies, workers=2, backend="in_process", target="x",
+            signature="rank", concurrencies=[c for c in args.concurrency if c > 1],
+            path="/v1/rank", requests=args.requests, serving=config, label=f" [{text}]",
+        )  # fmt: skip
+        rows += found
+    return rows
+
+
 RANKER_VARIANTS: dict[str, dict[str, Any]] = {
     "default (2 full-rank cross, deep 64-32)": {},
     "low-rank cross r=8": {"cross_low_rank": 8},
@@ -796,19 +846,25 @@ RANKER_VARIANTS: dict[str, dict[str, Any]] = {
     "1 cross layer": {"cross_layers": 1},
     "deep 32 only": {"hidden_units": [32]},
     "no cross (deep 64-32)": {"cross_layers": 0},
+    "4-d embeddings": {"embedding_dim": 4},
+    "1 cross, deep 32": {"cross_layers": 1, "hidden_units": [32]},
 }
 """Sizes and architectures the ranker settings offer, timed against their hold-out AUC."""
 
 
 def ranker_variants(args: argparse.Namespace) -> list[dict]:
     """Quality vs latency of the ranker's offered sizes on one planted features folder: each
-    variant trained with the same data and seed; hold-out AUC beside the in-process ``rank``
-    call's time and FLOPs at ``--candidates`` candidates (calls alternate between variants, so
-    machine load hits them alike)."""
+    variant trained with the same data and seed, scored on the folder's evaluation day D (AUC
+    with its bootstrap 95% interval, the paired difference to the default with its interval, and
+    the one-hot LR peer trained beside the default) beside the in-process ``rank`` call's CPU
+    time and FLOPs at ``--candidates`` candidates (calls alternate between variants, so machine
+    load hits them alike). A variant may replace the default only when it is faster and its
+    paired difference's interval reaches 0 or above (not worse beyond the CI)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from feature_folder import write_feature_folder
 
     from deepclick.settings import RankerSettings
+    from models.evaluation.ranking import auc, auc_difference_interval, auc_interval
     from models.ranker.export import export_ranker
     from models.ranker.inputs import frame_to_inputs, rank_request
     from models.ranker.predictor import InProcessPredictor
@@ -823,29 +879,52 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
     import pandas as pd
 
     eval_rows = pd.read_parquet(made.path / "eval")
+    labels = eval_rows[made.spec.label].to_numpy()
     inputs = frame_to_inputs(made.spec, eval_rows)
     batch = {k: v[: args.candidates] for k, v in inputs.items()}
-    rows, predictors = [], {}
-    for name, overrides in RANKER_VARIANTS.items():
-        trained = train_ranker(made.spec, RankerSettings(**overrides), progress=False)
+    rows, predictors, scores = [], {}, {}
+    for i, (name, overrides) in enumerate(RANKER_VARIANTS.items()):
+        trained = train_ranker(
+            made.spec, RankerSettings(**overrides, baseline=i == 0), progress=False
+        )
         folder = export_ranker(trained, work / "repo", f"v{len(predictors)}", "20240101")
         predictors[name] = (InProcessPredictor(folder), ranker_flops(folder))
-        rows.append({"variant": name, "holdout_auc": round(trained.metrics["holdout_auc"], 4)})
+        scores[name] = trained.predict(eval_rows)
+        low, high = auc_interval(labels, scores[name])
+        rows.append(
+            {
+                "variant": name,
+                "auc_D": round(auc(labels, scores[name]), 4),
+                "auc_D_ci95": [round(low, 4), round(high, 4)],
+            }
+        )
+        if i:
+            diff, d_low, d_high = auc_difference_interval(
+                labels, scores[name], scores[next(iter(scores))]
+            )
+            rows[-1]["auc_minus_default"] = [round(x, 4) for x in (diff, d_low, d_high)]
+        if trained.baseline is not None:
+            peer = trained.baseline.predict(eval_rows)
+            p_low, p_high = auc_interval(labels, peer)
+            rows[-1]["lr_peer_auc_D"] = round(auc(labels, peer), 4)
+            rows[-1]["lr_peer_ci95"] = [round(p_low, 4), round(p_high, 4)]
         print(json.dumps(rows[-1]), flush=True)
     times: dict[str, list[float]] = {name: [] for name in predictors}
     requests = {name: rank_request(batch, p.shared_inputs) for name, (p, _) in predictors.items()}
     for repeat in range(60):
         for name, (predictor, _) in predictors.items():
-            started = time.perf_counter()
+            started = time.process_time()  # all threads' CPU: TF runs ops on its own pool
             predictor.predict(requests[name], "rank")
             if repeat >= 10:
-                times[name].append(time.perf_counter() - started)
+                times[name].append(time.process_time() - started)
     for row in rows:
         predictor, flops = predictors[row["variant"]]
+        cpu = np.asarray(times[row["variant"]]) * 1000.0
         row.update(
             {
                 "kflop_per_candidate": round(flops / 1000, 1),
-                **{f"rank_{k}": v for k, v in latency_ms(times[row["variant"]]).items()},
+                "rank_cpu_ms_median": round(float(np.median(cpu)), 3),
+                "rank_cpu_ms_mean": round(float(cpu.mean()), 3),
             }
         )
     return rows
@@ -881,6 +960,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ceiling = in_process(root, args, bodies)
     print_table("in process, no HTTP: CPU per request, stage shares, ranker vs FLOPs", ceiling)
     results["in_process"] = ceiling
+    if args.concurrency_sweep:
+        sweep = concurrency_sweep(root, args, bodies)
+        keep = ("name", "concurrency", "requests", "ok_rps", "p50_ms", "p99_ms", "non_200",
+                "degraded", "load_avg")  # fmt: skip
+        sweep = [{k: r[k] for k in keep} for r in sweep]
+        print_table("2 workers: answered req/s and degraded answers per configuration", sweep)
+        results["concurrency_sweep"] = sweep
+        print(f"wrote {write_json(args.name, results)}")
+        return
     curve = batch_curve(root, args)
     print_table("micro-batching: ranker CPU per request by requests per call", curve)
     results["batch_curve"] = curve

@@ -37,6 +37,7 @@ import numpy as np
 
 from deepclick.errors import DeepclickError
 from deepclick.publish import read_manifest, resolve
+from deepclick.topk import top_rows
 
 from .index import CandidateIndex, exact_search, open_index
 from .store import Embeddings, EmbeddingTable, ids_file, read_embeddings
@@ -356,17 +357,23 @@ class CandidateService:
                 user_id, placement_id, user_vector=user_vector, placement_vector=placement_vector
             )
         query = parts.query
-        banned = self._banned_rows(exclude)
         n_items = len(self.index)
         popular = self._popular_by_placement.get(placement_id, self._popular_global)
         quota = min(k, int(k * self.popular_quota + 0.5))  # half up, unlike round()
         explore = min(k - quota, int(k * self.funnel.explore_share + 0.5))
+        scores = _Scores(self._vectors, query, scan=self.search_mode == "exact" and k > 0)
+
+        def search(n: int) -> np.ndarray:
+            """The ``n`` best rows: from the exact scan's scores, else ANNOY."""
+            if scores.scan is not None:
+                return top_rows(scores.scan, n)
+            return self.neighbours(query, n)
 
         want = min(n_items, k + len(set(exclude)))
-        found = self.neighbours(query, want) if k else np.empty(0, dtype=np.int64)
-        picked = _Picked(banned)
+        found = search(want) if k else np.empty(0, dtype=np.int64)
+        picked = _Picked(n_items, self._banned_rows(exclude))
         if self._prior is not None:
-            self._take_by_prior(query, found, k, k - quota - explore, picked)
+            self._take_by_prior(scores, found, k, k - quota - explore, picked)
 
         def fill_ann(limit: int) -> None:
             """Take neighbours up to ``limit``; ANNOY may return fewer than asked (search_k,
@@ -375,7 +382,7 @@ class CandidateService:
             picked.take(found, limit, popular=False)
             while len(picked) < limit and want < n_items:
                 want = min(n_items, want * 2)
-                found = self.neighbours(query, want)
+                found = search(want)
                 picked.take(found, limit, popular=False)
 
         fill_ann(k - quota)
@@ -383,14 +390,13 @@ class CandidateService:
         fill_ann(k)
 
         rows, from_popular = picked.arrays()
-        vectors = np.asarray(self._vectors[rows], dtype=np.float32)
-        scores = vectors @ query
-        order = np.argsort(-scores, kind="stable")
-        vectors = vectors[order]
+        chosen = scores.of(rows)
+        order = np.argsort(-chosen, kind="stable")
         rows = rows[order]
+        vectors = np.asarray(self._vectors[rows], dtype=np.float32)
         return CandidateResult(
             keys=self.index.ad_ids[rows],
-            scores=scores[order],
+            scores=chosen[order],
             popular=from_popular[order],
             user_vector_source=parts.user_source,
             placement_vector_source=parts.placement_source,
@@ -407,10 +413,10 @@ class CandidateService:
         if not exclude:
             return np.empty(0, dtype=np.int64)
         rows = self.embeddings.ads.rows(list(exclude))
-        return np.unique(rows[rows >= 0])
+        return rows[rows >= 0]
 
     def _take_by_prior(
-        self, query: np.ndarray, neighbours: np.ndarray, k: int, limit: int, picked: _Picked
+        self, scores: _Scores, neighbours: np.ndarray, k: int, limit: int, picked: _Picked
     ) -> None:
         """Add up to ``limit`` rows with the best ``query·ad + weight · prior`` from the pool of
         the neighbours and the ``k`` most clicked ads (exact over the pool: the prior moves ads
@@ -418,20 +424,39 @@ class CandidateService:
         if limit <= 0:
             return
         pool = np.unique(np.concatenate([neighbours, self._prior_top[:k]]))
-        scores = np.asarray(self._vectors[pool]) @ query
-        scores = scores + self.funnel.prior_weight * self._prior[pool]
-        ordered = pool[np.argsort(-scores, kind="stable")]
-        picked.take(ordered, limit, popular=~np.isin(ordered, neighbours))
+        ranked = scores.of(pool) + self.funnel.prior_weight * self._prior[pool]
+        ordered = pool[np.argsort(-ranked, kind="stable")]
+        found = np.zeros(len(self.index), dtype=bool)
+        found[neighbours] = True
+        picked.take(ordered, limit, popular=~found[ordered])
 
     def index_id(self, row: int) -> str:
         return bytes(self.index.ad_ids[row]).decode("utf-8")
 
 
-class _Picked:
-    """The rows chosen so far, in order, with their source: array appends, no per-row Python."""
+class _Scores:
+    """``query·ad`` of any rows for one request. With ``scan`` (exact search) every ad is scored
+    once by one BLAS pass and the funnel's later steps read those scores instead of scoring the
+    same rows again (issue 14); otherwise (ANNOY) the rows asked for are scored when asked."""
 
-    def __init__(self, banned: np.ndarray) -> None:
-        self.banned = banned
+    def __init__(self, vectors: np.ndarray, query: np.ndarray, *, scan: bool) -> None:
+        self.vectors = vectors
+        self.query = query
+        self.scan: np.ndarray | None = np.asarray(vectors) @ query if scan else None
+
+    def of(self, rows: np.ndarray) -> np.ndarray:
+        if self.scan is not None:
+            return self.scan[rows]
+        return np.asarray(self.vectors[rows], dtype=np.float32) @ self.query
+
+
+class _Picked:
+    """The rows chosen so far, in order, with their source: one mask over the catalogue marks
+    the rows taken or banned, so each step costs its own rows, not a search of the earlier ones."""
+
+    def __init__(self, n_items: int, banned: np.ndarray) -> None:
+        self.closed = np.zeros(n_items, dtype=bool)
+        self.closed[banned] = True
         self.rows: list[np.ndarray] = []
         self.popular: list[np.ndarray] = []
         self.count = 0
@@ -445,11 +470,10 @@ class _Picked:
         room = limit - self.count
         if room <= 0 or not len(rows):
             return
-        keep = ~np.isin(rows, self.banned) if len(self.banned) else np.ones(len(rows), bool)
-        if self.rows:
-            keep &= ~np.isin(rows, np.concatenate(self.rows))
-        chosen = np.flatnonzero(keep)[:room]
-        self.rows.append(rows[chosen])
+        chosen = np.flatnonzero(~self.closed[rows])[:room]
+        taken = rows[chosen]
+        self.closed[taken] = True
+        self.rows.append(taken)
         source = np.broadcast_to(np.asarray(popular), rows.shape)
         self.popular.append(source[chosen])
         self.count += len(chosen)

@@ -296,8 +296,11 @@ class ServingSettings(_Section):
         60.0, gt=0, description="deadline of the warmup prediction that validates a release"
     )
     max_in_flight: int = Field(
-        2, ge=1, description="/v1/rank requests one worker serves at once; beyond it a fast 503 "
-        "with Retry-After (admission control: overload is answered, not queued)",
+        4, ge=1, description="/v1/rank requests one worker serves at once; beyond it a fast 503 "
+        "with Retry-After (admission control: overload is answered, not queued); 4 lets "
+        "micro-batches of up to 4 requests form (bench.serving --concurrency-sweep: 1.6-2.4x the "
+        "ranked answers/s of 2 at 8-32 connections, where 8 with 4,000-row batches mostly "
+        "missed the ranker's deadline)",
     )  # fmt: skip
     request_deadline_ms: int = Field(
         250, ge=1, description="end-to-end budget of a /v1/rank request from arrival: a request "

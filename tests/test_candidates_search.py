@@ -1,6 +1,7 @@
 """The candidate stage's search (issue 14, item 2): exact or ANN chosen by the build's
 measurement, exact = ANN at recall 1.0, and the vectorised funnel = the per-object loop it
-replaced (same candidates, same order, same sources)."""
+replaced (same candidates, same order, same sources) — with ANNOY, and with the exact scan whose
+scores the funnel reuses instead of scoring the pool and the picked rows again."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serving_world import World
 
 from candidates.funnel import FunnelParams
 from candidates.index import build_index, exact_search, open_index
@@ -96,7 +98,10 @@ def per_object_candidates(
                 picked[row] = "ann"
 
     want = min(n_items, k + len(banned))
-    rows = service.index.search(query, want, service.search_k)
+    if service.search_mode == "exact":  # a scan of every ad; the funnel below re-scores rows
+        rows = exact_search(service.embeddings.ads.vectors, query, want).tolist()
+    else:
+        rows = service.index.search(query, want, service.search_k)
     if service._prior is not None and k - quota - explore > 0:
         pool = np.unique(np.concatenate([np.asarray(rows, np.int64), service._prior_top[:k]]))
         scores = np.asarray(service.embeddings.ads.vectors[pool]) @ query
@@ -128,6 +133,38 @@ def test_vectorised_funnel_returns_the_candidates_of_the_per_object_loop(built: 
         got = [(found.ad_id(i), found.source(i)) for i in range(len(found))]
         assert got == per_object_candidates(service, user, place, k, exclude), (user, place, k)
         assert len(got) == k and not exclude & set(found.ad_ids)
+
+
+def test_exact_funnel_reusing_the_scan_scores_returns_the_candidates_of_the_per_object_loop(
+    built: Built,
+) -> None:
+    """Issue 14, retrieve: with exact search the prior pool, the quotas and the final order
+    read the one scan's scores; ids, order and sources stay those of the loop that scored the
+    pool and the picked rows again, and the scores equal a fresh dot product."""
+    service = CandidateService.load(built.index, built.embeddings, popular_quota=0.2)
+    assert service.search_mode == "exact" and service._prior is not None
+    vectors = np.asarray(service.embeddings.ads.vectors)
+    for user, place, k, exclude in requests(built):
+        found = service.candidates(user, place, k, exclude=exclude)
+        got = [(found.ad_id(i), found.source(i)) for i in range(len(found))]
+        assert got == per_object_candidates(service, user, place, k, exclude), (user, place, k)
+        assert len(got) == k and not exclude & set(found.ad_ids)
+        query = service.query_vector(user, place)[0]
+        np.testing.assert_allclose(found.scores, vectors[found.rows] @ query, rtol=0, atol=1e-5)
+
+
+def test_exact_funnel_on_a_replay_of_the_evaluation_day_matches_the_per_object_loop(
+    world: World,
+) -> None:
+    """The serving world's release (no prior: neighbours plus the popular quota), its
+    evaluation day's distinct (user, placement) requests replayed at the API's 500 candidates."""
+    service = CandidateService.load(world.index, world.embeddings, search="exact")
+    replay = world.features.table("eval")[["user_id", "placement_id"]].drop_duplicates()
+    assert len(replay) >= 100
+    for user, place in replay.head(120).itertuples(index=False):
+        found = service.candidates(user, place, 500)
+        got = [(found.ad_id(i), found.source(i)) for i in range(len(found))]
+        assert got == per_object_candidates(service, user, place, 500, set()), (user, place)
 
 
 def test_exact_search_returns_what_an_exhaustive_ann_search_returns(built: Built) -> None:

@@ -8,7 +8,11 @@ Serving requires), holding
   - ``serving_default`` — one row per candidate, every input a ``[batch]`` tensor;
   - ``rank`` — the "common request": user and context features once, as ``[1]`` tensors, and the
     ad features (and similarity scores) of N candidates as ``[N]`` tensors. The request carries
-    the user's and placement's features once instead of N times, which is most of its bytes.
+    the user's and placement's features once instead of N times, which is most of its bytes;
+  - ``packed`` (fused DCN-v2 rankers only) — the same inputs as four tensors, shared and
+    per-candidate strings and numbers (:mod:`models.ranker.serving_graph`), for the in-process
+    predictor; the manifest's ``packed`` names each tensor's columns. TF Serving clients keep
+    ``rank`` / ``serving_default``.
 
 - ``assets.extra/tf_serving_warmup_requests``: PredictionLog records (TFRecord) TF Serving replays
   at load, so the first real request does not pay for graph tracing;
@@ -33,8 +37,8 @@ import tensorflow as tf
 
 from deepclick.publish import PublishError, Staging, publishing
 from models.ranker.inputs import candidate_inputs, rank_request, shared_inputs
-from models.ranker.predictor import OUTPUT, RANKER_MANIFEST, SIGNATURES
-from models.ranker.serving_graph import ServingRanker, can_fuse
+from models.ranker.predictor import OUTPUT, PACKED, RANKER_MANIFEST, SIGNATURES, pack_inputs
+from models.ranker.serving_graph import ServingRanker, can_fuse, packed_groups, packed_specs
 from models.ranker.train import TrainedRanker, predict
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
@@ -74,16 +78,21 @@ def _describe(specs: Mapping[str, tf.TensorSpec]) -> dict[str, dict[str, Any]]:
     }
 
 
-def write_saved_model(trained: TrainedRanker, folder: Path, *, fused: bool = True) -> None:
+def write_saved_model(
+    trained: TrainedRanker, folder: Path, *, fused: bool = True
+) -> dict[str, list[str]] | None:
     """Write the SavedModel with the ``serving_default`` and ``rank`` signatures into ``folder``;
-    ``fused`` (default) writes a DCN-v2 ranker's serving graph (:mod:`models.ranker.serving_graph`),
-    False the Keras model's own graph (kept to measure the two against each other)."""
+    ``fused`` (default) writes a DCN-v2 ranker's serving graph (:mod:`models.ranker.serving_graph`)
+    and its ``packed`` signature, False the Keras model's own graph (kept to measure the two
+    against each other). Returns the ``packed`` signature's column groups (None: no such
+    signature)."""
     model = trained.model
     specs = signature_inputs(trained)
     shared = set(shared_inputs(trained.spec))
     candidates = candidate_inputs(trained.spec, trained.uses_similarity)
 
     archive = keras.export.ExportArchive()
+    groups = None
     if fused and can_fuse(model):  # the same function with fewer ops (models.ranker.serving_graph)
         fused = ServingRanker(model, trained.spec, sorted(shared))
         archive.track(fused)  # not the Keras model: its per-feature tables would be saved twice
@@ -92,6 +101,12 @@ def write_saved_model(trained: TrainedRanker, folder: Path, *, fused: bool = Tru
             return {OUTPUT: fused.call(inputs)}
 
         rank = serving_default  # shared inputs [1] are broadcast inside, after their lookups
+        groups = packed_groups(specs["rank"])
+
+        def packed(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            return {OUTPUT: fused.call_packed(inputs, groups)}
+
+        archive.add_endpoint(PACKED, packed, [packed_specs(groups)])
     else:
 
         def serving_default(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -106,6 +121,7 @@ def write_saved_model(trained: TrainedRanker, folder: Path, *, fused: bool = Tru
     archive.add_endpoint("serving_default", serving_default, [specs["serving_default"]])
     archive.add_endpoint("rank", rank, [specs["rank"]])
     archive.write_out(str(folder), verbose=False)
+    return groups
 
 
 def warmup_inputs(trained: TrainedRanker) -> list[tuple[str, dict[str, np.ndarray]]]:
@@ -160,31 +176,39 @@ def write_warmup(
 
 
 def _check(
-    folder: Path, trained: TrainedRanker, requests: list[tuple[str, dict[str, np.ndarray]]]
+    folder: Path,
+    trained: TrainedRanker,
+    requests: list[tuple[str, dict[str, np.ndarray]]],
+    groups: dict[str, list[str]] | None = None,
 ) -> dict[str, float]:
-    """Reload the SavedModel from ``folder`` and compare both signatures with the in-memory model on
-    the warmup requests; return the largest difference per signature."""
+    """Reload the SavedModel from ``folder`` and compare every signature with the in-memory model
+    on the warmup requests (``packed`` with the same requests packed by ``groups``); return the
+    largest difference per signature."""
     loaded = tf.saved_model.load(str(folder))
     shared = set(shared_inputs(trained.spec))
-    worst: dict[str, float] = dict.fromkeys(SIGNATURES, 0.0)
+    names = (*SIGNATURES, PACKED) if groups else SIGNATURES
+    worst: dict[str, float] = dict.fromkeys(names, 0.0)
     for signature, inputs in requests:
-        if signature not in loaded.signatures:
-            raise RankerExportError(f"the exported SavedModel has no {signature!r} signature")
-        function = loaded.signatures[signature]
-        feeds = {
-            k: tf.constant(v, dtype=tf.string if v.dtype == object else tf.float32)
-            for k, v in inputs.items()
-        }
-        got = function(**feeds)[OUTPUT].numpy()
         n = max(len(v) for v in inputs.values())
         rows = {k: np.resize(v, n) if k in shared else v for k, v in inputs.items()}
         expected = predict(trained.model, rows)
-        if got.shape != expected.shape or not np.all(np.isfinite(got)):
-            raise RankerExportError(
-                f"signature {signature!r} returned {got.shape} values (finite: "
-                f"{bool(np.all(np.isfinite(got)))}), expected {expected.shape}"
-            )
-        worst[signature] = max(worst[signature], float(np.max(np.abs(got - expected))))
+        calls = [(signature, inputs)]
+        if groups:
+            calls.append((PACKED, pack_inputs(inputs, groups)))
+        for name, feeds_np in calls:
+            if name not in loaded.signatures:
+                raise RankerExportError(f"the exported SavedModel has no {name!r} signature")
+            feeds = {
+                k: tf.constant(v, dtype=tf.string if v.dtype.kind in "OSU" else tf.float32)
+                for k, v in feeds_np.items()
+            }
+            got = loaded.signatures[name](**feeds)[OUTPUT].numpy()
+            if got.shape != expected.shape or not np.all(np.isfinite(got)):
+                raise RankerExportError(
+                    f"signature {name!r} returned {got.shape} values (finite: "
+                    f"{bool(np.all(np.isfinite(got)))}), expected {expected.shape}"
+                )
+            worst[name] = max(worst[name], float(np.max(np.abs(got - expected))))
     for signature, diff in worst.items():
         if diff > CHECK_TOLERANCE:
             raise RankerExportError(
@@ -263,7 +287,7 @@ def export_ranker(
 
     def validate(staging: Staging) -> None:
         staging.manifest.setdefault("checks", {})["max_abs_difference"] = _check(
-            staging.path, trained, requests
+            staging.path, trained, requests, staging.manifest.get(PACKED)
         )
 
     with publishing(
@@ -273,9 +297,11 @@ def export_ranker(
         update_current=update_current,
         validate=validate,
     ) as staging:
-        write_saved_model(trained, staging.path, fused=fused)
+        groups = write_saved_model(trained, staging.path, fused=fused)
         write_warmup(staging.path, name, requests)
         staging.manifest.update(ranker_manifest(trained, name))
+        if groups:  # the packed signature's columns, read back by the in-process predictor
+            staging.manifest[PACKED] = groups
         staging.manifest["warmup"] = [
             {"signature": s, "rows": max(len(v) for v in inputs.values())} for s, inputs in requests
         ]

@@ -4,6 +4,11 @@ DESIGN.md's embedded default for TF Serving: serving (and the evaluation report)
 SavedModel TF Serving would, with ``tf.saved_model.load``, and call its ``serving_default`` or
 ``rank`` signature directly — no Keras, no network hop. The input names, dtypes and shapes come
 from the signatures themselves, so a request is validated against the model actually loaded.
+
+A ranker exported with the ``packed`` signature (:mod:`models.ranker.serving_graph`) is called
+through it for both public signatures: the validated inputs are stacked into at most four arrays
+(:func:`pack_inputs`, columns as the manifest's ``packed`` names them), so a call converts four
+arrays instead of ~26; the graph and the scores are the same.
 """
 
 from __future__ import annotations
@@ -27,12 +32,33 @@ from models.ranker.inputs import (
 
 OUTPUT = "pctr"
 SIGNATURES = ("serving_default", "rank")
+PACKED = "packed"
+"""The additional signature of fused rankers (:mod:`models.ranker.serving_graph`)."""
 FRAME_BATCH = 8192
 """Rows per ``serving_default`` call when scoring a whole table."""
 
 
 class PredictorInputError(DeepclickError, ValueError):
     """A request does not fit the model's signature; the message names the inputs at fault."""
+
+
+def pack_inputs(
+    columns: Mapping[str, np.ndarray], groups: Mapping[str, list[str]]
+) -> dict[str, np.ndarray]:
+    """The ``packed`` signature's arrays: per group its columns side by side (``[rows, k]``).
+
+    ``columns`` are validated input arrays (strings as bytes, str or objects; numbers float32);
+    string columns of mixed kinds become one object array of UTF-8 bytes."""
+    packed = {}
+    for group, names in groups.items():
+        arrays = [np.asarray(columns[n]).reshape(-1) for n in names]
+        if group.endswith("strings") and any(a.dtype.kind != "S" for a in arrays):
+            arrays = [
+                np.array([v if isinstance(v, bytes) else str(v).encode() for v in a], object)
+                for a in arrays
+            ]
+        packed[group] = np.stack(arrays, axis=1)
+    return packed
 
 
 class InProcessPredictor:
@@ -70,6 +96,14 @@ class InProcessPredictor:
             ]
             for s, specs in self._specs.items()
         }
+        groups = self.manifest.get(PACKED)
+        self._packed = (
+            self._loaded.signatures[PACKED]
+            if groups and PACKED in self._loaded.signatures
+            else None
+        )
+        self._groups: dict[str, list[str]] = dict(groups) if self._packed is not None else {}
+        self._per_candidate = self.candidate_inputs
 
     @property
     def version(self) -> str:
@@ -107,7 +141,15 @@ class InProcessPredictor:
             )
         return self._specs[signature]
 
-    def _feeds(self, features: Mapping[str, Any], signature: str) -> dict[str, tf.Tensor]:
+    @property
+    def packed(self) -> bool:
+        """Whether calls go through the ``packed`` signature (see the module doc)."""
+        return self._packed is not None
+
+    def _columns(self, features: Mapping[str, Any], signature: str) -> dict[str, np.ndarray]:
+        """``signature``'s inputs from ``features``, checked and flattened: numbers float32,
+        strings as given (bytes, str or objects), once-per-request inputs of size 1, per-row
+        inputs of one length."""
         specs = self._spec(signature)
         missing = [n for n in specs if n not in features]
         if missing:
@@ -115,9 +157,9 @@ class InProcessPredictor:
                 f"{signature} request lacks input(s) {', '.join(missing)} "
                 f"(model version {self.version}, feature spec {self.feature_spec_version})"
             )
-        feeds: dict[str, tf.Tensor] = {}
+        columns: dict[str, np.ndarray] = {}
         lengths: dict[str, int] = {}
-        for name, dtype, is_string, once in self._plans[signature]:
+        for name, _, is_string, once in self._plans[signature]:
             values = np.asarray(features[name])
             if not is_string:
                 try:
@@ -138,13 +180,21 @@ class InProcessPredictor:
             else:
                 values = values.reshape(-1)
                 lengths[name] = values.size
+            columns[name] = values
+        if len(set(lengths.values())) > 1:
+            sizes = ", ".join(f"{n}={k}" for n, k in sorted(lengths.items()))
+            raise PredictorInputError(f"{signature}: per-row inputs differ in length ({sizes})")
+        return columns
+
+    def _feeds(self, features: Mapping[str, Any], signature: str) -> dict[str, tf.Tensor]:
+        columns = self._columns(features, signature)
+        feeds: dict[str, tf.Tensor] = {}
+        for name, dtype, _, _ in self._plans[signature]:
+            values = columns[name]
             try:
                 feeds[name] = tf.constant(values, dtype=dtype)
             except (TypeError, ValueError):  # an object array mixing str with other types
                 feeds[name] = tf.constant(values.astype(str), dtype=dtype)
-        if len(set(lengths.values())) > 1:
-            sizes = ", ".join(f"{n}={k}" for n, k in sorted(lengths.items()))
-            raise PredictorInputError(f"{signature}: per-row inputs differ in length ({sizes})")
         return feeds
 
     def predict(
@@ -157,10 +207,20 @@ class InProcessPredictor:
             PredictorInputError: a needed input is missing, has the wrong shape, or the per-row
                 inputs differ in length.
         """
-        feeds = self._feeds(features, signature)
-        if not feeds or next(iter(feeds.values())).shape[0] == 0:
+        if self._packed is None:
+            feeds = self._feeds(features, signature)
+            if not feeds or next(iter(feeds.values())).shape[0] == 0:
+                return np.zeros(0, dtype=np.float32)
+            return self._functions[signature](**feeds)[OUTPUT].numpy()
+        columns = self._columns(features, signature)
+        if not columns or any(columns[n].size == 0 for n in self._per_candidate):
             return np.zeros(0, dtype=np.float32)
-        return self._functions[signature](**feeds)[OUTPUT].numpy()
+        packed = pack_inputs(columns, self._groups)
+        feeds = {
+            group: tf.constant(values, dtype=tf.string if group.endswith("strings") else tf.float32)
+            for group, values in packed.items()
+        }
+        return self._packed(**feeds)[OUTPUT].numpy()
 
     def predict_frame(
         self,
