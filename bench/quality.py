@@ -247,9 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name, e in row["replay"].items()
             ]
             print_table(f"replay of {row['dataset']} (top-10 slates)", replay_rows, console)
-    names = [n for n in args.scale if n != "none"] + [
-        str(r["dataset"]) for r in rows[len(args.scale) :]
-    ]
+    generated = [n for n in args.scale if n != "none"]
+    names = generated + [str(r["dataset"]) for r in rows[len(generated) :]]
     path = write_json("quality-" + "-".join(n.replace(" ", "_") for n in names), {"rows": rows})
     console.print(f"written to {path}")
     return 0

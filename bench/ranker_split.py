@@ -9,9 +9,12 @@ features folder and scores D's ``eval`` table. Usage::
 
 A variant is ``name[:key=value,...]``; keys are RankerSettings fields plus ``similarity`` (0/1:
 the ranker takes the two-tower scores, trained on the last ``ranker_days`` days), ``ranker_days``
-and ``clip`` (the shared preprocessing's clip of standardised numbers, ``models.preprocessing``;
-``inf``: none). Each variant's AUC on D comes with its bootstrap 95% interval and the paired
-difference to the first variant (same rows, ``auc_difference_interval``).
+(without the scores, given explicitly: the ranker learns from the window's last ``ranker_days``
+days only) and ``clip`` (the shared preprocessing's clip of standardised numbers,
+``models.preprocessing``; ``inf``: none). Each variant's AUC on D comes with its bootstrap 95%
+interval and the paired difference to the first variant (same rows, ``auc_difference_interval``).
+``--seed`` (repeatable) trains every variant once per ranker seed and pairs each with the first
+variant of the same seed, so a choice is kept only when it wins on more than one seed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import datetime as dt
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +79,12 @@ def main() -> None:
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--date", required=True)
     parser.add_argument("--variant", action="append", default=[])
+    parser.add_argument(
+        "--seed", type=int, action="append", default=[], help="ranker seed(s) (default: settings)"
+    )
+    parser.add_argument(
+        "--skip-lr", action="store_true", help="no one-hot LR fits (the evaluation has the peers)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     settings = Settings(root=args.root)
@@ -87,11 +97,19 @@ def main() -> None:
     similarity = EmbeddingSimilarity(read_embeddings(emb))
     results = {}
     train_all = pd.read_parquet(features / "training" / "ranking")
-    first: np.ndarray | None = None
     default_clip = models.preprocessing.CLIP_STD
-    for variant in args.variant or ["base"]:
+    seeds = args.seed or [settings.ranker.seed]
+    variants = args.variant or ["base"]
+    first: np.ndarray | None = None
+    for seed, variant in ((s, v) for s in seeds for v in variants):
         name, pairs = parse(variant)
+        if len(seeds) > 1:
+            name = f"{name}@seed{seed}"
+        if variant == variants[0]:
+            first = None  # each seed's variants are paired with its own first variant
+        pairs.setdefault("seed", str(seed))
         use_sim = pairs.pop("similarity", "1") == "1"
+        recent = "ranker_days" in pairs and not use_sim
         ranker_days = int(pairs.pop("ranker_days", settings.lifecycle.ranker_days))
         models.preprocessing.CLIP_STD = float(pairs.pop("clip", default_clip))
         cfg = settings.ranker.model_copy(
@@ -103,6 +121,8 @@ def main() -> None:
             }
         )
         days = split_training_days(spec.train_dates, use_sim, ranker_days)
+        if recent:  # without the scores: the ranker on the window's last ranker_days days only
+            days = replace(days, ranker=days.ranker[-ranker_days:])
         tick = time.perf_counter()
         trained = train_ranker(
             spec,
@@ -113,7 +133,7 @@ def main() -> None:
         )
         p = trained.predict(eval_rows)
         fit = train_all[train_all["date"].astype(str).isin(days.ranker)]
-        lr_same = one_hot_lr(spec, fit, eval_rows)
+        lr_same = None if args.skip_lr else one_hot_lr(spec, fit, eval_rows)
         first = p if first is None else first
         low, high = auc_interval(y, p)
         diff = auc_difference_interval(y, p, first)
@@ -125,15 +145,16 @@ def main() -> None:
             "calibration": round(calibration_ratio(y, p), 3),
             "epochs_run": len(trained.history.get("loss", [])),
             "val_auc": [round(v, 4) for v in trained.history.get("val_auc", [])],
-            "lr_same_rows_auc": round(auc(y, lr_same), 4),
+            "lr_same_rows_auc": None if lr_same is None else round(auc(y, lr_same), 4),
             "ranker_days": list(days.ranker),
             "fit_rows": int(trained.metrics["fit_rows"]),
             "seconds": round(time.perf_counter() - tick, 1),
         }
         print(name, json.dumps(results[name]), flush=True)
-    lr_all = one_hot_lr(spec, train_all, eval_rows)
-    results["lr_all_days"] = {"auc": round(auc(y, lr_all), 4)}
-    print("lr_all_days", results["lr_all_days"], flush=True)
+    if not args.skip_lr:
+        lr_all = one_hot_lr(spec, train_all, eval_rows)
+        results["lr_all_days"] = {"auc": round(auc(y, lr_all), 4)}
+        print("lr_all_days", results["lr_all_days"], flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

@@ -21,7 +21,7 @@ from models.evaluation.ranking import auc
 from models.ranker.inputs import frame_to_inputs
 from models.ranker.model import build_logit_model
 from models.ranker.train import _tensors, predict, train_ranker
-from models.ranker.wide import fit_wide, wide_design
+from models.ranker.wide import average_unseen, fit_wide, wide_design
 
 SETTINGS = RankerSettings(batch_size=256, epochs=2, cross_layers=1, dropout=0.3, baseline=False)
 
@@ -71,3 +71,34 @@ def test_wide_part_matches_the_one_hot_lr_where_embeddings_alone_fall_behind(
     # measured: deep only 0.762, wide and deep 0.774, LR 0.774 (oracle 0.830)
     assert scores["wide and deep"] >= scores["one-hot LR"] - 0.005, scores
     assert scores["deep only"] < scores["one-hot LR"] - 0.005, scores
+
+
+def test_a_value_absent_from_the_fit_rows_gets_the_average_weight_not_zero() -> None:
+    """Guards the medium world's 1.358 calibration: D's day of week had no fit row, and its
+    weight 0 was not neutral because L2 had moved part of the intercept into the seen values."""
+    weights = np.array([0.0, 0.5, -0.3, 0.0], dtype=np.float32)  # OOV, seen x3, seen x1, unseen
+    rows = np.array([0, 3, 1, 0])
+    got = average_unseen(weights, rows)
+    expected = (3 * 0.5 + 1 * -0.3) / 4  # 0.3
+    np.testing.assert_allclose(got, [expected, 0.5, -0.3, expected], rtol=1e-6)
+    np.testing.assert_array_equal(average_unseen(weights, np.ones(4)), weights)  # all seen
+
+
+def test_an_unseen_day_of_week_keeps_the_rankers_level(folder: FeatureFolder) -> None:
+    """Planted: the fit rows carry ctx__dow '1' or '2' only (half each), the scored rows day '0'
+    (in the vocabulary, never in the fit): its logit is the mean of the same rows as '1' and '2',
+    although the seen days carry clearly nonzero weights (L2's share of the intercept)."""
+    rows = folder.table("training/ranking").copy()
+    rows["ctx__dow"] = np.where(np.arange(len(rows)) % 2 == 0, "1", "2")
+    labels = rows["label"].to_numpy()
+    model = build_logit_model(folder.spec, SETTINGS, base_rate=float(labels.mean()))
+    fit_wide(model, _tensors(model, frame_to_inputs(folder.spec, rows)), labels, c=0.1, seed=7)
+    assert np.abs(model.get_layer("wide__ctx__dow").get_weights()[0]).max() > 0.01
+    scored = rows.head(500)
+    logits = {
+        day: predict(
+            model, _tensors(model, frame_to_inputs(folder.spec, scored.assign(ctx__dow=day)))
+        )
+        for day in ("0", "1", "2")
+    }
+    np.testing.assert_allclose(logits["0"], (logits["1"] + logits["2"]) / 2, atol=1e-4)
