@@ -42,6 +42,12 @@ class PredictorInputError(DeepclickError, ValueError):
     """A request does not fit the model's signature; the message names the inputs at fault."""
 
 
+def packed_dtype(group: str) -> tf.DType:
+    """The dtype of one ``packed`` input: its string groups carry strings, the others float32
+    (the groups are :data:`models.ranker.serving_graph.PACKED_GROUPS`)."""
+    return tf.string if group.endswith("strings") else tf.float32
+
+
 def pack_inputs(
     columns: Mapping[str, np.ndarray], groups: Mapping[str, list[str]]
 ) -> dict[str, np.ndarray]:
@@ -52,7 +58,7 @@ def pack_inputs(
     packed = {}
     for group, names in groups.items():
         arrays = [np.asarray(columns[n]).reshape(-1) for n in names]
-        if group.endswith("strings") and any(a.dtype.kind != "S" for a in arrays):
+        if packed_dtype(group) == tf.string and any(a.dtype.kind != "S" for a in arrays):
             arrays = [
                 np.array([v if isinstance(v, bytes) else str(v).encode() for v in a], object)
                 for a in arrays
@@ -217,8 +223,7 @@ class InProcessPredictor:
             return np.zeros(0, dtype=np.float32)
         packed = pack_inputs(columns, self._groups)
         feeds = {
-            group: tf.constant(values, dtype=tf.string if group.endswith("strings") else tf.float32)
-            for group, values in packed.items()
+            name: tf.constant(values, dtype=packed_dtype(name)) for name, values in packed.items()
         }
         return self._packed(**feeds)[OUTPUT].numpy()
 

@@ -48,6 +48,7 @@ from models.feature_spec import FeatureSpec
 from models.preprocessing import Standardize
 from models.ranker.layers import CalibrationHead, Cross
 from models.ranker.model import WIDE_NUMERIC, WIDE_PREFIX
+from models.ranker.predictor import packed_dtype
 
 PACKED_GROUPS = ("shared_strings", "shared_numbers", "candidate_strings", "candidate_numbers")
 """The ``packed`` signature's inputs (:data:`models.ranker.predictor.PACKED`), in this order; a
@@ -70,10 +71,7 @@ def packed_groups(rank_inputs: Mapping[str, tf.TensorSpec]) -> dict[str, list[st
 def packed_specs(groups: Mapping[str, Sequence[str]]) -> dict[str, tf.TensorSpec]:
     """The ``packed`` signature's input specs: ``[None, columns]`` per group."""
     return {
-        g: tf.TensorSpec(
-            [None, len(names)], tf.string if g.endswith("strings") else tf.float32, name=g
-        )
-        for g, names in groups.items()
+        g: tf.TensorSpec([None, len(names)], packed_dtype(g), name=g) for g, names in groups.items()
     }
 
 
