@@ -389,18 +389,23 @@ def funnel_recall(
     seed: int = 7,
 ) -> dict[str, Any]:
     """Where no truth exists: the share of D's clicked (user, ad) pairs that the candidate list
-    serving would score holds, at each K (the release's own candidate stage)."""
+    serving would score holds, at each K (the release's own candidate stage).
+
+    Each K is its own query for K candidates: the first K of a longer list are not the K-list,
+    since the quotas and the popularity prior merge sources without a common order."""
     clicks = eval_rows[eval_rows["label"] == 1]
     if clicks.empty:
         raise ValueError("the evaluation day has no clicks: funnel recall is undefined")
     clicks = clicks.sample(n=min(queries, len(clicks)), random_state=seed)
-    top = max(ks)
-    lists = [
-        release.candidates.candidates(str(u), str(p), top).ad_ids
-        for u, p in zip(clicks["user_id"], clicks["placement_id"], strict=True)
-    ]
-    recall = recall_at_k(lists, clicks["ad_id"].astype(str).to_numpy(), ks)
-    return {"clicks": len(clicks), "recall_at_k": {str(k): v for k, v in recall.items()}}
+    clicked = clicks["ad_id"].astype(str).to_numpy()
+    recall: dict[str, float] = {}
+    for k in sorted(set(ks)):
+        lists = [
+            release.candidates.candidates(str(u), str(p), k).ad_ids
+            for u, p in zip(clicks["user_id"], clicks["placement_id"], strict=True)
+        ]
+        recall[str(k)] = recall_at_k(lists, clicked, [k])[k]
+    return {"clicks": len(clicks), "recall_at_k": recall}
 
 
 def write_replay(report: Mapping[str, Any], out: Path) -> dict[str, Path]:
