@@ -265,13 +265,13 @@ class InProcessPredictor:
                     found = False
                     break
                 out[0, j] = hit
-            else:
-                unique, inverse = np.unique(_as_bytes(values), return_inverse=True)
-                hits = [memo.get(u) for u in unique]
+            else:  # rows of many requests come in runs (one request's value repeated)
+                starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+                hits = [memo.get(_as_key(v)) for v in values[starts]]
                 if None in hits:
                     found = False
                     break
-                out[:, j] = np.asarray(hits, np.int32)[inverse.reshape(-1)]
+                out[:, j] = np.repeat(np.asarray(hits, np.int32), np.diff(np.r_[starts, rows]))
         if found:
             return out
         group = "shared_strings"
