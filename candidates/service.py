@@ -233,9 +233,7 @@ class CandidateService:
             index.measured_search if search == "auto" else search
         )
         self.funnel = index.funnel
-        # a plain ndarray view of the mapped vectors (no copy): slicing a np.memmap costs
-        # Python-level __getitem__ calls on every request
-        self._vectors = np.asarray(embeddings.ads.vectors)
+        self._vectors = embeddings.ads.vectors
         self._prior = index.prior if index.prior is not None and self.funnel.prior_weight else None
         # The most clicked rows, the popular half of the prior-ordered pool (capped: a request
         # never needs more than its k of them).

@@ -9,6 +9,14 @@ A ranker exported with the ``packed`` signature (:mod:`models.ranker.serving_gra
 through it for both public signatures: the validated inputs are stacked into at most four arrays
 (:func:`pack_inputs`, columns as the manifest's ``packed`` names them), so a call converts four
 arrays instead of ~26; the graph and the scores are the same.
+
+A ranker that also has the ``indexed`` signature (issue 14) is called through that one instead:
+the strings are looked up apart — the user's and placement's values remembered per value, the
+candidates' rows either passed in (a release precomputes every ad's rows at load:
+:meth:`InProcessPredictor.candidate_index`, request key :data:`CANDIDATE_INDEX`) or looked up by
+the ``candidate_index`` signature — and the call itself is numeric. With ``xla`` that call is
+compiled by XLA on rows padded to :data:`XLA_BUCKETS`; measured slower than the plain call on this
+ranker (README, serving), so off by default (settings ``predictor.xla``).
 """
 
 from __future__ import annotations
