@@ -77,6 +77,15 @@ def signature_inputs(
     return {**{k: np.repeat(v, n) for k, v in common.items()}, **candidates}
 
 
+def inputs_for(backend: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``inputs`` as ``backend`` takes them: the precomputed candidate rows
+    (:data:`~models.ranker.inputs.CANDIDATE_INDEX`, ``[N, k]``) only for a backend that says
+    ``takes_candidate_index`` (any other one — TF Serving, a replay's peer — gets the strings)."""
+    if CANDIDATE_INDEX in inputs and not getattr(backend, "takes_candidate_index", False):
+        return {k: v for k, v in inputs.items() if k != CANDIDATE_INDEX}
+    return dict(inputs)
+
+
 class RankerBackend(ABC):
     """Click probabilities for one request's candidates from one ranker version."""
 
@@ -128,9 +137,7 @@ class RankerBackend(ABC):
         configured one); the batcher sends ``serving_default`` rows of several requests.
         Precomputed candidate rows (:data:`~models.ranker.inputs.CANDIDATE_INDEX`) reach only a
         backend that takes them; the others get the strings alone."""
-        if CANDIDATE_INDEX in inputs and not self.takes_candidate_index:
-            inputs = {k: v for k, v in inputs.items() if k != CANDIDATE_INDEX}
-        return self._call(inputs, timeout_s, signature or self.signature)
+        return self._call(inputs_for(self, inputs), timeout_s, signature or self.signature)
 
     @abstractmethod
     def _call(self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str) -> np.ndarray:

@@ -297,6 +297,7 @@ def test_precomputed_ad_rows_score_as_the_ad_strings(loaded: LoadedRelease) -> N
     request carries its candidates' rows and no ad string is hashed per request; the scores equal
     those from the strings. An ad the ads table lacks sends strings only, and a micro-batch
     mixing both kinds of request is scored from the strings of all."""
+    from serving.backends import inputs_for
     from serving.batching import BatchingBackend, _Waiting
 
     assembler, backend = loaded.features, loaded.backend
@@ -312,6 +313,9 @@ def test_precomputed_ad_rows_score_as_the_ad_strings(loaded: LoadedRelease) -> N
     from_strings = backend.predict(got.common, strings, timeout_s=30)
     assert with_rows.std() > 0
     np.testing.assert_allclose(with_rows, from_strings, rtol=0, atol=1e-6)
+    # the rows reach only a backend that takes them (regression: a replay's peer got them)
+    assert CANDIDATE_INDEX in inputs_for(backend, got.candidates)
+    assert inputs_for(object(), got.candidates).keys() == strings.keys()
     unknown = assembler.gather(
         user, placement, ["a00001", "not-an-ad"], lookup=assembler.lookup(user, placement)
     )
