@@ -579,7 +579,7 @@ def gemm_gflops(size: int = 256, repeats: int = 20) -> float:
 def in_process(root: Path, args: argparse.Namespace, bodies: Sequence[bytes]) -> list[dict]:
     """The compute ceiling: ``rank`` called directly (no HTTP), once per candidate search, one
     TF and one BLAS thread as in a serving worker. CPU time counts every thread of the process."""
-    from deepclick.settings import ServingSettings, Settings
+    from deepclick.settings import PredictorSettings, ServingSettings, Settings
     from serving.app import limit_blas_threads
     from serving.backends import configure_tensorflow_threads
     from serving.metrics import ServingMetrics
@@ -594,8 +594,12 @@ def in_process(root: Path, args: argparse.Namespace, bodies: Sequence[bytes]) ->
     limits = RankLimits(args.candidates, max(args.candidates, 2000), 1000, 30.0)
     rows = []
     flops = gflops = None
-    for mode in ("exact", "ann"):
-        settings = Settings(root=root, serving=ServingSettings(candidate_search=mode))
+    for mode, xla in (("exact", False), ("ann", False), ("exact", True)):
+        settings = Settings(
+            root=root,
+            serving=ServingSettings(candidate_search=mode),
+            predictor=PredictorSettings(xla=xla),
+        )
         release = load_release(folder, settings)
         if flops is None:
             flops, gflops = ranker_flops(release.backend.ranker.folder), gemm_gflops()
@@ -620,6 +624,7 @@ def in_process(root: Path, args: argparse.Namespace, bodies: Sequence[bytes]) ->
         rows.append(
             {
                 "search": mode,
+                "call": release.backend.describe().get("call", "?"),
                 "cpu_ms": round(cpu_ms, 3),
                 "wall_ms": round(wall_ms, 3),
                 "ceiling_rps_1core": round(1000 / cpu_ms, 1),
@@ -634,6 +639,68 @@ def in_process(root: Path, args: argparse.Namespace, bodies: Sequence[bytes]) ->
         )
         print(json.dumps(rows[-1]), flush=True)
         release.close()
+    return rows
+
+
+def predict_calls(root: Path, args: argparse.Namespace, repeats: int = 5) -> list[dict]:
+    """The in-process ranker call of one 500-candidate request, four ways on the same loaded
+    SavedModel (CPU per call, best of ``repeats`` rounds, the ways interleaved so that a busy
+    machine weighs on all alike): the ``packed`` signature (strings hashed in the graph), the
+    ``indexed`` one with the strings looked up per call, with the ads' rows precomputed at load
+    (what serving does), and the latter compiled with XLA. The first two differ by nothing but
+    where the strings are hashed; the second and third by the ad strings' share."""
+    from models.ranker.inputs import CANDIDATE_INDEX
+    from models.ranker.predictor import InProcessPredictor
+    from serving.backends import configure_tensorflow_threads
+    from serving.release import current_release_folder, load_release
+
+    configure_tensorflow_threads(1)
+    release = load_release(current_release_folder(root), warmup=False)
+    service, features = release.candidates, release.features
+    folder = release.backend.ranker.folder
+    release.close()
+    requests = []
+    for i, user in enumerate(features.tables["user"].ids[::997][:16]):
+        user, placement = (
+            bytes(user).decode(),
+            bytes(features.tables["context"].ids[i % 10]).decode(),
+        )
+        parts = service.locate(user, placement)
+        found = service.candidates(user, placement, args.candidates, parts=parts)
+        got = features.gather(
+            user, placement, found, lookup=features.lookup(user, placement, parts)
+        )
+        requests.append({**got.common, **got.candidates})
+    plain, xla = InProcessPredictor(folder), InProcessPredictor(folder, xla=True)
+    if not plain.indexed:
+        return []
+    xla.compile((1, args.candidates))
+    packed = InProcessPredictor(folder)
+    packed._indexed = None  # the packed call, as before the indexed signature
+    strings = [{k: v for k, v in r.items() if k != CANDIDATE_INDEX} for r in requests]
+    ways = {
+        "packed (strings in the graph)": (packed, strings),
+        "indexed, strings looked up per call": (plain, strings),
+        "indexed, ad rows precomputed": (plain, requests),
+        "xla, ad rows precomputed": (xla, requests),
+    }
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        for way, (predictor, inputs) in ways.items():
+            for request in inputs[:2]:
+                predictor.predict(request, "rank")
+            cpu = time.process_time()
+            for request in inputs:
+                predictor.predict(request, "rank")
+            ms = (time.process_time() - cpu) * 1000 / len(inputs)
+            best[way] = min(best.get(way, ms), ms)
+    base = best["packed (strings in the graph)"]
+    rows = [
+        {"call": way, "cpu_ms": round(ms, 3), "vs_packed": round(ms / base, 2)}
+        for way, ms in best.items()
+    ]
+    for row in rows:
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -866,7 +933,7 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
     from deepclick.settings import RankerSettings
     from models.evaluation.ranking import auc, auc_difference_interval, auc_interval
     from models.ranker.export import export_ranker
-    from models.ranker.inputs import frame_to_inputs, rank_request
+    from models.ranker.inputs import CANDIDATE_INDEX, frame_to_inputs, rank_request
     from models.ranker.predictor import InProcessPredictor
     from models.ranker.train import train_ranker
     from serving.backends import configure_tensorflow_threads
@@ -911,6 +978,9 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
         print(json.dumps(rows[-1]), flush=True)
     times: dict[str, list[float]] = {name: [] for name in predictors}
     requests = {name: rank_request(batch, p.shared_inputs) for name, (p, _) in predictors.items()}
+    for name, (predictor, _) in predictors.items():  # as served: the ads' rows precomputed
+        if predictor.indexed:
+            requests[name][CANDIDATE_INDEX] = predictor.candidate_index(requests[name])
     for repeat in range(60):
         for name, (predictor, _) in predictors.items():
             started = time.process_time()  # all threads' CPU: TF runs ops on its own pool
@@ -969,6 +1039,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         results["concurrency_sweep"] = sweep
         print(f"wrote {write_json(args.name, results)}")
         return
+    calls = predict_calls(root, args)
+    print_table(f"the in-process ranker call, {args.candidates} candidates", calls)
+    results["predict_calls"] = calls
     curve = batch_curve(root, args)
     print_table("micro-batching: ranker CPU per request by requests per call", curve)
     results["batch_curve"] = curve

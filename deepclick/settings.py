@@ -276,6 +276,12 @@ class PredictorSettings(_Section):
     inprocess_pool: int = Field(
         4, ge=1, description="in_process: threads running predictions (deadline enforcement)"
     )
+    xla: bool = Field(
+        False,
+        description="in_process: compile the ranker's numeric call with XLA (rows padded to "
+        "64/128/.../2048, up to 512 compiled at load, ~1.5 s each); off: bench.serving measured "
+        "no gain over the plain indexed call (README serving section)",
+    )
 
 
 class ServingSettings(_Section):

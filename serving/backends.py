@@ -42,6 +42,7 @@ import numpy as np
 
 from deepclick.errors import DeepclickError
 from deepclick.settings import PredictorSettings
+from models.ranker.inputs import CANDIDATE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,21 @@ def signature_inputs(
     return {**{k: np.repeat(v, n) for k, v in common.items()}, **candidates}
 
 
+def inputs_for(backend: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``inputs`` as ``backend`` takes them: the precomputed candidate rows
+    (:data:`~models.ranker.inputs.CANDIDATE_INDEX`, ``[N, k]``) only for a backend that says
+    ``takes_candidate_index`` (any other one — TF Serving, a replay's peer — gets the strings)."""
+    if CANDIDATE_INDEX in inputs and not getattr(backend, "takes_candidate_index", False):
+        return {k: v for k, v in inputs.items() if k != CANDIDATE_INDEX}
+    return dict(inputs)
+
+
 class RankerBackend(ABC):
     """Click probabilities for one request's candidates from one ranker version."""
 
     kind: ClassVar[str]
+    takes_candidate_index: ClassVar[bool] = False
+    """Whether requests may carry precomputed candidate rows (:meth:`candidate_index`)."""
 
     def __init__(self, ranker: RankerRef, settings: PredictorSettings) -> None:
         self.ranker = ranker
@@ -122,14 +134,22 @@ class RankerBackend(ABC):
         self, inputs: dict[str, np.ndarray], timeout_s: float, *, signature: str | None = None
     ) -> np.ndarray:
         """The raw ``pctr`` array for ``inputs`` already in ``signature``'s form (default: the
-        configured one); the batcher sends ``serving_default`` rows of several requests."""
-        return self._call(inputs, timeout_s, signature or self.signature)
+        configured one); the batcher sends ``serving_default`` rows of several requests.
+        Precomputed candidate rows (:data:`~models.ranker.inputs.CANDIDATE_INDEX`) reach only a
+        backend that takes them; the others get the strings alone."""
+        return self._call(inputs_for(self, inputs), timeout_s, signature or self.signature)
 
     @abstractmethod
     def _call(self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str) -> np.ndarray:
         """Implementers send ``inputs`` with ``signature`` and return the ``pctr`` array,
         raising RankerTimeout or RankerError."""
         raise NotImplementedError("Implementers must implement _call")
+
+    def candidate_index(self, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
+        """Rows of the ranker's candidate table for these candidate string inputs, computed once
+        at release load (:meth:`serving.features.FeatureAssembler.index_ads`); None (the
+        default) when the backend takes only strings, as TF Serving's public signatures do."""
+        return None
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.kind, "signature": self.signature}
@@ -142,16 +162,26 @@ class InProcessBackend(RankerBackend):
     """The exported SavedModel loaded in this worker (DESIGN.md's embedded default)."""
 
     kind = "in_process"
+    takes_candidate_index = True
 
     def __init__(self, ranker: RankerRef, settings: PredictorSettings) -> None:
         super().__init__(ranker, settings)
         from models.ranker.predictor import InProcessPredictor
 
         configure_tensorflow_threads(settings.tf_threads)
-        self.predictor = InProcessPredictor(ranker.folder)
+        self.predictor = InProcessPredictor(ranker.folder, xla=settings.xla)
+        self.predictor.compile()  # XLA: the common shapes now, not on a request's time
         # A few threads: enough for concurrent requests, bounded so that predictions abandoned
         # at their deadline cannot pile up without limit.
         self._pool = ThreadPoolExecutor(settings.inprocess_pool, thread_name_prefix="ranker")
+
+    def candidate_index(self, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
+        return self.predictor.candidate_index(inputs) if self.predictor.indexed else None
+
+    def describe(self) -> dict[str, str]:
+        p = self.predictor
+        call = "xla" if p.xla else "indexed" if p.indexed else "packed" if p.packed else "public"
+        return {**super().describe(), "call": call}
 
     def _call(self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str) -> np.ndarray:
         future = self._pool.submit(self.predictor.predict, inputs, signature)

@@ -56,6 +56,7 @@ class BatchingBackend(RankerBackend):
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self.inner = inner
         self.kind = inner.kind  # type: ignore[misc]
+        self.takes_candidate_index = inner.takes_candidate_index  # type: ignore[misc]
         self.ranker = inner.ranker
         self.signature = inner.signature
         self.timeout_s = inner.timeout_s
@@ -76,6 +77,9 @@ class BatchingBackend(RankerBackend):
 
     def close(self) -> None:
         self.inner.close()
+
+    def candidate_index(self, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
+        return self.inner.candidate_index(inputs)
 
     def _call(self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str) -> np.ndarray:
         return self.inner.call(inputs, timeout_s, signature=signature)
@@ -161,7 +165,9 @@ class BatchingBackend(RankerBackend):
     def _together(self, batch: list[_Waiting], timeout: float) -> list[np.ndarray]:
         """One ``serving_default`` call over every request's rows, split back per request."""
         parts = [signature_inputs(BATCH_SIGNATURE, w.common, w.candidates, w.rows) for w in batch]
-        inputs = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        # inputs every request has (precomputed candidate rows may be missing from some)
+        names = [name for name in parts[0] if all(name in p for p in parts)]
+        inputs = {name: np.concatenate([p[name] for p in parts]) for name in names}
         total = sum(w.rows for w in batch)
         raw = self.inner.call(inputs, timeout, signature=BATCH_SIGNATURE)
         scores = self.inner.checked_scores(raw, total)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +42,7 @@ from candidates.service import CandidateResult, QueryParts
 from deepclick.errors import DeepclickError
 from deepclick.sorted_ids import sorted_rows
 from models.feature_spec import ROLE_KEY, Feature, FeatureSpec
-from models.ranker.inputs import SIMILARITY_INPUTS, NumericStats
+from models.ranker.inputs import CANDIDATE_INDEX, SIMILARITY_INPUTS, NumericStats
 
 Dtype = Literal["string", "float32"]
 REQUEST_ROLES = ("user", "context")
@@ -316,6 +316,44 @@ class FeatureAssembler:
             np.array_equal(ad_ids, embeddings.ads.ids)
         )
         self._ad_rows = None if same else sorted_rows(ad_ids, np.asarray(embeddings.ads.ids))
+        self._ad_index: np.ndarray | None = None
+
+    # ---- candidate rows precomputed at load
+
+    def ad_inputs(self) -> dict[str, np.ndarray]:
+        """The ranker's per-candidate string inputs for every row of the ads table, as
+        :meth:`gather` sends them for a known ad."""
+        ads = self.tables["ad"]
+        out: dict[str, np.ndarray] = {}
+        for name in self.inputs.candidates:
+            if self.inputs.dtypes[name] != "string":
+                continue
+            if name == ROLE_KEY["ad"]:
+                out[name] = ads.ids
+            elif name in ads.columns:
+                out[name] = ads.columns[name]
+            else:
+                out[name] = np.repeat(np.array([self._defaults[name]]), len(ads))
+        return out
+
+    def index_ads(self, candidate_index: Callable[[dict[str, np.ndarray]], Any]) -> bool:
+        """At release load, before the first request: remember each ad's rows of the ranker's
+        candidate table (``candidate_index`` maps :meth:`ad_inputs` to ``[ads, k]`` int32, or
+        None when the ranker cannot take them), so that :meth:`gather` adds the candidates'
+        rows (:data:`~models.ranker.inputs.CANDIDATE_INDEX`) and the ranker hashes no ad string
+        per request. Returns whether it did."""
+        if not len(self.tables["ad"]):
+            return False
+        index = candidate_index(self.ad_inputs())
+        if index is None:
+            return False
+        index = np.asarray(index, dtype=np.int32)
+        if len(index) != len(self.tables["ad"]):
+            raise EntityTableError(
+                f"the ranker returned {len(index)} candidate rows for {len(self.tables['ad'])} ads"
+            )
+        self._ad_index = index
+        return True
 
     # ---- request validation
 
@@ -490,6 +528,8 @@ class FeatureAssembler:
                 # np.repeat keeps the width of the bytes default; np.full(dtype="S") would cut
                 # it to one byte.
                 candidates[name] = np.repeat(np.array([self._defaults[name]]), n)
+        if self._ad_index is not None and not missing.any():  # an unknown ad: strings only
+            candidates[CANDIDATE_INDEX] = self._ad_index[safe]
         return Gathered(common, candidates, tuple(fallbacks))
 
     def _similarity(self, lookup: EntityLookup, keys: np.ndarray) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from candidates.service import QueryParts
 
-from .backends import RankerError, RankerTimeout
+from .backends import RankerError, RankerTimeout, inputs_for
 from .features import RequestFieldError
 from .metrics import ServingMetrics
 from .release import LoadedRelease
@@ -102,7 +102,9 @@ def rank(
         t_features = clock()
         try:
             pctr = release.backend.predict(
-                gathered.common, gathered.candidates, timeout_s=limits.timeout_s
+                gathered.common,
+                inputs_for(release.backend, gathered.candidates),
+                timeout_s=limits.timeout_s,
             )
         except RankerTimeout as exc:
             degraded, reason = True, f"ranker timed out; ranked by retrieval score ({exc})"

@@ -304,6 +304,11 @@ def load_release(
         backend = create_backend(ref, predictor)
     except (OSError, ValueError, RankerError) as exc:
         raise ReleaseError(f"{where}: the ranker cannot be loaded: {exc}") from None
+    try:  # each ad's rows of the ranker's candidate table, once (no per-request string hashing)
+        assembler.index_ads(backend.candidate_index)
+    except (EntityTableError, RankerError, ValueError) as exc:
+        backend.close()
+        raise ReleaseError(f"{where}: the ads' ranker rows cannot be computed: {exc}") from None
     if serving.batch_max_rows:
         backend = BatchingBackend(
             backend, max_rows=serving.batch_max_rows, max_wait_ms=serving.batch_max_wait_ms

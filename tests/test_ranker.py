@@ -26,7 +26,7 @@ from models.evaluation.report import VersionMismatchError, evaluate_ranking
 from models.ranker import export as export_module
 from models.ranker import train as train_module
 from models.ranker.export import RankerExportError, export_ranker, read_warmup
-from models.ranker.inputs import SIMILARITY_INPUTS, rank_request, shared_inputs
+from models.ranker.inputs import CANDIDATE_INDEX, SIMILARITY_INPUTS, rank_request, shared_inputs
 from models.ranker.predictor import RANKER_MANIFEST, InProcessPredictor, PredictorInputError
 from models.ranker.train import (
     RankerTrainingError,
@@ -396,6 +396,57 @@ def test_packed_signature_scores_equal_rank_and_serving_default_on_the_same_save
     assert scores.std() > 0.005  # rows that differ score differently
     np.testing.assert_allclose(scores, direct("serving_default", rows), rtol=0, atol=1e-5)
     assert predictor.manifest["checks"]["max_abs_difference"]["packed"] < 1e-4
+
+
+def test_indexed_and_xla_calls_score_as_the_rank_signature_including_oov_ads_and_padding(
+    predictor: InProcessPredictor, exported: Path, trained: TrainedRanker, eval_rows: pd.DataFrame
+) -> None:
+    """Issue 14: the in-process predictor looks strings up apart (shared values remembered, ad
+    rows precomputable) and scores through the numeric ``indexed`` signature, XLA-compiled on
+    rows padded to a bucket; every way gives the public ``rank`` / ``serving_default`` scores
+    of the same SavedModel, also for ads whose values the vocabularies never saw."""
+    import tensorflow as tf
+
+    assert (
+        predictor.indexed and predictor.manifest["checks"]["max_abs_difference"]["indexed"] < 1e-4
+    )
+    index = predictor.manifest["indexed"]
+    assert sorted(index["candidate_index"]) == sorted(
+        predictor.manifest["packed"]["candidate_strings"]
+    )
+    loaded = tf.saved_model.load(str(exported))
+
+    def direct(signature: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        feeds = {
+            k: tf.constant(v, dtype=tf.string if v.dtype.kind in "OSU" else tf.float32)
+            for k, v in inputs.items()
+        }
+        return loaded.signatures[signature](**feeds)["pctr"].numpy()
+
+    shared = shared_inputs(trained.spec)
+    request = rank_request(trained.inputs(_common_request(eval_rows, shared, 300)), shared)
+    request["ad__brand"] = request["ad__brand"].astype(object)
+    request["ad__brand"][:7] = "a brand never seen"  # out of vocabulary: the OOV rows
+    request["ad_id"] = request["ad_id"].astype(object)
+    request["ad_id"][7:9] = "an ad never seen"
+    expected = direct("rank", request)
+    oov = predictor.candidate_index(request)
+    known = predictor.candidate_index({k: v[20:] for k, v in request.items() if k not in shared})
+    np.testing.assert_array_equal(oov[20:], known)  # a row depends on its ad's values only
+    assert (oov[:7] != oov[10:17]).any()  # the OOV brand has a row of its own
+    xla = InProcessPredictor(exported, xla=True)
+    assert xla.compile((1, 300)) == [64, 128, 256, 512]  # 300 candidates: padded to 512
+    for scorer in (predictor, xla):
+        for given in ({}, {CANDIDATE_INDEX: oov}):  # strings looked up, or the rows given
+            got = scorer.predict({**request, **given}, "rank")
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    rows = trained.inputs(eval_rows.head(100))  # 100 users' rows, as the micro-batcher sends
+    expected = direct("serving_default", rows)
+    for scorer in (predictor, xla):
+        for _ in range(2):  # looked up, then every shared value remembered
+            np.testing.assert_allclose(scorer.predict(rows), expected, rtol=0, atol=1e-5)
+    with pytest.raises(PredictorInputError, match="candidate_index has shape"):
+        predictor.predict({**request, CANDIDATE_INDEX: oov[:5]}, "rank")
 
 
 # --- evaluation report --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from candidates.index import build_index
 from candidates.store import publish_embeddings, read_embeddings
 from deepclick.publish import read_manifest
 from lifecycle.release_writer import publish_release
-from models.ranker.inputs import frame_to_inputs
+from models.ranker.inputs import CANDIDATE_INDEX, frame_to_inputs
 from models.ranker.predictor import InProcessPredictor
 from models.ranker.similarity import EmbeddingSimilarity
 from serving.features import EntityTable, request_time_features
@@ -97,6 +97,8 @@ def test_online_features_and_pctr_equal_offline_scoring_of_the_same_rows(
         )
         assert got.fallbacks == ()
         for name, values in {**got.common, **got.candidates}.items():
+            if name == CANDIDATE_INDEX:  # not a feature: the ads' precomputed ranker rows
+                continue
             want = offline_inputs[name][i]
             if values.dtype.kind == "S":
                 assert values[0].decode() == want, name
@@ -288,3 +290,42 @@ def test_candidate_rows_feed_feature_assembly_without_decoding_ids(loaded: Loade
                 assert by_rows.candidates[name].tolist() == values.tolist(), name
             else:
                 np.testing.assert_allclose(by_rows.candidates[name], values, rtol=1e-6)
+
+
+def test_precomputed_ad_rows_score_as_the_ad_strings(loaded: LoadedRelease) -> None:
+    """Issue 14: a loaded release holds every ad's rows of the ranker's candidate table, so a
+    request carries its candidates' rows and no ad string is hashed per request; the scores equal
+    those from the strings. An ad the ads table lacks sends strings only, and a micro-batch
+    mixing both kinds of request is scored from the strings of all."""
+    from serving.backends import inputs_for
+    from serving.batching import BatchingBackend, _Waiting
+
+    assembler, backend = loaded.features, loaded.backend
+    user, placement = "u00010", "p003"
+    parts = loaded.candidates.locate(user, placement)
+    found = loaded.candidates.candidates(user, placement, 200, parts=parts)
+    got = assembler.gather(user, placement, found, lookup=assembler.lookup(user, placement, parts))
+    strings = {k: v for k, v in got.candidates.items() if k != CANDIDATE_INDEX}
+    rows = got.candidates[CANDIDATE_INDEX]
+    assert rows.shape == (200, len(loaded.backend.candidate_index(strings)[0]))
+    np.testing.assert_array_equal(rows, backend.candidate_index(strings))
+    with_rows = backend.predict(got.common, got.candidates, timeout_s=30)
+    from_strings = backend.predict(got.common, strings, timeout_s=30)
+    assert with_rows.std() > 0
+    np.testing.assert_allclose(with_rows, from_strings, rtol=0, atol=1e-6)
+    # the rows reach only a backend that takes them (regression: a replay's peer got them)
+    assert CANDIDATE_INDEX in inputs_for(backend, got.candidates)
+    assert inputs_for(object(), got.candidates).keys() == strings.keys()
+    unknown = assembler.gather(
+        user, placement, ["a00001", "not-an-ad"], lookup=assembler.lookup(user, placement)
+    )
+    assert CANDIDATE_INDEX not in unknown.candidates
+    assert isinstance(backend, BatchingBackend)
+    batch = [
+        _Waiting(got.common, got.candidates, 200, float("inf")),
+        _Waiting(unknown.common, unknown.candidates, 2, float("inf")),
+    ]
+    together = backend._together(batch, 30.0)
+    np.testing.assert_allclose(together[0], from_strings, rtol=0, atol=1e-6)
+    alone = backend.predict(unknown.common, unknown.candidates, timeout_s=30)
+    np.testing.assert_allclose(together[1], alone, rtol=0, atol=1e-6)

@@ -27,7 +27,7 @@ into place. TF Serving ignores folders whose names are not integers, so it never
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,24 @@ import tensorflow as tf
 
 from deepclick.publish import PublishError, Staging, publishing
 from models.ranker.inputs import candidate_inputs, rank_request, shared_inputs
-from models.ranker.predictor import OUTPUT, PACKED, RANKER_MANIFEST, SIGNATURES, pack_inputs
-from models.ranker.serving_graph import ServingRanker, can_fuse, packed_groups, packed_specs
+from models.ranker.predictor import (
+    INDEX_OUTPUT,
+    INDEX_SIGNATURES,
+    INDEXED,
+    OUTPUT,
+    PACKED,
+    RANKER_MANIFEST,
+    SIGNATURES,
+    pack_inputs,
+)
+from models.ranker.serving_graph import (
+    ServingRanker,
+    can_fuse,
+    index_columns,
+    indexed_specs,
+    packed_groups,
+    packed_specs,
+)
 from models.ranker.train import TrainedRanker, predict
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
@@ -80,19 +96,21 @@ def _describe(specs: Mapping[str, tf.TensorSpec]) -> dict[str, dict[str, Any]]:
 
 def write_saved_model(
     trained: TrainedRanker, folder: Path, *, fused: bool = True
-) -> dict[str, list[str]] | None:
+) -> dict[str, Any]:
     """Write the SavedModel with the ``serving_default`` and ``rank`` signatures into ``folder``;
     ``fused`` (default) writes a DCN-v2 ranker's serving graph (:mod:`models.ranker.serving_graph`)
-    and its ``packed`` signature, False the Keras model's own graph (kept to measure the two
-    against each other). Returns the ``packed`` signature's column groups (None: no such
-    signature)."""
+    and its ``packed`` signature (and, when each side's strings are its categorical features, the
+    ``shared_index`` / ``candidate_index`` / ``indexed`` signatures), False the Keras model's own
+    graph (kept to measure the two against each other). Returns the manifest entries describing
+    the extra signatures: ``packed``'s column groups and ``indexed``'s index columns ({} when
+    there are none)."""
     model = trained.model
     specs = signature_inputs(trained)
     shared = set(shared_inputs(trained.spec))
     candidates = candidate_inputs(trained.spec, trained.uses_similarity)
 
     archive = keras.export.ExportArchive()
-    groups = None
+    described: dict[str, Any] = {}
     if fused and can_fuse(model):  # the same function with fewer ops (models.ranker.serving_graph)
         fused = ServingRanker(model, trained.spec, sorted(shared))
         archive.track(fused)  # not the Keras model: its per-feature tables would be saved twice
@@ -107,6 +125,23 @@ def write_saved_model(
             return {OUTPUT: fused.call_packed(inputs, groups)}
 
         archive.add_endpoint(PACKED, packed, [packed_specs(groups)])
+        index = index_columns(fused, groups)
+        if index:  # strings looked up apart, the rest numeric (XLA; precomputed ad rows)
+            for side, name in INDEX_SIGNATURES.items():
+                if name in index:
+                    group = f"{side}_strings"
+                    archive.add_endpoint(
+                        name,
+                        _side_index(fused, side, groups),
+                        [packed_specs({group: groups[group]})[group]],
+                    )
+
+            def indexed(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+                return {OUTPUT: fused.call_indexed(inputs, groups)}
+
+            archive.add_endpoint(INDEXED, indexed, [indexed_specs(groups, index)])
+            described[INDEXED] = index
+        described[PACKED] = groups
     else:
 
         def serving_default(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -121,7 +156,16 @@ def write_saved_model(
     archive.add_endpoint("serving_default", serving_default, [specs["serving_default"]])
     archive.add_endpoint("rank", rank, [specs["rank"]])
     archive.write_out(str(folder), verbose=False)
-    return groups
+    return described
+
+
+def _side_index(
+    fused: ServingRanker, side: str, groups: dict[str, list[str]]
+) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+    def side_index(strings: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {INDEX_OUTPUT: fused.side_index(side, strings, groups)}
+
+    return side_index
 
 
 def warmup_inputs(trained: TrainedRanker) -> list[tuple[str, dict[str, np.ndarray]]]:
@@ -180,13 +224,17 @@ def _check(
     trained: TrainedRanker,
     requests: list[tuple[str, dict[str, np.ndarray]]],
     groups: dict[str, list[str]] | None = None,
+    index: dict[str, list[str]] | None = None,
 ) -> dict[str, float]:
     """Reload the SavedModel from ``folder`` and compare every signature with the in-memory model
-    on the warmup requests (``packed`` with the same requests packed by ``groups``); return the
-    largest difference per signature."""
+    on the warmup requests (``packed`` with the same requests packed by ``groups``, ``indexed``
+    with their strings looked up by the reloaded ``*_index`` signatures); return the largest
+    difference per signature."""
     loaded = tf.saved_model.load(str(folder))
     shared = set(shared_inputs(trained.spec))
     names = (*SIGNATURES, PACKED) if groups else SIGNATURES
+    if groups and index:
+        names = (*names, INDEXED)
     worst: dict[str, float] = dict.fromkeys(names, 0.0)
     for signature, inputs in requests:
         n = max(len(v) for v in inputs.values())
@@ -194,13 +242,15 @@ def _check(
         expected = predict(trained.model, rows)
         calls = [(signature, inputs)]
         if groups:
-            calls.append((PACKED, pack_inputs(inputs, groups)))
+            packed = pack_inputs(inputs, groups)
+            calls.append((PACKED, packed))
+            if index:
+                calls.append((INDEXED, _indexed_inputs(loaded, packed, index)))
         for name, feeds_np in calls:
             if name not in loaded.signatures:
                 raise RankerExportError(f"the exported SavedModel has no {name!r} signature")
             feeds = {
-                k: tf.constant(v, dtype=tf.string if v.dtype.kind in "OSU" else tf.float32)
-                for k, v in feeds_np.items()
+                k: tf.constant(v, dtype=_feed_dtype(v.dtype.kind)) for k, v in feeds_np.items()
             }
             got = loaded.signatures[name](**feeds)[OUTPUT].numpy()
             if got.shape != expected.shape or not np.all(np.isfinite(got)):
@@ -216,6 +266,23 @@ def _check(
                 f"(> {CHECK_TOLERANCE:g}); not publishing"
             )
     return worst
+
+
+def _feed_dtype(kind: str) -> tf.DType:
+    return tf.string if kind in "OSU" else tf.int32 if kind == "i" else tf.float32
+
+
+def _indexed_inputs(
+    loaded: Any, packed: dict[str, np.ndarray], index: dict[str, list[str]]
+) -> dict[str, np.ndarray]:
+    """``packed`` with each side's strings replaced by the reloaded model's table rows."""
+    feeds = {g: v for g, v in packed.items() if not g.endswith("strings")}
+    for side, name in INDEX_SIGNATURES.items():
+        if name in index:
+            group = f"{side}_strings"
+            strings = tf.constant(packed[group], dtype=tf.string)
+            feeds[name] = loaded.signatures[name](**{group: strings})[INDEX_OUTPUT].numpy()
+    return feeds
 
 
 def ranker_manifest(trained: TrainedRanker, model_name: str) -> dict[str, Any]:
@@ -287,7 +354,11 @@ def export_ranker(
 
     def validate(staging: Staging) -> None:
         staging.manifest.setdefault("checks", {})["max_abs_difference"] = _check(
-            staging.path, trained, requests, staging.manifest.get(PACKED)
+            staging.path,
+            trained,
+            requests,
+            staging.manifest.get(PACKED),
+            staging.manifest.get(INDEXED),
         )
 
     with publishing(
@@ -297,11 +368,11 @@ def export_ranker(
         update_current=update_current,
         validate=validate,
     ) as staging:
-        groups = write_saved_model(trained, staging.path, fused=fused)
+        described = write_saved_model(trained, staging.path, fused=fused)
         write_warmup(staging.path, name, requests)
         staging.manifest.update(ranker_manifest(trained, name))
-        if groups:  # the packed signature's columns, read back by the in-process predictor
-            staging.manifest[PACKED] = groups
+        # the packed (and indexed) signatures' columns, read back by the in-process predictor
+        staging.manifest.update(described)
         staging.manifest["warmup"] = [
             {"signature": s, "rows": max(len(v) for v in inputs.values())} for s, inputs in requests
         ]

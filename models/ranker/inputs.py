@@ -20,6 +20,10 @@ from models.feature_spec import MISSING, ROLE_KEY, FeatureSpec, NumericStats
 from models.raw_values import text_values
 
 SIMILARITY_INPUTS: tuple[str, str] = ("sim_user_ad", "sim_context_ad")
+CANDIDATE_INDEX = "candidate_index"
+"""Not a feature: a request may carry its candidates' rows of the fused ranker's candidate table
+(``[N, k]`` int32, the ``indexed`` signature's input of that name) beside their strings, so the
+in-process predictor does not look the strings up again (precomputed per ad at release load)."""
 """Input names of the two-tower scores: user·ad and context·ad (docs/contracts.md §4, ``dot``)."""
 
 SHARED_ROLES: tuple[str, ...] = ("user", "context")

@@ -9,11 +9,19 @@ A ranker exported with the ``packed`` signature (:mod:`models.ranker.serving_gra
 through it for both public signatures: the validated inputs are stacked into at most four arrays
 (:func:`pack_inputs`, columns as the manifest's ``packed`` names them), so a call converts four
 arrays instead of ~26; the graph and the scores are the same.
+
+A ranker that also has the ``indexed`` signature (issue 14) is called through that one instead:
+the strings are looked up apart — the user's and placement's values remembered per value, the
+candidates' rows either passed in (a release precomputes every ad's rows at load:
+:meth:`InProcessPredictor.candidate_index`, request key :data:`CANDIDATE_INDEX`) or looked up by
+the ``candidate_index`` signature — and the call itself is numeric. With ``xla`` that call is
+compiled by XLA on rows padded to :data:`XLA_BUCKETS`; measured slower than the plain call on this
+ranker (README, serving), so off by default (settings ``predictor.xla``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,7 @@ from deepclick.errors import DeepclickError
 from deepclick.layout import RANKER_MANIFEST
 from deepclick.publish import read_manifest, verify
 from models.ranker.inputs import (
+    CANDIDATE_INDEX,
     SIMILARITY_INPUTS,
     SimilarityProvider,
     columns_to_inputs,
@@ -34,6 +43,18 @@ OUTPUT = "pctr"
 SIGNATURES = ("serving_default", "rank")
 PACKED = "packed"
 """The additional signature of fused rankers (:mod:`models.ranker.serving_graph`)."""
+INDEXED = "indexed"
+"""The numeric-only signature of fused rankers: each side's categorical values as rows of its
+fused table instead of strings (:meth:`models.ranker.serving_graph.ServingRanker.call_indexed`)."""
+INDEX_SIGNATURES = {"shared": "shared_index", "candidate": CANDIDATE_INDEX}
+"""Per side: the signature turning its ``packed`` strings into table rows, which is also the name
+of those rows as an ``indexed`` input (``[rows, k]`` int32)."""
+INDEX_OUTPUT = "index"
+XLA_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+"""Row counts the XLA-compiled call is padded to (one compiled program each; more rows: the next
+multiple of the largest)."""
+MEMO_LIMIT = 1 << 16
+"""Entries per column of the shared-side value → table row memo before it is cleared."""
 FRAME_BATCH = 8192
 """Rows per ``serving_default`` call when scoring a whole table."""
 
@@ -67,6 +88,37 @@ def pack_inputs(
     return packed
 
 
+def bucket_rows(n: int) -> int:
+    """The padded row count of an XLA call for ``n`` rows (:data:`XLA_BUCKETS`)."""
+    for bucket in XLA_BUCKETS:
+        if n <= bucket:
+            return bucket
+    step = XLA_BUCKETS[-1]
+    return -(-n // step) * step
+
+
+def _padded(feeds: Mapping[str, np.ndarray], n: int, rows: int) -> dict[str, np.ndarray]:
+    """Every ``n``-row array padded with zero rows to ``rows`` (row 0 of each table and zero
+    numbers: valid inputs whose scores are cut off); ``[1, k]`` shared arrays stay."""
+    out = {}
+    for name, values in feeds.items():
+        if len(values) == n and rows > n:
+            values = np.concatenate([values, np.zeros((rows - n, *values.shape[1:]), values.dtype)])
+        out[name] = values
+    return out
+
+
+def _as_key(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _as_bytes(values: np.ndarray) -> np.ndarray:
+    """String values as one array of UTF-8 bytes (``S`` kept as is)."""
+    if values.dtype.kind == "S":
+        return values
+    return np.array([_as_key(v) for v in values.reshape(-1)], dtype=object)
+
+
 class InProcessPredictor:
     """Predict click probabilities with an exported ranker version, in this process.
 
@@ -74,9 +126,14 @@ class InProcessPredictor:
         path: the version folder (``<model_repository>/<name>/<version>``).
         verify_checksums: hash every file against ``deepclick_manifest.json`` first, so a
             truncated copy or a half-synced folder fails at load, not with odd scores later.
+        xla: compile the ``indexed`` call with XLA (rows padded to :data:`XLA_BUCKETS`; call
+            :meth:`compile` at load so that requests never wait for a compilation). Ignored
+            for a model without the ``indexed`` signature.
     """
 
-    def __init__(self, path: Path | str, *, verify_checksums: bool = True) -> None:
+    def __init__(
+        self, path: Path | str, *, verify_checksums: bool = True, xla: bool = False
+    ) -> None:
         self.path = Path(path)
         if not (self.path / "saved_model.pb").is_file():
             raise FileNotFoundError(f"{self.path} holds no saved_model.pb: not a ranker version")
@@ -110,6 +167,20 @@ class InProcessPredictor:
         )
         self._groups: dict[str, list[str]] = dict(groups) if self._packed is not None else {}
         self._per_candidate = self.candidate_inputs
+        index = self.manifest.get(INDEXED) or {}
+        usable = self._packed is not None and all(
+            name in self._loaded.signatures for name in (INDEXED, *index)
+        )
+        self._index_columns: dict[str, list[str]] = dict(index) if index and usable else {}
+        self._indexed = self._loaded.signatures[INDEXED] if self._index_columns else None
+        self._memo: dict[str, dict[bytes, int]] = {}
+        self.xla = bool(xla and self._indexed is not None)
+        self._score: Any = self._indexed
+        if self.xla:
+            indexed = self._indexed
+            self._score = tf.function(
+                lambda **feeds: indexed(**feeds), jit_compile=True, reduce_retracing=True
+            )
 
     @property
     def version(self) -> str:
@@ -151,6 +222,133 @@ class InProcessPredictor:
     def packed(self) -> bool:
         """Whether calls go through the ``packed`` signature (see the module doc)."""
         return self._packed is not None
+
+    @property
+    def indexed(self) -> bool:
+        """Whether calls go through the ``indexed`` signature (see the module doc)."""
+        return self._indexed is not None
+
+    def candidate_index(self, features: Mapping[str, Any]) -> np.ndarray:
+        """The candidates' fused-table rows ``[N, k]`` int32 (the ``indexed`` signature's
+        :data:`CANDIDATE_INDEX`) from their string inputs in ``features`` (any N; e.g. a whole
+        ads table at release load, so that requests gather rows instead of hashing strings).
+
+        Raises:
+            PredictorInputError: the model has no ``indexed`` signature, or an input is missing.
+        """
+        if CANDIDATE_INDEX not in self._index_columns:
+            raise PredictorInputError(
+                f"model version {self.version} has no {INDEXED!r} signature with candidate "
+                "strings: export it again to precompute candidate rows"
+            )
+        group = "candidate_strings"
+        missing = [n for n in self._groups[group] if n not in features]
+        if missing:
+            raise PredictorInputError(f"candidate_index needs input(s) {', '.join(missing)}")
+        strings = pack_inputs(
+            {n: features[n] for n in self._groups[group]}, {group: self._groups[group]}
+        )
+        rows = len(strings[group])
+        out = np.empty((rows, len(self._index_columns[CANDIDATE_INDEX])), np.int32)
+        function = self._loaded.signatures[CANDIDATE_INDEX]
+        for start in range(0, rows, FRAME_BATCH):
+            chunk = tf.constant(strings[group][start : start + FRAME_BATCH], dtype=tf.string)
+            out[start : start + FRAME_BATCH] = function(**{group: chunk})[INDEX_OUTPUT].numpy()
+        return out
+
+    def _shared_index(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The shared side's table rows ``[B, k]``: each value's row is remembered per column
+        (the vocabularies are fixed, so a value's row never changes), and only a request with a
+        value not seen yet calls the ``shared_index`` signature."""
+        names = self._index_columns["shared_index"]
+        rows = columns[names[0]].size
+        out = np.empty((rows, len(names)), np.int32)
+        found = True
+        for j, name in enumerate(names):
+            memo = self._memo.setdefault(name, {})
+            values = columns[name]
+            if rows == 1:
+                hit = memo.get(_as_key(values[0]))
+                if hit is None:
+                    found = False
+                    break
+                out[0, j] = hit
+            else:  # rows of many requests come in runs (one request's value repeated)
+                starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+                hits = [memo.get(_as_key(v)) for v in values[starts]]
+                if None in hits:
+                    found = False
+                    break
+                out[:, j] = np.repeat(np.asarray(hits, np.int32), np.diff(np.r_[starts, rows]))
+        if found:
+            return out
+        group = "shared_strings"
+        strings = pack_inputs(
+            {n: columns[n] for n in self._groups[group]}, {group: self._groups[group]}
+        )
+        function = self._loaded.signatures["shared_index"]
+        out = function(**{group: tf.constant(strings[group], dtype=tf.string)})[
+            INDEX_OUTPUT
+        ].numpy()
+        for j, name in enumerate(names):
+            memo = self._memo.setdefault(name, {})
+            if len(memo) > MEMO_LIMIT:
+                memo.clear()
+            unique, first = np.unique(_as_bytes(columns[name]), return_index=True)
+            memo.update(zip(unique.tolist(), out[first, j].tolist(), strict=True))
+        return out
+
+    def _predict_indexed(
+        self, columns: Mapping[str, np.ndarray], candidate_index: Any | None
+    ) -> np.ndarray:
+        """Scores through the ``indexed`` signature (XLA-compiled when :attr:`xla`)."""
+        n = columns[self._per_candidate[0]].size
+        feeds: dict[str, np.ndarray] = {
+            g: np.stack([columns[c] for c in names], axis=1)
+            for g, names in self._groups.items()
+            if not g.endswith("strings")
+        }
+        if "shared_index" in self._index_columns:
+            feeds["shared_index"] = self._shared_index(columns)
+        if CANDIDATE_INDEX in self._index_columns:
+            width = len(self._index_columns[CANDIDATE_INDEX])
+            if candidate_index is None:
+                candidate_index = self.candidate_index(columns)
+            candidate_index = np.asarray(candidate_index, dtype=np.int32)
+            if candidate_index.shape != (n, width):
+                raise PredictorInputError(
+                    f"{CANDIDATE_INDEX} has shape {candidate_index.shape}, expected ({n}, {width})"
+                )
+            feeds[CANDIDATE_INDEX] = candidate_index
+        if self.xla:
+            feeds = _padded(feeds, n, bucket_rows(n))
+        scores = self._score(**{k: tf.constant(v) for k, v in feeds.items()})[OUTPUT]
+        return scores.numpy()[:n]
+
+    def compile(self, rows: Sequence[int] = (1, 500)) -> list[int]:
+        """Compile the XLA call for every bucket up to the largest of ``rows`` candidates, for
+        one request (shared inputs once) and for rows of many (the micro-batcher's form), so that
+        no request pays for a compilation; returns the buckets (none without :attr:`xla`)."""
+        if not self.xla:
+            return []
+        largest = bucket_rows(max(rows))
+        buckets = [b for b in XLA_BUCKETS if b <= largest] or [largest]
+        for bucket in buckets:
+            for shared_rows in (1, bucket):
+                feeds = {
+                    name: tf.zeros(
+                        [shared_rows if name.startswith("shared") else bucket, len(cols)],
+                        dtype=tf.int32 if name.endswith("index") else tf.float32,
+                    )
+                    for name, cols in self._indexed_inputs().items()
+                }
+                self._score(**feeds)
+        return buckets
+
+    def _indexed_inputs(self) -> dict[str, list[str]]:
+        """The ``indexed`` signature's inputs and their columns."""
+        numbers = {g: names for g, names in self._groups.items() if not g.endswith("strings")}
+        return {**numbers, **self._index_columns}
 
     def _columns(self, features: Mapping[str, Any], signature: str) -> dict[str, np.ndarray]:
         """``signature``'s inputs from ``features``, checked and flattened: numbers float32,
@@ -221,6 +419,8 @@ class InProcessPredictor:
         columns = self._columns(features, signature)
         if not columns or any(columns[n].size == 0 for n in self._per_candidate):
             return np.zeros(0, dtype=np.float32)
+        if self._indexed is not None:
+            return self._predict_indexed(columns, features.get(CANDIDATE_INDEX))
         packed = pack_inputs(columns, self._groups)
         feeds = {
             name: tf.constant(values, dtype=packed_dtype(name)) for name, values in packed.items()

@@ -48,7 +48,7 @@ from models.feature_spec import FeatureSpec
 from models.preprocessing import Standardize
 from models.ranker.layers import CalibrationHead, Cross
 from models.ranker.model import WIDE_NUMERIC, WIDE_PREFIX
-from models.ranker.predictor import packed_dtype
+from models.ranker.predictor import INDEX_SIGNATURES, packed_dtype
 
 PACKED_GROUPS = ("shared_strings", "shared_numbers", "candidate_strings", "candidate_numbers")
 """The ``packed`` signature's inputs (:data:`models.ranker.predictor.PACKED`), in this order; a
@@ -116,8 +116,10 @@ class _Side:
         self.offsets = tf.constant(offsets, dtype=tf.int64)
         self.standardize = Standardize(list(stats), name=f"{name}_standardize") if stats else None
 
-    def rows(self, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor | None:
-        """``[batch, features, dim (+1)]``: every feature's embedding (and wide weight)."""
+    def index(self, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor | None:
+        """``[batch, features]`` int32: each categorical value's row of the fused table (its
+        vocabulary index plus the feature's offset), features in :attr:`categorical` order. The
+        only string work of the graph; the ``*_index`` signatures export it alone."""
         if self.table is None:
             return None
         index = tf.stack(
@@ -127,7 +129,14 @@ class _Side:
             ],
             axis=1,
         )
-        return tf.gather(self.table, index + self.offsets)
+        return tf.cast(index + self.offsets, tf.int32)
+
+    def gather(self, index: tf.Tensor | None) -> tf.Tensor | None:
+        """``[batch, features, dim (+1)]``: every feature's embedding (and wide weight) for the
+        table rows of :meth:`index`."""
+        if self.table is None or index is None:
+            return None
+        return tf.gather(self.table, index)
 
     def numbers(self, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor | None:
         """``[batch, numbers]`` standardised as in training."""
@@ -209,9 +218,24 @@ class ServingRanker(keras.layers.Layer):
         self.built = True  # every weight exists: the fused tables above, the rest trained
 
     def call(self, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        n = tf.shape(inputs[self.first_input])[:1]
+        return self.score(self.shared_side.index(inputs), self.candidate_side.index(inputs), inputs)
+
+    def score(
+        self,
+        shared_index: tf.Tensor | None,
+        candidate_index: tf.Tensor | None,
+        inputs: Mapping[str, tf.Tensor],
+    ) -> tf.Tensor:
+        """The scores from each side's table rows (:meth:`_Side.index`) and the numeric
+        ``inputs``: no string op, so XLA can compile it (the ``indexed`` signature)."""
+        # the candidates' first input; without strings, their table rows
+        first = inputs.get(self.first_input, candidate_index)
+        n = tf.shape(first)[:1]
         rows = self._join(
-            self.shared_side.rows(inputs), self.candidate_side.rows(inputs), n, self.cat_perm
+            self.shared_side.gather(shared_index),
+            self.candidate_side.gather(candidate_index),
+            n,
+            self.cat_perm,
         )
         dense = self._join(
             self.shared_side.numbers(inputs), self.candidate_side.numbers(inputs), n, self.num_perm
@@ -240,12 +264,31 @@ class ServingRanker(keras.layers.Layer):
     ) -> tf.Tensor:
         """:meth:`call` on the ``packed`` signature's tensors: each group unstacked into its named
         columns (one op per group), then the same graph."""
-        inputs: dict[str, tf.Tensor] = {}
-        for group, names in groups.items():
-            inputs.update(
-                zip(names, tf.unstack(packed[group], num=len(names), axis=1), strict=True)
-            )
-        return self.call(inputs)
+        return self.call(_unpack(packed, groups))
+
+    def side_index(
+        self, side: str, strings: tf.Tensor, groups: Mapping[str, Sequence[str]]
+    ) -> tf.Tensor:
+        """The ``shared_index`` / ``candidate_index`` signatures: one side's ``packed`` strings
+        (``[rows, k]``, columns as ``groups`` names them) → its fused-table rows ``[rows, k]``
+        int32 in :attr:`_Side.categorical` order (:func:`index_columns`)."""
+        group = f"{side}_strings"
+        inputs = _unpack({group: strings}, {group: groups[group]})
+        index = (self.shared_side if side == "shared" else self.candidate_side).index(inputs)
+        assert index is not None  # a side with strings has a table (checked at export)
+        return index
+
+    def call_indexed(
+        self, indexed: Mapping[str, tf.Tensor], groups: Mapping[str, Sequence[str]]
+    ) -> tf.Tensor:
+        """The ``indexed`` signature: :meth:`call` with each side's strings replaced by its
+        table rows (``shared_index`` / ``candidate_index``, from :meth:`side_index`) and the
+        numbers as in ``packed``. Numeric ops only: the in-process predictor compiles it with
+        XLA, and a release precomputes every ad's ``candidate_index`` row once."""
+        numbers = {g: indexed[g] for g in groups if g.endswith("numbers")}
+        return self.score(
+            indexed.get("shared_index"), indexed.get("candidate_index"), _unpack(numbers, groups)
+        )
 
     @staticmethod
     def _join(
@@ -262,9 +305,47 @@ class ServingRanker(keras.layers.Layer):
         return tf.gather(joined, perm, axis=1) if perm is not None else joined
 
 
+def _unpack(
+    packed: Mapping[str, tf.Tensor], groups: Mapping[str, Sequence[str]]
+) -> dict[str, tf.Tensor]:
+    """Each ``packed`` tensor unstacked into its named columns (one op per group)."""
+    inputs: dict[str, tf.Tensor] = {}
+    for group, tensor in packed.items():
+        names = groups[group]
+        inputs.update(zip(names, tf.unstack(tensor, num=len(names), axis=1), strict=True))
+    return inputs
+
+
 def _permutation(grouped: Sequence[str], order: Sequence[str]) -> list[int] | None:
     """Positions in ``grouped`` of each name of ``order``; None when they are the same order."""
     if list(grouped) == list(order):
         return None
     position = {name: i for i, name in enumerate(grouped)}
     return [position[name] for name in order]
+
+
+def index_columns(ranker: ServingRanker, groups: Mapping[str, Sequence[str]]) -> dict[str, list]:
+    """The ``indexed`` signature's index inputs and their columns (categorical features in
+    the trained model's order), or {} when a side's string inputs are not exactly its
+    categorical features (then the model has no ``indexed`` signature)."""
+    columns: dict[str, list] = {}
+    for side_name, index_name in INDEX_SIGNATURES.items():
+        side = ranker.shared_side if side_name == "shared" else ranker.candidate_side
+        strings = list(groups.get(f"{side_name}_strings", []))
+        if sorted(strings) != sorted(side.categorical):
+            return {}
+        if strings:
+            columns[index_name] = list(side.categorical)
+    return columns
+
+
+def indexed_specs(
+    groups: Mapping[str, Sequence[str]], index: Mapping[str, Sequence[str]]
+) -> dict[str, tf.TensorSpec]:
+    """The ``indexed`` signature's input specs: ``[None, k]`` int32 per side's table rows, and
+    the ``packed`` number groups as they are."""
+    specs = {
+        name: tf.TensorSpec([None, len(cols)], tf.int32, name=name) for name, cols in index.items()
+    }
+    specs.update({g: s for g, s in packed_specs(groups).items() if g.endswith("numbers")})
+    return specs
