@@ -29,7 +29,8 @@ Usage (the features, embeddings, index and ranker of D must be published; e.g. t
     python -m bench.slate_gap --root var/bench-quality/demo --date 2024-01-04 --requests 300
 
 ``--variant name:key=value,...`` adds a ranker retrained here with those ``RankerSettings``
-(as in ``bench/ranker_split.py``), scored the same way.
+(as in ``bench/ranker_split.py``; ``similarity=0``: without the two-tower scores, on every
+training day), scored the same way.
 """
 
 from __future__ import annotations
@@ -461,13 +462,16 @@ def main(argv: list[str] | None = None) -> int:
         seed = pairs.get("seed", str(settings.ranker.seed))
         base_of[f"ranker_{name}"] = base_of.get(f"seed{seed}", f"ranker_{name}")
         base_of.setdefault(f"seed{seed}", f"ranker_{name}")
+        # similarity=0: no two-tower scores, so the ranker learns from every training day
+        use_similarity = pairs.pop("similarity", "1") == "1"
+        own = days if use_similarity else split_training_days(spec.train_dates, False, 0)
         cfg = ranker_settings(settings.ranker, pairs)
         trained = train_ranker(
             spec,
             cfg,
-            similarity=similarity if days.similarity else None,
+            similarity=similarity if own.similarity else None,
             progress=False,
-            dates=days.ranker,
+            dates=own.ranker,
         )
         scorers[f"ranker_{name}"] = trained.predict
         print(f"trained ranker_{name}: {pairs}", flush=True)
