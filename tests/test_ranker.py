@@ -240,6 +240,23 @@ def _common_request(frame: pd.DataFrame, shared: list[str], n: int) -> pd.DataFr
     return candidates
 
 
+def signature_scorer(exported: Path):
+    """``pctr`` of a signature of the SavedModel at ``exported``, called directly (strings as
+    strings, everything else float32): the public answer the predictor's paths must equal."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(exported))
+
+    def direct(signature: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        feeds = {
+            k: tf.constant(v, dtype=tf.string if v.dtype.kind in "OSU" else tf.float32)
+            for k, v in inputs.items()
+        }
+        return loaded.signatures[signature](**feeds)["pctr"].numpy()
+
+    return direct
+
+
 def test_reloaded_model_matches_in_memory_predictions(
     predictor: InProcessPredictor, trained: TrainedRanker, eval_rows: pd.DataFrame
 ) -> None:
@@ -367,7 +384,6 @@ def test_packed_signature_scores_equal_rank_and_serving_default_on_the_same_save
     arrays per call instead of one per input); its scores equal the public signatures called
     directly on the same SavedModel, for one request (``rank``) and for rows of many users
     (``serving_default``, the micro-batcher's form)."""
-    import tensorflow as tf
 
     assert predictor.packed
     groups = predictor.manifest["packed"]
@@ -376,14 +392,7 @@ def test_packed_signature_scores_equal_rank_and_serving_default_on_the_same_save
     assert sorted(n for names in groups.values() for n in names) == sorted(
         predictor.input_names("rank")
     )
-    loaded = tf.saved_model.load(str(exported))
-
-    def direct(signature: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        feeds = {
-            k: tf.constant(v, dtype=tf.string if v.dtype.kind in "OSU" else tf.float32)
-            for k, v in inputs.items()
-        }
-        return loaded.signatures[signature](**feeds)["pctr"].numpy()
+    direct = signature_scorer(exported)
 
     shared = shared_inputs(trained.spec)
     request = rank_request(trained.inputs(_common_request(eval_rows, shared, 300)), shared)
@@ -405,7 +414,6 @@ def test_indexed_and_xla_calls_score_as_the_rank_signature_including_oov_ads_and
     rows precomputable) and scores through the numeric ``indexed`` signature, XLA-compiled on
     rows padded to a bucket; every way gives the public ``rank`` / ``serving_default`` scores
     of the same SavedModel, also for ads whose values the vocabularies never saw."""
-    import tensorflow as tf
 
     assert (
         predictor.indexed and predictor.manifest["checks"]["max_abs_difference"]["indexed"] < 1e-4
@@ -414,14 +422,7 @@ def test_indexed_and_xla_calls_score_as_the_rank_signature_including_oov_ads_and
     assert sorted(index["candidate_index"]) == sorted(
         predictor.manifest["packed"]["candidate_strings"]
     )
-    loaded = tf.saved_model.load(str(exported))
-
-    def direct(signature: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        feeds = {
-            k: tf.constant(v, dtype=tf.string if v.dtype.kind in "OSU" else tf.float32)
-            for k, v in inputs.items()
-        }
-        return loaded.signatures[signature](**feeds)["pctr"].numpy()
+    direct = signature_scorer(exported)
 
     shared = shared_inputs(trained.spec)
     request = rank_request(trained.inputs(_common_request(eval_rows, shared, 300)), shared)

@@ -80,10 +80,7 @@ def pack_inputs(
     for group, names in groups.items():
         arrays = [np.asarray(columns[n]).reshape(-1) for n in names]
         if packed_dtype(group) == tf.string and any(a.dtype.kind != "S" for a in arrays):
-            arrays = [
-                np.array([v if isinstance(v, bytes) else str(v).encode() for v in a], object)
-                for a in arrays
-            ]
+            arrays = [_as_bytes(a).astype(object) for a in arrays]
         packed[group] = np.stack(arrays, axis=1)
     return packed
 
@@ -245,9 +242,7 @@ class InProcessPredictor:
         missing = [n for n in self._groups[group] if n not in features]
         if missing:
             raise PredictorInputError(f"candidate_index needs input(s) {', '.join(missing)}")
-        strings = pack_inputs(
-            {n: features[n] for n in self._groups[group]}, {group: self._groups[group]}
-        )
+        strings = self._packed_strings(features, group)
         rows = len(strings[group])
         out = np.empty((rows, len(self._index_columns[CANDIDATE_INDEX])), np.int32)
         function = self._loaded.signatures[CANDIDATE_INDEX]
@@ -255,6 +250,11 @@ class InProcessPredictor:
             chunk = tf.constant(strings[group][start : start + FRAME_BATCH], dtype=tf.string)
             out[start : start + FRAME_BATCH] = function(**{group: chunk})[INDEX_OUTPUT].numpy()
         return out
+
+    def _packed_strings(self, columns: Mapping[str, Any], group: str) -> dict[str, np.ndarray]:
+        """One string group of the ``packed`` form (``{group: [rows, k]}``) from ``columns``."""
+        names = self._groups[group]
+        return pack_inputs({n: columns[n] for n in names}, {group: names})
 
     def _shared_index(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
         """The shared side's table rows ``[B, k]``: each value's row is remembered per column
@@ -283,9 +283,7 @@ class InProcessPredictor:
         if found:
             return out
         group = "shared_strings"
-        strings = pack_inputs(
-            {n: columns[n] for n in self._groups[group]}, {group: self._groups[group]}
-        )
+        strings = self._packed_strings(columns, group)
         function = self._loaded.signatures["shared_index"]
         out = function(**{group: tf.constant(strings[group], dtype=tf.string)})[
             INDEX_OUTPUT
