@@ -32,6 +32,7 @@ from deepclick.errors import DeepclickError
 from deepclick.settings import RankerSettings
 from models.evaluation.ranking import auc, calibration_ratio, logloss
 from models.feature_spec import FeatureSpec
+from models.fitting import build_before_fit
 from models.ranker.baselines import LogisticBaseline, train_baseline
 from models.ranker.calibration import fit_calibration, sampling_correction
 from models.ranker.inputs import (
@@ -396,6 +397,7 @@ def train_ranker(
     )
     fit_tensors = _tensors(logit_model, fit_inputs)
     held_tensors = _tensors(logit_model, held_inputs)
+    build_before_fit(logit_model, fit_tensors, fit_labels)
     log.info(
         "training ranker %s on %d rows (%s), calibrating on %d rows",
         settings.architecture, len(fit_rows), ", ".join(split.fit_dates), len(split.calibration),

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from deepclick.settings import TwoTowerSettings
 from models.feature_spec import ROLE_KEY, Feature, FeatureSpec, FeatureSpecError
+from models.fitting import build_before_fit
 from models.two_tower.model import TwoTowerModel, additive_offsets
 from models.two_tower.preprocessing import input_array, input_dtype
 from models.two_tower.towers import TOWER_ROLES, Tower, tower_features
@@ -237,6 +238,7 @@ def train_two_tower(
         seed=settings.seed,
     )
     model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate), jit_compile=False)
+    build_before_fit(model, inputs)
     started = time.perf_counter()
     fitted = model.fit(dataset, epochs=settings.epochs, verbose=1 if progress else 0, shuffle=False)
     seconds = time.perf_counter() - started
