@@ -169,7 +169,7 @@ class InProcessBackend(RankerBackend):
         from models.ranker.predictor import InProcessPredictor
 
         configure_tensorflow_threads(settings.tf_threads)
-        self.predictor = InProcessPredictor(ranker.folder, xla=settings.xla)
+        self.predictor = InProcessPredictor(ranker.folder, xla=settings.xla, lite=settings.tflite)
         self.predictor.compile()  # XLA: the common shapes now, not on a request's time
         # A few threads: enough for concurrent requests, bounded so that predictions abandoned
         # at their deadline cannot pile up without limit.
@@ -180,8 +180,19 @@ class InProcessBackend(RankerBackend):
 
     def describe(self) -> dict[str, str]:
         p = self.predictor
-        call = "xla" if p.xla else "indexed" if p.indexed else "packed" if p.packed else "public"
-        return {**super().describe(), "call": call}
+        call = (
+            "tflite"
+            if p.lite
+            else "xla"
+            if p.xla
+            else "indexed"
+            if p.indexed
+            else "packed"
+            if p.packed
+            else "public"
+        )
+        fallback = {"tflite_fallback": p.lite_fallback} if p.lite_fallback else {}
+        return {**super().describe(), "call": call, **fallback}
 
     def _call(self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str) -> np.ndarray:
         future = self._pool.submit(self.predictor.predict, inputs, signature)

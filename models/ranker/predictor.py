@@ -17,10 +17,18 @@ candidates' rows either passed in (a release precomputes every ad's rows at load
 the ``candidate_index`` signature — and the call itself is numeric. With ``xla`` that call is
 compiled by XLA on rows padded to :data:`XLA_BUCKETS`; measured slower than the plain call on this
 ranker (README, serving), so off by default (settings ``predictor.xla``).
+
+With ``lite`` (settings ``predictor.tflite``, the default) the ``indexed`` call runs on the
+export's TensorFlow Lite conversion of that signature instead (:mod:`models.ranker.export_tflite`:
+about half the CPU per call, no inter-op thread hand-off), but only after it scored the export's
+planted rows as the SavedModel does, checked here at load; a version without the file, or one
+whose file fails to load or disagrees, is served by the SavedModel call (:attr:`lite_fallback`
+says why). A listed file that is missing or altered fails the checksums like any other file.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +46,8 @@ from models.ranker.inputs import (
     SimilarityProvider,
     columns_to_inputs,
 )
+
+log = logging.getLogger(__name__)
 
 OUTPUT = "pctr"
 SIGNATURES = ("serving_default", "rank")
@@ -125,11 +135,18 @@ class InProcessPredictor:
             truncated copy or a half-synced folder fails at load, not with odd scores later.
         xla: compile the ``indexed`` call with XLA (rows padded to :data:`XLA_BUCKETS`; call
             :meth:`compile` at load so that requests never wait for a compilation). Ignored
-            for a model without the ``indexed`` signature.
+            for a model without the ``indexed`` signature, and when the TFLite call is used.
+        lite: call the ``indexed`` signature through the export's checked TFLite model (see
+            the module doc); ignored for a model without the ``indexed`` signature.
     """
 
     def __init__(
-        self, path: Path | str, *, verify_checksums: bool = True, xla: bool = False
+        self,
+        path: Path | str,
+        *,
+        verify_checksums: bool = True,
+        xla: bool = False,
+        lite: bool = False,
     ) -> None:
         self.path = Path(path)
         if not (self.path / "saved_model.pb").is_file():
@@ -171,13 +188,40 @@ class InProcessPredictor:
         self._index_columns: dict[str, list[str]] = dict(index) if index and usable else {}
         self._indexed = self._loaded.signatures[INDEXED] if self._index_columns else None
         self._memo: dict[str, dict[bytes, int]] = {}
-        self.xla = bool(xla and self._indexed is not None)
+        self._lite: Any = None
+        self.lite_fallback: str | None = None
+        """Why a requested TFLite call is not used (None when it is, or was not requested)."""
+        if lite and self._indexed is not None:
+            self._lite, self.lite_fallback = self._load_lite()
+        self.xla = bool(xla and self._indexed is not None and self._lite is None)
         self._score: Any = self._indexed
         if self.xla:
             indexed = self._indexed
             self._score = tf.function(
                 lambda **feeds: indexed(**feeds), jit_compile=True, reduce_retracing=True
             )
+
+    def _load_lite(self) -> tuple[Any, str | None]:
+        """The checked TFLite call of this version, or None and the reason it is not used."""
+        from models.ranker import export_tflite
+
+        entry = self.manifest.get(export_tflite.MANIFEST_KEY) or {}
+        if "file" not in entry:
+            return None, entry.get("refused", "the export has no TFLite model")
+        try:
+            lite = export_tflite.LiteCall(self.path / entry["file"])
+            cases = export_tflite.load_cases(self.path / entry["check_file"])
+            export_tflite.check_lite(lite, self._indexed, cases)
+        except Exception as exc:  # unreadable or disagreeing: the SavedModel call serves
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("ranker %s: TFLite model not used (%s)", self.path, reason)
+            return None, reason
+        return lite, None
+
+    @property
+    def lite(self) -> bool:
+        """Whether the ``indexed`` call runs on the checked TFLite model (see the module doc)."""
+        return self._lite is not None
 
     @property
     def version(self) -> str:
@@ -318,6 +362,8 @@ class InProcessPredictor:
                     f"{CANDIDATE_INDEX} has shape {candidate_index.shape}, expected ({n}, {width})"
                 )
             feeds[CANDIDATE_INDEX] = candidate_index
+        if self._lite is not None:
+            return self._lite(feeds)[:n]
         if self.xla:
             feeds = _padded(feeds, n, bucket_rows(n))
         scores = self._score(**{k: tf.constant(v) for k, v in feeds.items()})[OUTPUT]
