@@ -134,3 +134,35 @@ def test_an_unreadable_or_disagreeing_tflite_model_falls_back_to_the_savedmodel_
     disagreeing = InProcessPredictor(folder, lite=True)
     assert not disagreeing.lite and "differs from the SavedModel" in disagreeing.lite_fallback
     np.testing.assert_allclose(disagreeing.predict(request, "rank"), expected, rtol=0, atol=1e-6)
+
+
+def test_rankings_through_the_tflite_call_are_the_savedmodel_rankings(
+    world: World, loaded: LoadedRelease
+) -> None:
+    """Issue 14, quality stays: the same requests through serving's ranking flow give the same
+    top-10 ads in the same order, and pctr to 1e-5, with the TFLite call and the SavedModel's."""
+    from serving.metrics import ServingMetrics
+    from serving.ranking import RankLimits, rank
+    from serving.release import load_release
+    from serving.schemas import RankRequest
+
+    settings = world.settings()
+    saved_settings = settings.model_copy(
+        update={"predictor": settings.predictor.model_copy(update={"tflite": False})}
+    )
+    saved = load_release(world.release, saved_settings)
+    assert saved.backend.describe()["call"] == "indexed"
+    assert loaded.backend.describe()["call"] == "tflite"
+    limits = RankLimits(200, 2000, 1000, 30.0)
+    try:
+        for user in [*world.user_ids[:12], "a-user-nobody-knows"]:
+            request = RankRequest(user_id=user, placement_id="p003", num_ads=10)
+            lite = rank(loaded, request, limits, ServingMetrics())
+            reference = rank(saved, request, limits, ServingMetrics())
+            assert not lite.degraded and not reference.degraded
+            assert [a.ad_id for a in lite.ads] == [a.ad_id for a in reference.ads]
+            np.testing.assert_allclose(
+                [a.pctr for a in lite.ads], [a.pctr for a in reference.ads], rtol=0, atol=1e-5
+            )
+    finally:
+        saved.close()

@@ -21,6 +21,7 @@ rows, and the micro-batcher's form (shared rows repeated per candidate); they ar
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -172,6 +173,7 @@ def write_lite(
     planted rows and write :data:`LITE_FILE` and :data:`CHECK_FILE` there; return the manifest
     entry. A conversion that fails or a model that disagrees leaves no file and an entry saying
     why (the SavedModel still serves)."""
+    started = time.perf_counter()
     cases = planted_cases(requests, to_indexed, candidate_strings)
     try:
         blob = convert(folder)
@@ -188,4 +190,5 @@ def write_lite(
         "cases": sorted(cases),
         "max_abs_difference": worst,
         "bytes": len(blob),
+        "seconds": round(time.perf_counter() - started, 2),
     }
