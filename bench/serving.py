@@ -104,6 +104,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--ranker-variants", action="store_true",
         help="only the ranker's quality-vs-latency table (trains each variant; no servers)",
     )  # fmt: skip
+    parser.add_argument(
+        "--variants", nargs="+", default=None,
+        help="with --ranker-variants: only these variants (names or name prefixes, e.g. "
+        "'default' 'low-rank cross r=16'); the default is always trained first",
+    )  # fmt: skip
     parser.add_argument("--backends", nargs="+", default=["in_process", "grpc"])
     parser.add_argument("--requests", type=int, default=1500, help="per measurement, at most")
     parser.add_argument("--seconds", type=float, default=12.0, help="per measurement, at most")
@@ -1046,13 +1051,19 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
     labels = eval_rows[made.spec.label].to_numpy()
     inputs = frame_to_inputs(made.spec, eval_rows)
     batch = {k: v[: args.candidates] for k, v in inputs.items()}
-    rows, predictors, scores = [], {}, {}
-    for i, (name, overrides) in enumerate(RANKER_VARIANTS.items()):
+    rows, predictors, scores, lites = [], {}, {}, {}
+    chosen = {
+        name: overrides
+        for i, (name, overrides) in enumerate(RANKER_VARIANTS.items())
+        if i == 0 or not args.variants or any(name.startswith(v) for v in args.variants)
+    }
+    for i, (name, overrides) in enumerate(chosen.items()):
         trained = train_ranker(
             made.spec, RankerSettings(**overrides, baseline=i == 0), progress=False
         )
         folder = export_ranker(trained, work / "repo", f"v{len(predictors)}", "20240101")
         predictors[name] = (InProcessPredictor(folder), ranker_flops(folder))
+        lites[name] = InProcessPredictor(folder, lite=True)
         scores[name] = trained.predict(eval_rows)
         low, high = auc_interval(labels, scores[name])
         rows.append(
@@ -1074,6 +1085,7 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
             rows[-1]["lr_peer_ci95"] = [round(p_low, 4), round(p_high, 4)]
         print(json.dumps(rows[-1]), flush=True)
     times: dict[str, list[float]] = {name: [] for name in predictors}
+    lite_times: dict[str, list[float]] = {name: [] for name in predictors}
     requests = {name: rank_request(batch, p.shared_inputs) for name, (p, _) in predictors.items()}
     for name, (predictor, _) in predictors.items():  # as served: the ads' rows precomputed
         if predictor.indexed:
@@ -1084,6 +1096,10 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
             predictor.predict(requests[name], "rank")
             if repeat >= 10:
                 times[name].append(time.process_time() - started)
+            started = time.process_time()  # the same model through its TFLite conversion
+            lites[name].predict(requests[name], "rank")
+            if repeat >= 10 and lites[name].lite:
+                lite_times[name].append(time.process_time() - started)
     for row in rows:
         predictor, flops = predictors[row["variant"]]
         cpu = np.asarray(times[row["variant"]]) * 1000.0
@@ -1094,6 +1110,9 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
                 "rank_cpu_ms_mean": round(float(cpu.mean()), 3),
             }
         )
+        lite_cpu = np.asarray(lite_times[row["variant"]]) * 1000.0
+        if len(lite_cpu):
+            row["tflite_cpu_ms_median"] = round(float(np.median(lite_cpu)), 3)
     return rows
 
 

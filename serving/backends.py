@@ -151,6 +151,12 @@ class RankerBackend(ABC):
         default) when the backend takes only strings, as TF Serving's public signatures do."""
         return None
 
+    def remember_values(self, column: str, values: np.ndarray) -> bool:
+        """At release load: let the ranker look up every value of a shared string column once
+        (e.g. the users table's ids) instead of per request; False (the default) when the
+        backend takes only strings."""
+        return False
+
     def describe(self) -> dict[str, str]:
         return {"backend": self.kind, "signature": self.signature}
 
@@ -177,6 +183,9 @@ class InProcessBackend(RankerBackend):
 
     def candidate_index(self, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
         return self.predictor.candidate_index(inputs) if self.predictor.indexed else None
+
+    def remember_values(self, column: str, values: np.ndarray) -> bool:
+        return self.predictor.remember_values(column, values) if self.predictor.indexed else False
 
     def describe(self) -> dict[str, str]:
         p = self.predictor
