@@ -278,8 +278,9 @@ class PredictorSettings(_Section):
     )
     xla: bool = Field(
         False,
-        description="in_process, with tflite off: compile the ranker's numeric call with XLA (rows padded to "
-        "64/128/.../2048, up to 512 compiled at load, ~1.5 s each); off: bench.serving measured "
+        description="in_process, with tflite off: compile the ranker's numeric call with XLA "
+        "(rows padded to 64/128/.../2048, up to 512 compiled at load, ~1.5 s each); off: "
+        "bench.serving measured "
         "no gain over the plain indexed call (README serving section)",
     )
     tflite: bool = Field(
