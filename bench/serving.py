@@ -104,6 +104,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--ranker-variants", action="store_true",
         help="only the ranker's quality-vs-latency table (trains each variant; no servers)",
     )  # fmt: skip
+    parser.add_argument(
+        "--variants", nargs="+", default=None,
+        help="with --ranker-variants: only these variants (names or name prefixes, e.g. "
+        "'default' 'low-rank cross r=16'); the default is always trained first",
+    )  # fmt: skip
     parser.add_argument("--backends", nargs="+", default=["in_process", "grpc"])
     parser.add_argument("--requests", type=int, default=1500, help="per measurement, at most")
     parser.add_argument("--seconds", type=float, default=12.0, help="per measurement, at most")
@@ -594,11 +599,18 @@ def in_process(root: Path, args: argparse.Namespace, bodies: Sequence[bytes]) ->
     limits = RankLimits(args.candidates, max(args.candidates, 2000), 1000, 30.0)
     rows = []
     flops = gflops = None
-    for mode, xla in (("exact", False), ("ann", False), ("exact", True)):
+    # the default (TFLite call) with both searches, then the SavedModel's indexed call and XLA
+    runtimes = {"tflite": {}, "indexed": {"tflite": False}, "xla": {"tflite": False, "xla": True}}
+    for mode, runtime in (
+        ("exact", "tflite"),
+        ("ann", "tflite"),
+        ("exact", "indexed"),
+        ("exact", "xla"),
+    ):
         settings = Settings(
             root=root,
             serving=ServingSettings(candidate_search=mode),
-            predictor=PredictorSettings(xla=xla),
+            predictor=PredictorSettings(**runtimes[runtime]),
         )
         release = load_release(folder, settings)
         if flops is None:
@@ -672,6 +684,7 @@ def predict_calls(root: Path, args: argparse.Namespace, repeats: int = 5) -> lis
         )
         requests.append({**got.common, **got.candidates})
     plain, xla = InProcessPredictor(folder), InProcessPredictor(folder, xla=True)
+    lite = InProcessPredictor(folder, lite=True)
     if not plain.indexed:
         return []
     xla.compile((1, args.candidates))
@@ -683,7 +696,10 @@ def predict_calls(root: Path, args: argparse.Namespace, repeats: int = 5) -> lis
         "indexed, strings looked up per call": (plain, strings),
         "indexed, ad rows precomputed": (plain, requests),
         "xla, ad rows precomputed": (xla, requests),
+        "tflite, ad rows precomputed": (lite, requests),
     }
+    if not lite.lite:
+        del ways["tflite, ad rows precomputed"]
     best: dict[str, float] = {}
     for _ in range(repeats):
         for way, (predictor, inputs) in ways.items():
@@ -704,57 +720,143 @@ def predict_calls(root: Path, args: argparse.Namespace, repeats: int = 5) -> lis
     return rows
 
 
+def predict_layers(
+    root: Path, args: argparse.Namespace, bodies: Sequence[bytes], rounds: int = 6
+) -> list[dict]:
+    """Where the predict stage's time goes between the request and the ranker call: the same
+    requests through each layer of the default in-process path, from the whole request
+    (``rank``) down to the bare call and a no-op hand-off to the backend's thread pool; CPU
+    (all threads) and wall per request, best of ``rounds`` interleaved rounds."""
+    from deepclick.settings import Settings
+    from serving.backends import inputs_for
+    from serving.metrics import ServingMetrics
+    from serving.ranking import RankLimits, rank
+    from serving.release import current_release_folder, load_release
+
+    release = load_release(current_release_folder(root), Settings(root=root))
+    backend = release.backend
+    inner = getattr(backend, "inner", backend)
+    predictor = inner.predictor
+    limits = RankLimits(args.candidates, max(args.candidates, 2000), 1000, 30.0)
+    requests = [RankRequest.model_validate_json(b) for b in bodies[:40]]
+    service, features = release.candidates, release.features
+    gathered = []
+    for r in requests:
+        parts = service.locate(r.user_id, r.placement_id)
+        found = service.candidates(r.user_id, r.placement_id, args.candidates, parts=parts)
+        lookup = features.lookup(r.user_id, r.placement_id, parts)
+        gathered.append(features.gather(r.user_id, r.placement_id, found, lookup=lookup))
+    full = [{**g.common, **g.candidates} for g in gathered]
+    if predictor._lite is None:
+        feeds = None
+    else:
+        columns = [predictor._columns(f, "rank") for f in full]
+        feeds = [
+            {
+                **{
+                    g: np.stack([c[x] for x in names], axis=1)
+                    for g, names in predictor._groups.items()
+                    if not g.endswith("strings")
+                },
+                "shared_index": predictor._shared_index(c),
+                "candidate_index": np.asarray(f["candidate_index"], np.int32),
+            }
+            for c, f in zip(columns, full, strict=True)
+        ]
+    metrics = ServingMetrics()
+    ways = {
+        "whole request (rank, exact search)": lambda: [
+            rank(release, r, limits, metrics) for r in requests
+        ],
+        "micro-batcher (BatchingBackend.predict)": lambda: [
+            backend.predict(g.common, inputs_for(backend, g.candidates), timeout_s=30)
+            for g in gathered
+        ],
+        "in-process backend (thread pool)": lambda: [
+            inner.predict(g.common, inputs_for(inner, g.candidates), timeout_s=30) for g in gathered
+        ],
+        "predictor.predict (checks, packing)": lambda: [predictor.predict(f, "rank") for f in full],
+        "the call alone (TFLite)": (lambda: [predictor._lite(f) for f in feeds]) if feeds else None,
+        "no-op hand-off to the pool": lambda: [inner._pool.submit(len, f).result() for f in full],
+    }
+    best: dict[str, tuple[float, float]] = {}
+    for _ in range(rounds):
+        for way, run in ways.items():
+            if run is None:
+                continue
+            run()
+            cpu, wall = time.process_time(), time.perf_counter()
+            run()
+            n = len(requests)
+            ms = ((time.process_time() - cpu) * 1000 / n, (time.perf_counter() - wall) * 1000 / n)
+            old = best.get(way, (1e9, 1e9))
+            best[way] = (min(old[0], ms[0]), min(old[1], ms[1]))
+    release.close()
+    rows = [
+        {"layer": way, "cpu_ms": round(c, 3), "wall_ms": round(w, 3)}
+        for way, (c, w) in best.items()
+    ]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def batch_curve(
     root: Path, args: argparse.Namespace, sizes: Sequence[int] = (1, 2, 4, 8)
 ) -> list[dict]:
     """What micro-batching saves: CPU per request when ``size`` requests' candidates go to the
     in-process ranker in one ``serving_default`` call, against one ``rank`` call per request
-    (the batcher's choice for a lone request)."""
+    (the batcher's choice for a lone request); for the TFLite call (the default) and the
+    SavedModel's."""
+    from deepclick.settings import PredictorSettings, Settings
     from serving.backends import signature_inputs
     from serving.batching import BATCH_SIGNATURE
     from serving.release import current_release_folder, load_release
 
-    release = load_release(current_release_folder(root))
-    service, features, backend = release.candidates, release.features, release.backend
-    users = [bytes(u).decode() for u in features.tables["user"].ids[::997][:16]]
-    gathered = []
-    for i, user in enumerate(users):
-        placement = bytes(features.tables["context"].ids[i % 10]).decode()
-        parts = service.locate(user, placement)
-        found = service.candidates(user, placement, args.candidates, parts=parts)
-        lookup = features.lookup(user, placement, parts)
-        gathered.append(features.gather(user, placement, found, lookup=lookup))
     rows = []
-    for size in sizes:
-        groups = [gathered[i : i + size] for i in range(0, len(gathered) - size + 1, size)]
-        for signature in ("rank", BATCH_SIGNATURE) if size == 1 else (BATCH_SIGNATURE,):
+    for runtime, tflite in (("tflite", True), ("savedmodel", False)):
+        settings = Settings(root=root, predictor=PredictorSettings(tflite=tflite))
+        release = load_release(current_release_folder(root), settings)
+        service, features, backend = release.candidates, release.features, release.backend
+        users = [bytes(u).decode() for u in features.tables["user"].ids[::997][:16]]
+        gathered = []
+        for i, user in enumerate(users):
+            placement = bytes(features.tables["context"].ids[i % 10]).decode()
+            parts = service.locate(user, placement)
+            found = service.candidates(user, placement, args.candidates, parts=parts)
+            lookup = features.lookup(user, placement, parts)
+            gathered.append(features.gather(user, placement, found, lookup=lookup))
+        for size in sizes:
+            groups = [gathered[i : i + size] for i in range(0, len(gathered) - size + 1, size)]
+            for signature in ("rank", BATCH_SIGNATURE) if size == 1 else (BATCH_SIGNATURE,):
 
-            def call(group: list, signature: str = signature) -> None:
-                k = args.candidates
-                parts = [signature_inputs(signature, g.common, g.candidates, k) for g in group]
-                joined = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
-                if signature == "rank":  # one request: its [1] shared inputs stay [1]
-                    joined = parts[0]
-                backend.call(joined, 30.0, signature=signature)
+                def call(group: list, signature: str = signature, backend: Any = backend) -> None:
+                    k = args.candidates
+                    parts = [signature_inputs(signature, g.common, g.candidates, k) for g in group]
+                    joined = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+                    if signature == "rank":  # one request: its [1] shared inputs stay [1]
+                        joined = parts[0]
+                    backend.call(joined, 30.0, signature=signature)
 
-            for group in groups[:2]:  # warm up (traces the shapes)
-                call(group)
-            cpu, wall = time.process_time(), time.perf_counter()
-            for _ in range(3):
-                for group in groups:
+                for group in groups[:2]:  # warm up (traces the shapes)
                     call(group)
-            n = 3 * len(groups) * size
-            rows.append(
-                {
-                    "requests_per_call": size,
-                    "signature": signature,
-                    "rows_per_call": size * args.candidates,
-                    "cpu_ms_per_request": round((time.process_time() - cpu) * 1000 / n, 3),
-                    "wall_ms_per_request": round((time.perf_counter() - wall) * 1000 / n, 3),
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
-    release.close()
+                cpu, wall = time.process_time(), time.perf_counter()
+                for _ in range(3):
+                    for group in groups:
+                        call(group)
+                n = 3 * len(groups) * size
+                rows.append(
+                    {
+                        "runtime": runtime,
+                        "requests_per_call": size,
+                        "signature": signature,
+                        "rows_per_call": size * args.candidates,
+                        "cpu_ms_per_request": round((time.process_time() - cpu) * 1000 / n, 3),
+                        "wall_ms_per_request": round((time.perf_counter() - wall) * 1000 / n, 3),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+        release.close()
     return rows
 
 
@@ -949,13 +1051,19 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
     labels = eval_rows[made.spec.label].to_numpy()
     inputs = frame_to_inputs(made.spec, eval_rows)
     batch = {k: v[: args.candidates] for k, v in inputs.items()}
-    rows, predictors, scores = [], {}, {}
-    for i, (name, overrides) in enumerate(RANKER_VARIANTS.items()):
+    rows, predictors, scores, lites = [], {}, {}, {}
+    chosen = {
+        name: overrides
+        for i, (name, overrides) in enumerate(RANKER_VARIANTS.items())
+        if i == 0 or not args.variants or any(name.startswith(v) for v in args.variants)
+    }
+    for i, (name, overrides) in enumerate(chosen.items()):
         trained = train_ranker(
             made.spec, RankerSettings(**overrides, baseline=i == 0), progress=False
         )
         folder = export_ranker(trained, work / "repo", f"v{len(predictors)}", "20240101")
         predictors[name] = (InProcessPredictor(folder), ranker_flops(folder))
+        lites[name] = InProcessPredictor(folder, lite=True)
         scores[name] = trained.predict(eval_rows)
         low, high = auc_interval(labels, scores[name])
         rows.append(
@@ -977,6 +1085,7 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
             rows[-1]["lr_peer_ci95"] = [round(p_low, 4), round(p_high, 4)]
         print(json.dumps(rows[-1]), flush=True)
     times: dict[str, list[float]] = {name: [] for name in predictors}
+    lite_times: dict[str, list[float]] = {name: [] for name in predictors}
     requests = {name: rank_request(batch, p.shared_inputs) for name, (p, _) in predictors.items()}
     for name, (predictor, _) in predictors.items():  # as served: the ads' rows precomputed
         if predictor.indexed:
@@ -987,6 +1096,10 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
             predictor.predict(requests[name], "rank")
             if repeat >= 10:
                 times[name].append(time.process_time() - started)
+            started = time.process_time()  # the same model through its TFLite conversion
+            lites[name].predict(requests[name], "rank")
+            if repeat >= 10 and lites[name].lite:
+                lite_times[name].append(time.process_time() - started)
     for row in rows:
         predictor, flops = predictors[row["variant"]]
         cpu = np.asarray(times[row["variant"]]) * 1000.0
@@ -997,6 +1110,9 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
                 "rank_cpu_ms_mean": round(float(cpu.mean()), 3),
             }
         )
+        lite_cpu = np.asarray(lite_times[row["variant"]]) * 1000.0
+        if len(lite_cpu):
+            row["tflite_cpu_ms_median"] = round(float(np.median(lite_cpu)), 3)
     return rows
 
 
@@ -1039,6 +1155,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         results["concurrency_sweep"] = sweep
         print(f"wrote {write_json(args.name, results)}")
         return
+    layers = predict_layers(root, args, bodies)
+    print_table("the predict stage, layer by layer (default path, best of rounds)", layers)
+    results["predict_layers"] = layers
     calls = predict_calls(root, args)
     print_table(f"the in-process ranker call, {args.candidates} candidates", calls)
     results["predict_calls"] = calls

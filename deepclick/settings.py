@@ -278,9 +278,16 @@ class PredictorSettings(_Section):
     )
     xla: bool = Field(
         False,
-        description="in_process: compile the ranker's numeric call with XLA (rows padded to "
-        "64/128/.../2048, up to 512 compiled at load, ~1.5 s each); off: bench.serving measured "
+        description="in_process, with tflite off: compile the ranker's numeric call with XLA "
+        "(rows padded to 64/128/.../2048, up to 512 compiled at load, ~1.5 s each); off: "
+        "bench.serving measured "
         "no gain over the plain indexed call (README serving section)",
+    )
+    tflite: bool = Field(
+        True,
+        description="in_process: run the ranker's numeric call on the export's TensorFlow Lite "
+        "model (checked against the SavedModel at export and at load; bench.serving: about half "
+        "the CPU of the SavedModel call); off, or a version without a usable one: the SavedModel",
     )
 
 

@@ -151,6 +151,12 @@ class RankerBackend(ABC):
         default) when the backend takes only strings, as TF Serving's public signatures do."""
         return None
 
+    def remember_values(self, column: str, values: np.ndarray) -> bool:
+        """At release load: let the ranker look up every value of a shared string column once
+        (e.g. the users table's ids) instead of per request; False (the default) when the
+        backend takes only strings."""
+        return False
+
     def describe(self) -> dict[str, str]:
         return {"backend": self.kind, "signature": self.signature}
 
@@ -169,7 +175,7 @@ class InProcessBackend(RankerBackend):
         from models.ranker.predictor import InProcessPredictor
 
         configure_tensorflow_threads(settings.tf_threads)
-        self.predictor = InProcessPredictor(ranker.folder, xla=settings.xla)
+        self.predictor = InProcessPredictor(ranker.folder, xla=settings.xla, lite=settings.tflite)
         self.predictor.compile()  # XLA: the common shapes now, not on a request's time
         # A few threads: enough for concurrent requests, bounded so that predictions abandoned
         # at their deadline cannot pile up without limit.
@@ -178,10 +184,24 @@ class InProcessBackend(RankerBackend):
     def candidate_index(self, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
         return self.predictor.candidate_index(inputs) if self.predictor.indexed else None
 
+    def remember_values(self, column: str, values: np.ndarray) -> bool:
+        return self.predictor.remember_values(column, values) if self.predictor.indexed else False
+
     def describe(self) -> dict[str, str]:
         p = self.predictor
-        call = "xla" if p.xla else "indexed" if p.indexed else "packed" if p.packed else "public"
-        return {**super().describe(), "call": call}
+        call = (
+            "tflite"
+            if p.lite
+            else "xla"
+            if p.xla
+            else "indexed"
+            if p.indexed
+            else "packed"
+            if p.packed
+            else "public"
+        )
+        fallback = {"tflite_fallback": p.lite_fallback} if p.lite_fallback else {}
+        return {**super().describe(), "call": call, **fallback}
 
     def _call(self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str) -> np.ndarray:
         future = self._pool.submit(self.predictor.predict, inputs, signature)

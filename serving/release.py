@@ -306,6 +306,8 @@ def load_release(
         raise ReleaseError(f"{where}: the ranker cannot be loaded: {exc}") from None
     try:  # each ad's rows of the ranker's candidate table, once (no per-request string hashing)
         assembler.index_ads(backend.candidate_index)
+        for role in ("user", "context"):  # and every known user's and placement's id
+            backend.remember_values(ROLE_KEY[role], assembler.tables[role].ids)
     except (EntityTableError, RankerError, ValueError) as exc:
         backend.close()
         raise ReleaseError(f"{where}: the ads' ranker rows cannot be computed: {exc}") from None

@@ -78,7 +78,8 @@ def test_signature_inputs_send_common_features_once_or_per_candidate() -> None:
 def test_grpc_backend_equals_in_process(
     world: World, loaded: LoadedRelease, request_300: Gathered, grpc_target: str, signature: str
 ) -> None:
-    local = InProcessBackend(_ref(world), _settings(signature="rank"))
+    # the transport against the same SavedModel call; the served TFLite call to its 1e-5
+    local = InProcessBackend(_ref(world), _settings(signature="rank", tflite=False))
     expected = local.predict(request_300.common, request_300.candidates)
     remote = create_backend(
         _ref(world), _settings(backend="grpc", target=grpc_target, signature=signature)
@@ -87,6 +88,8 @@ def test_grpc_backend_equals_in_process(
     got = remote.predict(request_300.common, request_300.candidates)
     assert got.shape == (len(request_300.candidates["ad_id"]),)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    served = loaded.backend.predict(request_300.common, request_300.candidates)
+    np.testing.assert_allclose(got, served, rtol=0, atol=1e-5)
     local.close()
 
 
@@ -94,13 +97,17 @@ def test_grpc_backend_equals_in_process(
 def test_rest_backend_equals_in_process(
     world: World, loaded: LoadedRelease, request_300: Gathered, rest_target: str, signature: str
 ) -> None:
-    expected = loaded.backend.predict(request_300.common, request_300.candidates)
+    local = InProcessBackend(_ref(world), _settings(signature="rank", tflite=False))
+    expected = local.predict(request_300.common, request_300.candidates)
+    local.close()
     remote = create_backend(
         _ref(world), _settings(backend="rest", target=rest_target, signature=signature)
     )
     assert isinstance(remote, RestBackend)
     got = remote.predict(request_300.common, request_300.candidates)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8)  # JSON: 9 digits
+    served = loaded.backend.predict(request_300.common, request_300.candidates)
+    np.testing.assert_allclose(got, served, rtol=0, atol=1e-5)  # the TFLite call
 
 
 def test_remote_backends_name_the_release_version(

@@ -329,3 +329,27 @@ def test_precomputed_ad_rows_score_as_the_ad_strings(loaded: LoadedRelease) -> N
     np.testing.assert_allclose(together[0], from_strings, rtol=0, atol=1e-6)
     alone = backend.predict(unknown.common, unknown.candidates, timeout_s=30)
     np.testing.assert_allclose(together[1], alone, rtol=0, atol=1e-6)
+
+
+def test_a_known_user_not_seen_before_is_scored_without_a_string_lookup_call(
+    world: World, loaded: LoadedRelease
+) -> None:
+    """Issue 14, the predict-stage gap: a worker met most users for the first time, and each
+    first request paid a ``shared_index`` call (strings through TensorFlow, +2.5 ms measured).
+    A loaded release knows every user's and placement's table row; a first-seen user is found
+    there (not added to the per-value memo) and scores as the strings give."""
+    predictor = loaded.backend.inner.predictor
+    assert "user_id" in predictor._known and "placement_id" in predictor._known
+    user, placement = "u00123", "p005"
+    parts = loaded.candidates.locate(user, placement)
+    found = loaded.candidates.candidates(user, placement, 50, parts=parts)
+    got = loaded.features.gather(
+        user, placement, found, lookup=loaded.features.lookup(user, placement, parts)
+    )
+    predictor._memo.pop("user_id", None)
+    scores = loaded.backend.predict(got.common, got.candidates, timeout_s=30)
+    assert user.encode() not in predictor._memo.get("user_id", {})
+    fresh = InProcessPredictor(world.ranker, lite=True)  # strings → rows by shared_index
+    expected = fresh.predict({**got.common, **got.candidates}, "rank")
+    assert user.encode() in fresh._memo["user_id"]
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6)

@@ -17,10 +17,18 @@ candidates' rows either passed in (a release precomputes every ad's rows at load
 the ``candidate_index`` signature — and the call itself is numeric. With ``xla`` that call is
 compiled by XLA on rows padded to :data:`XLA_BUCKETS`; measured slower than the plain call on this
 ranker (README, serving), so off by default (settings ``predictor.xla``).
+
+With ``lite`` (settings ``predictor.tflite``, the default) the ``indexed`` call runs on the
+export's TensorFlow Lite conversion of that signature instead (:mod:`models.ranker.export_tflite`:
+about half the CPU per call, no inter-op thread hand-off), but only after it scored the export's
+planted rows as the SavedModel does, checked here at load; a version without the file, or one
+whose file fails to load or disagrees, is served by the SavedModel call (:attr:`lite_fallback`
+says why). A listed file that is missing or altered fails the checksums like any other file.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,12 +40,15 @@ import tensorflow as tf
 from deepclick.errors import DeepclickError
 from deepclick.layout import RANKER_MANIFEST
 from deepclick.publish import read_manifest, verify
+from deepclick.sorted_ids import sorted_rows
 from models.ranker.inputs import (
     CANDIDATE_INDEX,
     SIMILARITY_INPUTS,
     SimilarityProvider,
     columns_to_inputs,
 )
+
+log = logging.getLogger(__name__)
 
 OUTPUT = "pctr"
 SIGNATURES = ("serving_default", "rank")
@@ -125,11 +136,18 @@ class InProcessPredictor:
             truncated copy or a half-synced folder fails at load, not with odd scores later.
         xla: compile the ``indexed`` call with XLA (rows padded to :data:`XLA_BUCKETS`; call
             :meth:`compile` at load so that requests never wait for a compilation). Ignored
-            for a model without the ``indexed`` signature.
+            for a model without the ``indexed`` signature, and when the TFLite call is used.
+        lite: call the ``indexed`` signature through the export's checked TFLite model (see
+            the module doc); ignored for a model without the ``indexed`` signature.
     """
 
     def __init__(
-        self, path: Path | str, *, verify_checksums: bool = True, xla: bool = False
+        self,
+        path: Path | str,
+        *,
+        verify_checksums: bool = True,
+        xla: bool = False,
+        lite: bool = False,
     ) -> None:
         self.path = Path(path)
         if not (self.path / "saved_model.pb").is_file():
@@ -171,13 +189,43 @@ class InProcessPredictor:
         self._index_columns: dict[str, list[str]] = dict(index) if index and usable else {}
         self._indexed = self._loaded.signatures[INDEXED] if self._index_columns else None
         self._memo: dict[str, dict[bytes, int]] = {}
-        self.xla = bool(xla and self._indexed is not None)
+        self._known: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        """Per shared column: every known value (sorted) and its table row
+        (:meth:`remember_values`)."""
+        self._lite: Any = None
+        self.lite_fallback: str | None = None
+        """Why a requested TFLite call is not used (None when it is, or was not requested)."""
+        if lite and self._indexed is not None:
+            self._lite, self.lite_fallback = self._load_lite()
+        self.xla = bool(xla and self._indexed is not None and self._lite is None)
         self._score: Any = self._indexed
         if self.xla:
             indexed = self._indexed
             self._score = tf.function(
                 lambda **feeds: indexed(**feeds), jit_compile=True, reduce_retracing=True
             )
+
+    def _load_lite(self) -> tuple[Any, str | None]:
+        """The checked TFLite call of this version, or None and the reason it is not used."""
+        from models.ranker import export_tflite
+
+        entry = self.manifest.get(export_tflite.MANIFEST_KEY) or {}
+        if "file" not in entry:
+            return None, entry.get("refused", "the export has no TFLite model")
+        try:
+            lite = export_tflite.LiteCall(self.path / entry["file"])
+            cases = export_tflite.load_cases(self.path / entry["check_file"])
+            export_tflite.check_lite(lite, self._indexed, cases)
+        except Exception as exc:  # unreadable or disagreeing: the SavedModel call serves
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("ranker %s: TFLite model not used (%s)", self.path, reason)
+            return None, reason
+        return lite, None
+
+    @property
+    def lite(self) -> bool:
+        """Whether the ``indexed`` call runs on the checked TFLite model (see the module doc)."""
+        return self._lite is not None
 
     @property
     def version(self) -> str:
@@ -251,6 +299,38 @@ class InProcessPredictor:
             out[start : start + FRAME_BATCH] = function(**{group: chunk})[INDEX_OUTPUT].numpy()
         return out
 
+    def remember_values(self, column: str, values: np.ndarray) -> bool:
+        """At release load: the table row of every value of one shared string column (e.g. every
+        known user id; ``values`` sorted fixed-width bytes, as an entity table holds them), so
+        that a request whose user this worker has not seen yet costs no ``shared_index`` call
+        (a string-op TF call: +2.5 ms per request, measured, README serving). ``values`` is
+        kept by reference (a mapped table is not copied); the rows cost 4 bytes per value.
+        Returns whether the column is one the ``indexed`` call looks up."""
+        names = self._index_columns.get("shared_index", [])
+        if column not in names or not len(values):
+            return False
+        group = "shared_strings"
+        position, j = self._groups[group].index(column), names.index(column)
+        function = self._loaded.signatures["shared_index"]
+        rows = np.empty(len(values), np.int32)
+        for start in range(0, len(values), FRAME_BATCH):
+            chunk = np.asarray(values[start : start + FRAME_BATCH])
+            packed = np.full((len(chunk), len(self._groups[group])), b"", dtype=object)
+            packed[:, position] = chunk  # the other columns' values do not move column j
+            out = function(**{group: tf.constant(packed, dtype=tf.string)})[INDEX_OUTPUT]
+            rows[start : start + len(chunk)] = out.numpy()[:, j]
+        self._known[column] = (values, rows)
+        return True
+
+    def _row_of(self, name: str, memo: dict[bytes, int], key: bytes) -> int | None:
+        """``key``'s table row from the memo or the remembered values (None: not known)."""
+        hit = memo.get(key)
+        if hit is None and name in self._known:
+            ids, rows = self._known[name]
+            found = sorted_rows(ids, [key])[0]
+            hit = int(rows[found]) if found >= 0 else None
+        return hit
+
     def _packed_strings(self, columns: Mapping[str, Any], group: str) -> dict[str, np.ndarray]:
         """One string group of the ``packed`` form (``{group: [rows, k]}``) from ``columns``."""
         names = self._groups[group]
@@ -268,14 +348,14 @@ class InProcessPredictor:
             memo = self._memo.setdefault(name, {})
             values = columns[name]
             if rows == 1:
-                hit = memo.get(_as_key(values[0]))
+                hit = self._row_of(name, memo, _as_key(values[0]))
                 if hit is None:
                     found = False
                     break
                 out[0, j] = hit
             else:  # rows of many requests come in runs (one request's value repeated)
                 starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
-                hits = [memo.get(_as_key(v)) for v in values[starts]]
+                hits = [self._row_of(name, memo, _as_key(v)) for v in values[starts]]
                 if None in hits:
                     found = False
                     break
@@ -318,6 +398,8 @@ class InProcessPredictor:
                     f"{CANDIDATE_INDEX} has shape {candidate_index.shape}, expected ({n}, {width})"
                 )
             feeds[CANDIDATE_INDEX] = candidate_index
+        if self._lite is not None:
+            return self._lite(feeds)[:n]
         if self.xla:
             feeds = _padded(feeds, n, bucket_rows(n))
         scores = self._score(**{k: tf.constant(v) for k, v in feeds.items()})[OUTPUT]
