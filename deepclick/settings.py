@@ -221,6 +221,11 @@ class RankerSettings(_Section):
     wide_l2: float = Field(
         1e-4, ge=0, description="L2 penalty of the wide weights when wide_fit is joint"
     )
+    calibrate_on: Literal["holdout", "last_day"] = Field(
+        "holdout",
+        description="held-out rows the calibration head is fitted on: all of them, or those of "
+        "the last training day only (the nearest to D, when the fit rows reach further back)",
+    )
     crosses: list[str] = Field(
         default_factory=list,
         description="feature pairs 'a*b' crossed in the wide part (dcn_v2 with wide): one "

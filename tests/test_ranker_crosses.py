@@ -12,6 +12,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 from feature_folder import FeatureFolder, write_feature_folder
 
@@ -24,7 +25,7 @@ from models.ranker.layers import CalibrationHead
 from models.ranker.model import build_logit_model, with_calibration
 from models.ranker.predictor import InProcessPredictor
 from models.ranker.serving_graph import ServingRanker
-from models.ranker.train import _tensors, predict, train_ranker
+from models.ranker.train import Split, _calibration_rows, _tensors, predict, train_ranker
 from models.ranker.wide import fit_wide
 
 MATCH = 3.0
@@ -91,6 +92,18 @@ def test_the_wide_fit_finds_the_planted_cross_a_one_hot_fit_cannot(folder: Featu
                 ]
                 lifts.append(cells[g] - np.mean([w for c, w in enumerate(cells) if c != g]))
             assert 2.0 < float(np.mean(lifts)) < 3.5, lifts  # planted 3.0, shrunk by L2
+            # a cell no fit row holds (an unknown segment) weighs the fit rows' mean cell weight
+            probe = keras.Model(model.input, model.get_layer("cross_index__0").output)
+            counts = np.bincount(
+                np.asarray(
+                    probe.predict(_tensors(model, frame_to_inputs(folder.spec, rows)), verbose=0)
+                ),
+                minlength=weights.size,
+            )
+            assert counts[0] == 0  # index 0: the segment lookup's OOV row
+            np.testing.assert_allclose(
+                weights[0], np.average(weights[counts > 0], weights=counts[counts > 0]), atol=1e-6
+            )
     oracle = auc(eval_rows["label"].to_numpy(), folder.truth.eval_p_click)
     assert scores["crossed"] > oracle - 0.03, (scores, oracle)
     assert scores["uncrossed"] < oracle - 0.1, (scores, oracle)
@@ -142,22 +155,31 @@ def test_a_crossed_ranker_exports_and_every_signature_scores_as_trained(
     folder: FeatureFolder, tmp_path: Path
 ) -> None:
     """End to end: trained with the cross, exported (the export itself checks ``packed`` and
-    ``indexed`` against the Keras model), reloaded: the in-process predictor's indexed path and
-    its XLA form give the trained model's scores, and the cross lifts D's AUC over the same
-    ranker without it."""
+    ``indexed`` against the Keras model), reloaded: the in-process predictor's indexed path
+    gives the trained model's scores, and D's AUC is near the oracle's."""
     eval_rows = folder.table("eval")
     labels = eval_rows["label"].to_numpy()
     crossed = train_ranker(
         folder.spec, SETTINGS.model_copy(update={"crosses": CROSS}), progress=False
     )
     path = export_ranker(crossed, tmp_path, "ranker", "20240104")
-    for xla in (False, True):
-        predictor = InProcessPredictor(path, xla=xla)
-        assert predictor.indexed
-        np.testing.assert_allclose(
-            predictor.predict(crossed.inputs(eval_rows.head(500))),
-            crossed.predict(eval_rows.head(500)),
-            atol=1e-5,
-        )
+    predictor = InProcessPredictor(path)
+    assert predictor.indexed
+    np.testing.assert_allclose(
+        predictor.predict(crossed.inputs(eval_rows.head(500))),
+        crossed.predict(eval_rows.head(500)),
+        atol=1e-5,
+    )
     assert crossed.metrics["wide_crosses"] == 1.0
     assert auc(labels, crossed.predict(eval_rows)) > auc(labels, folder.truth.eval_p_click) - 0.03
+
+
+def test_calibrate_on_last_day_fits_the_head_on_the_last_held_out_day_only() -> None:
+    """``calibrate_on: last_day``: of the held-out rows of days 2 and 3, the head sees day 3's."""
+    held = pd.DataFrame({"date": ["2024-01-02", "2024-01-03", "2024-01-02", "2024-01-03"]})
+    split = Split(
+        held.iloc[:0], held, ("2024-01-02", "2024-01-03"), ("2024-01-02", "2024-01-03"), "t"
+    )
+    last = RankerSettings(calibrate_on="last_day")
+    np.testing.assert_array_equal(_calibration_rows(split, last), [False, True, False, True])
+    np.testing.assert_array_equal(_calibration_rows(split, RankerSettings()), [True] * 4)
