@@ -231,7 +231,9 @@ class RankerSettings(_Section):
         description="feature pairs 'a*b' crossed in the wide part (dcn_v2 with wide): one "
         "weight per pair of values, fitted with the wide part (models/ranker/crosses.py); a side "
         "is a categorical feature's name or its field (the part after the last '__'); a pair the "
-        "feature spec lacks is skipped",
+        "feature spec lacks is skipped. Empty by measurement (README 'Crosses in the ranker's wide "
+        "part'): MARKETPLACE_CROSSES won D's AUC on two demo seeds but not the slate on both "
+        "(ranker days) or calibration (wide_days all: 1.26 on seed 8)",
     )
     cross_buckets: int = Field(
         1 << 18,
