@@ -33,6 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
 import models.preprocessing
+from bench.ranker_variants import parse_variant, ranker_settings
 from candidates.store import read_embeddings
 from deepclick import layout
 from deepclick.layout import version_for
@@ -68,12 +69,6 @@ def one_hot_lr(spec, fit: pd.DataFrame, test: pd.DataFrame) -> np.ndarray:
     return model.predict_proba(x_test)[:, 1]
 
 
-def parse(variant: str) -> tuple[str, dict[str, str]]:
-    name, _, rest = variant.partition(":")
-    pairs = dict(item.split("=", 1) for item in rest.split(",") if item)
-    return name, pairs
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, required=True)
@@ -102,7 +97,7 @@ def main() -> None:
     variants = args.variant or ["base"]
     first: np.ndarray | None = None
     for seed, variant in ((s, v) for s in seeds for v in variants):
-        name, pairs = parse(variant)
+        name, pairs = parse_variant(variant)
         if len(seeds) > 1:
             name = f"{name}@seed{seed}"
         if variant == variants[0]:
@@ -112,14 +107,7 @@ def main() -> None:
         recent = "ranker_days" in pairs and not use_sim
         ranker_days = int(pairs.pop("ranker_days", settings.lifecycle.ranker_days))
         models.preprocessing.CLIP_STD = float(pairs.pop("clip", default_clip))
-        cfg = settings.ranker.model_copy(
-            update={
-                k: type(getattr(settings.ranker, k))(v)
-                if not isinstance(getattr(settings.ranker, k), bool)
-                else v == "1"
-                for k, v in pairs.items()
-            }
-        )
+        cfg = ranker_settings(settings.ranker, pairs)
         days = split_training_days(spec.train_dates, use_sim, ranker_days)
         if recent:  # without the scores: the ranker on the window's last ranker_days days only
             days = replace(days, ranker=days.ranker[-ranker_days:])

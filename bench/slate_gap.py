@@ -52,6 +52,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
 from bench.common import print_table, write_json
+from bench.ranker_variants import parse_variant, ranker_settings
 from models.evaluation.peers import PeerColumns, fit_logistic, inputs_frame
 from models.evaluation.ranking import (
     auc,
@@ -342,24 +343,6 @@ def slate_terms(world: Any, requests: pd.DataFrame, slates: Sequence[Sequence[st
 
 
 # --------------------------------------------------------------------------- main
-
-
-def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    name, _, rest = text.partition(":")
-    return name, dict(item.split("=", 1) for item in rest.split(",") if item)
-
-
-def ranker_settings(base: Any, pairs: Mapping[str, str]) -> Any:
-    update = {}
-    for key, value in pairs.items():
-        current = getattr(base, key)
-        if isinstance(current, bool):
-            update[key] = value in ("1", "true")
-        elif isinstance(current, list):
-            update[key] = [int(v) for v in value.split("/") if v]
-        else:
-            update[key] = type(current)(value)
-    return base.model_copy(update=update)
 
 
 def with_similarities(frame: pd.DataFrame, similarity: Any) -> pd.DataFrame:

@@ -126,6 +126,26 @@ class TwoTowerSettings(_Section):
     )
 
 
+MARKETPLACE_CROSSES: tuple[str, ...] = tuple(
+    f"{left}*{right}"
+    for left in (
+        "cms_segid",
+        "cms_group_id",
+        "final_gender_code",
+        "age_level",
+        "pvalue_level",
+        "shopping_level",
+        "occupation",
+        "page_type",
+        "slot_size",
+    )
+    for right in ("cate_id", "brand")
+)
+"""The fields the generated world's latent match is drawn from (``pipelines.simulate.world``): a
+user's profile and a placement's page type and slot, each crossed with an ad's category and brand.
+Named by field, so a spec without them (a real log) skips them."""
+
+
 class RankerSettings(_Section):
     architecture: Literal["dcn_v2", "deepfm"] = "dcn_v2"
     embedding_dim: int = Field(8, ge=2)
@@ -200,6 +220,26 @@ class RankerSettings(_Section):
     )
     wide_l2: float = Field(
         1e-4, ge=0, description="L2 penalty of the wide weights when wide_fit is joint"
+    )
+    calibrate_on: Literal["holdout", "last_day"] = Field(
+        "holdout",
+        description="held-out rows the calibration head is fitted on: all of them, or those of "
+        "the last training day only (the nearest to D, when the fit rows reach further back)",
+    )
+    crosses: list[str] = Field(
+        default_factory=list,
+        description="feature pairs 'a*b' crossed in the wide part (dcn_v2 with wide): one "
+        "weight per pair of values, fitted with the wide part (models/ranker/crosses.py); a side "
+        "is a categorical feature's name or its field (the part after the last '__'); a pair the "
+        "feature spec lacks is skipped. Empty by measurement (README 'Crosses in the ranker's wide "
+        "part'): MARKETPLACE_CROSSES won D's AUC on two demo seeds but not the slate on both "
+        "(ranker days) or calibration (wide_days all: 1.26 on seed 8)",
+    )
+    cross_buckets: int = Field(
+        1 << 18,
+        ge=16,
+        description="largest weight table of one cross; a pair with more value combinations is "
+        "hashed into this many rows",
     )
     baseline: bool = Field(
         True, description="also train the hashed logistic-regression baseline on the same split"

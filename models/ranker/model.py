@@ -32,7 +32,7 @@ calibration head to give the exported model (raw features → calibrated ``pctr`
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
@@ -41,6 +41,12 @@ from keras import ops
 from deepclick.settings import RankerSettings
 from models.feature_spec import FeatureSpec
 from models.preprocessing import Standardize, categorical_lookup
+from models.ranker.crosses import (
+    CROSS_INDEX_PREFIX,
+    WIDE_CROSS_PREFIX,
+    CrossIndex,
+    resolve_crosses,
+)
 from models.ranker.layers import (
     CalibrationHead,
     Cross,
@@ -123,7 +129,10 @@ def build_logit_model(
         logit = _dcn_v2(embeddings, dense, settings, bias)
         if settings.wide:
             logit = keras.layers.Add(name="wide_and_deep")(
-                [logit, _wide(indices, dense, len(spec.numeric), settings)]
+                [
+                    logit,
+                    _wide(indices, dense, len(spec.numeric), settings, _crosses(spec, settings)),
+                ]
             )
     else:
         logit = _deepfm(indices, embeddings, dense, settings, bias)
@@ -134,15 +143,22 @@ WIDE_PREFIX = "wide__"
 WIDE_NUMERIC = "wide_numeric"
 
 
+def _crosses(spec: FeatureSpec, settings: RankerSettings) -> list[tuple[str, str]]:
+    return [(p.left, p.right) for p in resolve_crosses(spec, settings.crosses)]
+
+
 def _wide(
     indices: Mapping[str, tuple[Any, int]],
     dense: Any | None,
     numeric: int,
     settings: RankerSettings,
+    crosses: Sequence[tuple[str, str]] = (),
 ) -> Any:
     """The first-order part (Wide & Deep's wide side, DCN's linear term): one scalar weight per
     categorical value plus one per standardised number, summed into the logit — a one-hot
     logistic regression inside the network. Zero at start, so the network begins at its bias.
+    Each pair of ``crosses`` adds one weight per pair of values (:mod:`models.ranker.crosses`),
+    the layers numbered in the order given (``cross_index__i`` → ``wide_cross__i``).
 
     Why: per-id biases of users, ads and placements with few impressions are what a regularised
     one-hot LR exploits and what the 8-dim embeddings of the cross and deep parts under-used
@@ -161,6 +177,29 @@ def _wide(
         )
         for name, (index, size) in indices.items()
     ]
+    for i, (left, right) in enumerate(crosses):
+        (left_index, left_size), (right_index, right_size) = indices[left], indices[right]
+        cross = CrossIndex(
+            left,
+            right,
+            left_size,
+            right_size,
+            settings.cross_buckets,
+            name=f"{CROSS_INDEX_PREFIX}{i}",
+        )
+        cell = cross([left_index, right_index])
+        terms.append(
+            ops.squeeze(
+                keras.layers.Embedding(
+                    cross.size,
+                    1,
+                    embeddings_initializer="zeros",
+                    embeddings_regularizer=_l2(settings.wide_l2),
+                    name=f"{WIDE_CROSS_PREFIX}{i}",
+                )(cell),
+                -1,
+            )
+        )
     if dense is not None and numeric:
         # the spec's numbers only: the two-tower scores (last columns) are left to the network,
         # so the wide part can be fitted on days the towers learned from (wide_days: all)

@@ -46,6 +46,7 @@ import tensorflow as tf
 
 from models.feature_spec import FeatureSpec
 from models.preprocessing import Standardize
+from models.ranker.crosses import WIDE_CROSS_PREFIX, CrossIndex, cross_cell
 from models.ranker.layers import CalibrationHead, Cross
 from models.ranker.model import WIDE_NUMERIC, WIDE_PREFIX
 from models.ranker.predictor import INDEX_SIGNATURES, packed_dtype
@@ -114,6 +115,7 @@ class _Side:
         self.table: Any = None
         """The fused table as a weight of the owning layer (so the export tracks it)."""
         self.offsets = tf.constant(offsets, dtype=tf.int64)
+        self.offset_of = dict(zip(self.categorical, offsets, strict=True))
         self.standardize = Standardize(list(stats), name=f"{name}_standardize") if stats else None
 
     def index(self, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor | None:
@@ -215,6 +217,15 @@ class ServingRanker(keras.layers.Layer):
             if wide_numeric is not None
             else None
         )
+        self.wide_crosses = _WideCrosses(model, order, self.shared_side, self.candidate_side)
+        if self.wide_crosses.values is not None:
+            self.wide_crosses.table = self.add_weight(
+                shape=self.wide_crosses.values.shape,
+                initializer="zeros",
+                trainable=False,
+                name="cross_table",
+            )
+            self.wide_crosses.table.assign(self.wide_crosses.values)
         self.built = True  # every weight exists: the fused tables above, the rest trained
 
     def call(self, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor:
@@ -254,6 +265,9 @@ class ServingRanker(keras.layers.Layer):
         logit = tf.squeeze(self.logit(tf.concat([crossed, deep], axis=1)), -1)
         if self.wide and rows is not None:
             logit = logit + tf.reduce_sum(rows[:, :, self.dim], axis=1)
+        if self.wide_crosses.table is not None:
+            index = self._join(shared_index, candidate_index, n, self.cat_perm)
+            logit = logit + self.wide_crosses(index)
         if self.numeric_kernel is not None and dense is not None:
             width = int(self.numeric_kernel.shape[0])
             logit = logit + tf.squeeze(tf.matmul(dense[:, :width], self.numeric_kernel), -1)
@@ -303,6 +317,45 @@ class ServingRanker(keras.layers.Layer):
             return None
         joined = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
         return tf.gather(joined, perm, axis=1) if perm is not None else joined
+
+
+class _WideCrosses:
+    """The wide part's crosses (:mod:`models.ranker.crosses`) as one flat weight table: each
+    cross's cell is computed from the two features' table rows already gathered (minus their
+    side's offset: the vocabulary index), so the crosses add integer arithmetic and one gather,
+    no string op."""
+
+    def __init__(
+        self, model: keras.Model, order: Sequence[str], shared: _Side, candidate: _Side
+    ) -> None:
+        crosses = sorted(
+            (layer for layer in model.layers if isinstance(layer, CrossIndex)),
+            key=lambda la: int(la.name.rsplit("__", 1)[-1]),
+        )
+        offset = {**shared.offset_of, **candidate.offset_of}
+        self.feature_offsets = tf.constant([offset[f] for f in order], dtype=tf.int32)
+        self.crosses = [(c, order.index(c.left), order.index(c.right)) for c in crosses]
+        weights = [
+            np.asarray(
+                model.get_layer(WIDE_CROSS_PREFIX + c.name.rsplit("__", 1)[-1]).get_weights()[0]
+            ).reshape(-1)
+            for c in crosses
+        ]
+        starts = np.cumsum([0, *(w.size for w in weights)])[:-1]
+        self.starts = [int(v) for v in starts]
+        self.values = np.concatenate(weights).astype(np.float32) if weights else None
+        self.table: Any = None
+        """The flat table as a weight of the owning layer (so the export tracks it)."""
+
+    def __call__(self, rows: tf.Tensor) -> tf.Tensor:
+        """``rows``: ``[N, features]`` fused-table rows in the trained model's order → the sum
+        of the cross weights ``[N]``."""
+        vocab = rows - self.feature_offsets
+        cells = [
+            cross_cell(vocab[:, a], vocab[:, b], c.right_size, c.size, c.hashed) + start
+            for (c, a, b), start in zip(self.crosses, self.starts, strict=True)
+        ]
+        return tf.reduce_sum(tf.gather(self.table, tf.stack(cells, axis=1)), axis=1)
 
 
 def _unpack(

@@ -328,6 +328,16 @@ def _wide_rows(
     return inputs, rows[spec.label].to_numpy()
 
 
+def _calibration_rows(split: Split, settings: RankerSettings) -> np.ndarray:
+    """Which held-out rows fit the calibration head: all, or (``calibrate_on: last_day``) those
+    of the last held-out day, the nearest to D — when the wide part learns from earlier days, the
+    level it carries to D is best read on the latest one."""
+    dates = split.calibration["date"].to_numpy()
+    if settings.calibrate_on == "last_day" and len(dates):
+        return dates == dates.max()
+    return np.ones(len(dates), dtype=bool)
+
+
 def train_ranker(
     spec: FeatureSpec,
     settings: RankerSettings,
@@ -411,7 +421,10 @@ def train_ranker(
         callbacks=early_stopping(settings),
     )
     held_logits = predict(logit_model, held_inputs)
-    head = fit_calibration(held_logits, held_labels, settings.calibration, correction=correction)
+    recent = _calibration_rows(split, settings)
+    head = fit_calibration(
+        held_logits[recent], held_labels[recent], settings.calibration, correction=correction
+    )
     model = with_calibration(logit_model, head)
     calibrated = predict(model, held_inputs)
     uncorrected = 1.0 / (1.0 + np.exp(-held_logits))

@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from models.ranker.crosses import CROSS_INDEX_PREFIX, WIDE_CROSS_PREFIX
 from models.ranker.model import WIDE_NUMERIC, WIDE_PREFIX
 
 WIDE_MAX_ITER = 500
@@ -30,12 +31,14 @@ WIDE_MAX_ITER = 500
 
 
 def wide_layers(logit_model: keras.Model) -> tuple[list[keras.layers.Layer], Any | None]:
-    """The per-feature wide embeddings (in input order) and the numeric wide layer (or None)."""
+    """The wide weight tables — per feature (in input order), then per cross
+    (:mod:`models.ranker.crosses`) — and the numeric wide layer (or None)."""
     tables = [layer for layer in logit_model.layers if layer.name.startswith(WIDE_PREFIX)]
     if not tables:
         raise ValueError(
             f"model {logit_model.name!r} has no wide part: build it with ranker.wide true"
         )
+    tables += [layer for layer in logit_model.layers if layer.name.startswith(WIDE_CROSS_PREFIX)]
     names = {layer.name for layer in logit_model.layers}
     numeric = logit_model.get_layer(WIDE_NUMERIC) if WIDE_NUMERIC in names else None
     return tables, numeric
@@ -45,11 +48,11 @@ def wide_design(
     logit_model: keras.Model, inputs: Mapping[str, Any], batch: int = 8192
 ) -> sp.csr_matrix:
     """The rows of ``inputs`` as the wide part sees them: one indicator column per vocabulary
-    index of each categorical feature (OOV buckets included, features side by side), then the
-    standardised numbers — so a coefficient vector maps one-to-one onto the wide weights."""
+    index of each categorical feature (OOV buckets included, features side by side), one per
+    cell of each cross, then the standardised numbers — so a coefficient vector maps one-to-one
+    onto the wide weights."""
     tables, numeric = wide_layers(logit_model)
-    names = [t.name.removeprefix(WIDE_PREFIX) for t in tables]
-    outputs = [logit_model.get_layer(f"lookup__{n}").output for n in names]
+    outputs = [logit_model.get_layer(_index_layer(t.name)).output for t in tables]
     if numeric is not None:
         outputs.append(logit_model.get_layer("standardize").output)
     probe = keras.Model(logit_model.input, outputs)
@@ -69,9 +72,17 @@ def wide_design(
     return sp.hstack(blocks, format="csr")
 
 
+def _index_layer(table: str) -> str:
+    """The layer whose output indexes wide table ``table``: a feature's vocabulary lookup, or a
+    cross's cell (:class:`models.ranker.crosses.CrossIndex`)."""
+    if table.startswith(WIDE_CROSS_PREFIX):
+        return CROSS_INDEX_PREFIX + table.removeprefix(WIDE_CROSS_PREFIX)
+    return "lookup__" + table.removeprefix(WIDE_PREFIX)
+
+
 def average_unseen(weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """One categorical feature's wide weights with every value absent from the fit rows set to
-    the row-weighted mean weight of the values present.
+    """One categorical feature's (or cross's) wide weights with every value absent from the fit
+    rows set to the row-weighted mean weight of the values present.
 
     Why: L2 spreads part of the intercept over each feature's weights, so a value the fit never
     saw (weight 0) is not neutral. Medium world, D = 2024-01-08 (a Monday), ranker days Saturday and
@@ -126,4 +137,8 @@ def fit_wide(
     out.set_weights([np.zeros_like(kernel), np.array([lr.intercept_[0]], dtype=np.float32)])
     for layer in [*tables, *([numeric] if numeric is not None else [])]:
         layer.trainable = False
-    return {"wide_intercept": float(lr.intercept_[0]), "wide_nonzero": float((coef != 0).sum())}
+    return {
+        "wide_intercept": float(lr.intercept_[0]),
+        "wide_nonzero": float((coef != 0).sum()),
+        "wide_crosses": float(sum(t.name.startswith(WIDE_CROSS_PREFIX) for t in tables)),
+    }
