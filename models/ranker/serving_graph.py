@@ -349,10 +349,21 @@ class _WideCrosses:
 
     def __call__(self, rows: tf.Tensor) -> tf.Tensor:
         """``rows``: ``[N, features]`` fused-table rows in the trained model's order → the sum
-        of the cross weights ``[N]``."""
+        of the cross weights ``[N]``.
+
+        Each side's vocabulary index is clipped into its vocabulary: a real row is already
+        inside it, but padding rows (all-zero table rows, which lie before a feature's offset)
+        gave negative cells, an out-of-range gather that failed the whole padded call."""
         vocab = rows - self.feature_offsets
         cells = [
-            cross_cell(vocab[:, a], vocab[:, b], c.right_size, c.size, c.hashed) + start
+            cross_cell(
+                tf.clip_by_value(vocab[:, a], 0, c.left_size - 1),
+                tf.clip_by_value(vocab[:, b], 0, c.right_size - 1),
+                c.right_size,
+                c.size,
+                c.hashed,
+            )
+            + start
             for (c, a, b), start in zip(self.crosses, self.starts, strict=True)
         ]
         return tf.reduce_sum(tf.gather(self.table, tf.stack(cells, axis=1)), axis=1)
