@@ -53,6 +53,11 @@ from sklearn.preprocessing import OneHotEncoder
 
 from bench.common import print_table, write_json
 from bench.ranker_variants import parse_variant, ranker_settings
+from deepclick.settings import (
+    MARKETPLACE_AD_FIELDS,
+    MARKETPLACE_CONTEXT_FIELDS,
+    MARKETPLACE_USER_FIELDS,
+)
 from models.evaluation.peers import PeerColumns, fit_logistic, inputs_frame
 from models.evaluation.ranking import (
     auc,
@@ -66,19 +71,6 @@ from models.feature_spec import ROLE_KEY, FeatureSpec
 from models.ranker.inputs import SIMILARITY_INPUTS
 
 SLOTS = 10
-USER_FIELDS = (
-    "cms_segid",
-    "cms_group_id",
-    "final_gender_code",
-    "age_level",
-    "pvalue_level",
-    "shopping_level",
-    "occupation",
-)
-"""User profile fields the world's user factor is drawn from (``pipelines.simulate.world``)."""
-CONTEXT_FIELDS = ("page_type", "slot_size")
-AD_FIELDS = ("cate_id", "brand")
-"""Ad fields the world's ad factor is drawn from."""
 
 Scorer = Callable[[pd.DataFrame], np.ndarray]
 
@@ -100,10 +92,10 @@ def truth_crosses(spec: FeatureSpec) -> list[tuple[str, str]]:
     user = next(p for p in ("user", "u") if p in prefixes)
     ctx = next(p for p in ("ctx", "context") if p in prefixes)
     ad = next(p for p in ("ad", "a") if p in prefixes)
-    left = [_column(spec, user, f) for f in USER_FIELDS] + [
-        _column(spec, ctx, f) for f in CONTEXT_FIELDS
+    left = [_column(spec, user, f) for f in MARKETPLACE_USER_FIELDS] + [
+        _column(spec, ctx, f) for f in MARKETPLACE_CONTEXT_FIELDS
     ]
-    right = [_column(spec, ad, f) for f in AD_FIELDS]
+    right = [_column(spec, ad, f) for f in MARKETPLACE_AD_FIELDS]
     return [(a, b) for a in left for b in right]
 
 

@@ -126,24 +126,29 @@ class TwoTowerSettings(_Section):
     )
 
 
+MARKETPLACE_USER_FIELDS: tuple[str, ...] = (
+    "cms_segid",
+    "cms_group_id",
+    "final_gender_code",
+    "age_level",
+    "pvalue_level",
+    "shopping_level",
+    "occupation",
+)
+"""The user profile fields the generated world's user factor is drawn from
+(``pipelines.simulate.world``)."""
+MARKETPLACE_CONTEXT_FIELDS: tuple[str, ...] = ("page_type", "slot_size")
+"""The placement fields its placement factor is drawn from."""
+MARKETPLACE_AD_FIELDS: tuple[str, ...] = ("cate_id", "brand")
+"""The ad fields its ad factor is drawn from."""
 MARKETPLACE_CROSSES: tuple[str, ...] = tuple(
     f"{left}*{right}"
-    for left in (
-        "cms_segid",
-        "cms_group_id",
-        "final_gender_code",
-        "age_level",
-        "pvalue_level",
-        "shopping_level",
-        "occupation",
-        "page_type",
-        "slot_size",
-    )
-    for right in ("cate_id", "brand")
+    for left in (*MARKETPLACE_USER_FIELDS, *MARKETPLACE_CONTEXT_FIELDS)
+    for right in MARKETPLACE_AD_FIELDS
 )
-"""The fields the generated world's latent match is drawn from (``pipelines.simulate.world``): a
-user's profile and a placement's page type and slot, each crossed with an ad's category and brand.
-Named by field, so a spec without them (a real log) skips them."""
+"""The fields the generated world's latent match is drawn from: a user's profile and a
+placement's page type and slot, each crossed with an ad's category and brand. Named by field, so a
+spec without them (a real log) skips them."""
 
 
 class RankerSettings(_Section):
