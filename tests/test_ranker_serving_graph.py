@@ -90,7 +90,8 @@ def test_fused_graph_scores_equal_the_keras_model(
 
 def test_fused_graph_gathers_once_per_side_not_twice_per_feature(folder: FeatureFolder) -> None:
     """Issue 14: the Keras model's per-feature embedding and wide lookups (26 gathers for 13
-    features) were most of the served predict's cost; the fused graph has one per side."""
+    features) were most of the served predict's cost; the fused graph has one per side, and
+    one for all the wide part's crosses together (``ranker.crosses``, on by default)."""
     model = _planted_ranker(folder, RankerSettings(baseline=False), seed=4)
     fused = ServingRanker(model, folder.spec, shared_inputs(folder.spec))
     specs = {
@@ -99,7 +100,9 @@ def test_fused_graph_gathers_once_per_side_not_twice_per_feature(folder: Feature
     graph = tf.function(fused.call).get_concrete_function(specs).graph
     gathers = [op for op in graph.get_operations() if op.type in ("GatherV2", "ResourceGather")]
     assert len(folder.spec.categorical) >= 10
-    assert len(gathers) == 2, [op.name for op in gathers]
+    crossed = fused.wide_crosses.table is not None
+    assert crossed  # the planted spec has the default crosses' fields
+    assert len(gathers) == 2 + crossed, [op.name for op in gathers]
 
 
 def test_deepfm_is_not_fused(folder: FeatureFolder, tmp_path: Path) -> None:
