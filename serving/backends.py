@@ -189,19 +189,8 @@ class InProcessBackend(RankerBackend):
 
     def describe(self) -> dict[str, str]:
         p = self.predictor
-        call = (
-            "tflite"
-            if p.lite
-            else "xla"
-            if p.xla
-            else "indexed"
-            if p.indexed
-            else "packed"
-            if p.packed
-            else "public"
-        )
         fallback = {"tflite_fallback": p.lite_fallback} if p.lite_fallback else {}
-        return {**super().describe(), "call": call, **fallback}
+        return {**super().describe(), "call": p.call, **fallback}
 
     def _call(self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str) -> np.ndarray:
         future = self._pool.submit(self.predictor.predict, inputs, signature)

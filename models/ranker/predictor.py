@@ -228,6 +228,20 @@ class InProcessPredictor:
         return self._lite is not None
 
     @property
+    def call(self) -> str:
+        """Which call scores a request: ``tflite``, ``xla``, ``indexed``, ``packed`` or
+        ``public`` (the first this version and the settings allow)."""
+        for name, used in (
+            ("tflite", self.lite),
+            ("xla", self.xla),
+            ("indexed", self.indexed),
+            ("packed", self.packed),
+        ):
+            if used:
+                return name
+        return "public"
+
+    @property
     def version(self) -> str:
         return str(self.manifest.get("version", self.path.name))
 
