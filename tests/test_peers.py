@@ -106,6 +106,23 @@ def test_a_peer_scores_a_serving_request_like_the_rows_it_came_from(folder) -> N
     )
 
 
+def test_the_lr_peers_looked_up_weights_score_as_its_one_hot_design(folder) -> None:
+    """The LR peer scores by summing looked-up weights (the replay calls it once per request);
+    that must be the fitted model's own ``predict_proba`` over the one-hot design, including
+    values unseen in training, missing values and absent columns."""
+    spec = folder.spec
+    peer = fit_peers(spec, read_training_rows(spec, 20_000), names=[LOGISTIC]).models[LOGISTIC]
+    day = folder.table("eval").head(300).copy()
+    categorical = [f.name for f in spec.categorical]
+    day.loc[day.index[::3], categorical[0]] = "never-seen-in-training"
+    day.loc[day.index[1::5], categorical[1]] = None
+    day.loc[day.index[2::7], categorical[2]] = ""
+    day = day.drop(columns=[categorical[3]])
+    expected = peer.model.predict_proba(peer.design(day))[:, 1]
+    np.testing.assert_allclose(peer.predict(day), expected, rtol=0, atol=1e-9)
+    assert np.ptp(expected) > 0.05  # the check compares scores that differ
+
+
 # --------------------------------------------------------------------------- intervals
 
 
