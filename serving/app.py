@@ -35,7 +35,7 @@ from deepclick.settings import Settings
 from .backends import RankerError
 from .features import RequestFieldError
 from .metrics import ServingMetrics
-from .ranking import RankLimits, rank
+from .ranking import RankLimits, rank_async
 from .release import LoadedRelease
 from .reloader import ReleaseHolder, Reloader
 from .schemas import Problem, RankRequest, RankResponse, Readiness, ReleaseInfo
@@ -306,7 +306,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def rank_ads(
+async def rank_ads(
     body: RankRequest,
     release: ReleaseDep,
     limits: LimitsDep,
@@ -316,9 +316,11 @@ def rank_ads(
 ) -> Response:
     """Rank ads for one user on one placement (lookup → ANN + popular → ranker → sort).
 
-    A plain ``def``: FastAPI runs it on its thread pool, where ANNOY and TensorFlow release the
-    GIL, so concurrent requests overlap. The answer is a :class:`RankResponse` serialised here
-    once; letting FastAPI re-validate it would cost a second thread-pool hop per request.
+    ``async``, on the worker's event loop: the stages before and after the ranker run here and
+    the ranker call is awaited (``rank_async``), so a request costs no thread-pool hop of its
+    own and the loop keeps serving others while the ranker works (a plain ``def`` ran on
+    FastAPI's thread pool: measured 0.5 ms more CPU per request). The answer is a
+    :class:`RankResponse` serialised here once (no second validation by FastAPI).
 
     The end-to-end deadline (``serving.request_deadline_ms`` from arrival) is enforced here: a
     request that already waited past it is answered 503 (``deepclick_rejected{reason=
@@ -338,7 +340,7 @@ def rank_ads(
         if left < limits.timeout_s:
             limits = dataclasses.replace(limits, timeout_s=left)
     try:
-        answer = rank(release, body, limits, metrics)
+        answer = await rank_async(release, body, limits, metrics)
     except RequestFieldError as exc:
         raise HTTPException(
             status_code=422,
