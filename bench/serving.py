@@ -96,7 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--concurrency-sweep", nargs="+", metavar="KEY=VALUE,...", default=None,
-        help="only 2-worker servers at the --concurrency levels > 1, one per configuration of "
+        help="only 2-worker servers at the --concurrency levels, one per configuration of "
         "max_in_flight, batch_max_rows, batch_max_wait_ms (serving) and timeout_ms (the ranker's "
         "deadline), e.g. max_in_flight=4,batch_max_rows=2000,timeout_ms=100",
     )  # fmt: skip
@@ -1030,7 +1030,7 @@ def parse_config(text: str) -> dict[str, Any]:
 
 
 def concurrency_sweep(root: Path, args: argparse.Namespace, bodies: list[bytes]) -> list[dict]:
-    """2 workers, in-process ranker, at each connection count > 1, once per configuration:
+    """2 workers, in-process ranker, at each ``--concurrency`` level, once per configuration:
     answered requests/s, latency and how many answers came back degraded (the ranker's deadline
     passed) — the measurement the serving defaults are picked from."""
     rows = []
@@ -1038,7 +1038,7 @@ def concurrency_sweep(root: Path, args: argparse.Namespace, bodies: list[bytes])
         config = parse_config(text)
         found, _ = run_server_and_load(
             "api", root, args, bodies, workers=2, backend="in_process", target="x",
-            signature="rank", concurrencies=[c for c in args.concurrency if c > 1],
+            signature="rank", concurrencies=args.concurrency,
             path="/v1/rank", requests=args.requests, serving=config, label=f" [{text}]",
         )  # fmt: skip
         rows += found
@@ -1186,7 +1186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.concurrency_sweep:
         sweep = concurrency_sweep(root, args, bodies)
         keep = ("name", "concurrency", "requests", "ok_rps", "p50_ms", "p99_ms", "non_200",
-                "degraded", "load_avg")  # fmt: skip
+                "degraded", "server_cpu_ms_per_request", "load_avg")  # fmt: skip
         sweep = [{k: r[k] for k in keep} for r in sweep]
         print_table("2 workers: answered req/s and degraded answers per configuration", sweep)
         results["concurrency_sweep"] = sweep

@@ -37,7 +37,7 @@ from .backends import RankerBackend, RankerError, RankerTimeout, rows_of, signat
 BATCH_SIGNATURE = "serving_default"
 
 
-@dataclass
+@dataclass(eq=False)  # found in a queue by identity (its arrays have no truth value)
 class _Waiting:
     common: Mapping[str, np.ndarray]
     candidates: Mapping[str, np.ndarray]

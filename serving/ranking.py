@@ -36,6 +36,8 @@ class RankLimits:
     max_candidates: int
     max_exclude_ads: int
     timeout_s: float
+    deadline_s: float | None = None
+    """End-to-end budget of a request from its arrival (``serving.request_deadline_ms``)."""
 
 
 def check_limits(request: RankRequest, limits: RankLimits) -> None:
@@ -206,7 +208,7 @@ def answer(
         "total": t_sort - ready.started,
     }
     for stage, seconds in stages.items():
-        metrics.stage_seconds.labels(stage).observe(seconds)
+        metrics.stage[stage].observe(seconds)
     return RankResponse(
         ads=ads,
         versions=ReleaseVersions(**release.versions),

@@ -274,12 +274,12 @@ def test_awaited_batched_path_gives_the_rankings_of_the_one_request_path(
     batcher = BatchingBackend(loaded.backend, max_rows=2000)
     batched_release = dataclasses.replace(loaded, backend=batcher)
 
-    async def together() -> list:
+    async def together(requests: list[RankRequest]) -> list:
         return await asyncio.gather(
             *(rank_async(batched_release, r, limits, metrics) for r in requests)
         )
 
-    answers = asyncio.run(together())
+    answers = asyncio.run(together(requests))
     # every request queued before the drain task first ran: all six in one call
     assert (batcher.batches, batcher.batched_requests) == (1, len(requests))
     for one, many in zip(alone, answers, strict=True):
@@ -288,6 +288,16 @@ def test_awaited_batched_path_gives_the_rankings_of_the_one_request_path(
         np.testing.assert_allclose(
             [a.pctr for a in many.ads], [a.pctr for a in one.ads], rtol=1e-4, atol=1e-6
         )
+    # The same request four times, one per call: each answer comes while identical requests
+    # still wait (regression: leaving the queue compared them by value, and their arrays
+    # raised — a 500 under the hot-reload test's repeated request).
+    batcher = BatchingBackend(loaded.backend, max_rows=200)
+    batched_release = dataclasses.replace(loaded, backend=batcher)
+    in_turn = asyncio.run(together([requests[0]] * 4))
+    assert (batcher.batches, batcher.batched_requests) == (4, 4)
+    for turn in in_turn:
+        assert not turn.degraded
+        assert [a.ad_id for a in turn.ads] == [a.ad_id for a in alone[0].ads]
 
 
 def test_awaited_batch_past_its_deadline_is_a_timeout_and_the_queue_moves_on(
