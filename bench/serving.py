@@ -768,7 +768,7 @@ def predict_layers(
         "whole request (rank, exact search)": lambda: [
             rank(release, r, limits, metrics) for r in requests
         ],
-        "micro-batcher (BatchingBackend.predict)": lambda: [
+        "release backend (the micro-batcher when on)": lambda: [
             backend.predict(g.common, inputs_for(backend, g.candidates), timeout_s=30)
             for g in gathered
         ],
