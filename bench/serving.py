@@ -101,6 +101,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "deadline), e.g. max_in_flight=4,batch_max_rows=2000,timeout_ms=100",
     )  # fmt: skip
     parser.add_argument(
+        "--framework-split", action="store_true",
+        help="only the framework's CPU per request in process (precomputed answer; no servers)",
+    )  # fmt: skip
+    parser.add_argument(
         "--ranker-variants", action="store_true",
         help="only the ranker's quality-vs-latency table (trains each variant; no servers)",
     )  # fmt: skip
@@ -654,6 +658,104 @@ def in_process(root: Path, args: argparse.Namespace, bodies: Sequence[bytes]) ->
     return rows
 
 
+def framework_split(root: Path, args: argparse.Namespace, rounds: int = 5) -> list[dict]:
+    """CPU per ``/v1/rank`` request of the framework alone, in process (no sockets, no uvicorn):
+    the ASGI app driven with the bench's request bodies while the ranking itself is replaced by
+    one precomputed answer (``serving.app.rank_async`` patched for the measurement), so only
+    routing, dependencies, request validation, the deadline check, response encoding and our
+    middlewares are left; beside it the same app without our middlewares and a bare FastAPI
+    endpoint with the same request model. Best of ``rounds`` interleaved rounds."""
+    from unittest import mock
+
+    from fastapi import FastAPI
+
+    import serving.app as api
+    from deepclick.settings import Settings
+    from serving.metrics import ServingMetrics
+    from serving.ranking import RankLimits, rank
+    from serving.release import current_release_folder, load_release
+    from serving.reloader import ReleaseHolder
+
+    settings = Settings(root=root)
+    release = load_release(current_release_folder(root), settings)
+    bodies = request_bodies(root, args)[:400]
+    limits = RankLimits(args.candidates, max(args.candidates, 2000), 1000, 30.0)
+    fixed = rank(release, RankRequest.model_validate_json(bodies[0]), limits, ServingMetrics())
+
+    async def precomputed(*_: Any) -> Any:
+        return fixed
+
+    def precomputed_sync(*_: Any) -> Any:  # the route before issue 14's async one called rank
+        return fixed
+
+    def bare() -> FastAPI:
+        app = FastAPI()
+
+        async def rank_bare(body: RankRequest) -> dict[str, int]:
+            return {"ads": 0}
+
+        app.add_api_route(BARE_PATH, rank_bare, methods=["POST"])
+        return app
+
+    def ours(middleware: bool) -> FastAPI:
+        app = api.create_app(settings, holder=ReleaseHolder(release), watch=False)
+        if not middleware:
+            app.user_middleware = []
+        return app
+
+    async def drive(app: Any) -> None:
+        for body in bodies:
+            sent: list[dict] = []
+            delivered = False
+
+            async def receive(body: bytes = body) -> dict:
+                nonlocal delivered
+                if delivered:
+                    await asyncio.sleep(3600)
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def send(message: dict, sent: list = sent) -> None:
+                sent.append(message)
+
+            scope = {
+                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                "method": "POST", "scheme": "http", "path": BARE_PATH,
+                "raw_path": BARE_PATH.encode(), "query_string": b"", "root_path": "",
+                "headers": [(b"host", b"bench"), (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())],
+                "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {},
+            }  # fmt: skip
+            await app(scope, receive, send)
+            if sent[0]["status"] != 200:
+                raise RuntimeError(f"framework split: status {sent[0]['status']}: {sent[1:]}")
+
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    best: dict[str, float] = {}
+    with contextlib.ExitStack() as patched:
+        for name, stand_in in (("rank_async", precomputed), ("rank", precomputed_sync)):
+            if hasattr(api, name):
+                patched.enter_context(mock.patch.object(api, name, stand_in))
+        apps = {
+            "bare FastAPI endpoint, same request model": bare(),
+            "our route (dependencies, deadline, encoding), no middleware": ours(False),
+            "the whole app (+ body limit, admission, metrics middleware)": ours(True),
+        }
+        for app in apps.values():
+            loop.run_until_complete(drive(app))
+        for _ in range(rounds):
+            for name, app in apps.items():
+                started = time.process_time()
+                loop.run_until_complete(drive(app))
+                ms = (time.process_time() - started) * 1000 / len(bodies)
+                best[name] = min(best.get(name, float("inf")), ms)
+    loop.close()
+    release.close()
+    return [{"layer": name, "cpu_ms_per_request": round(ms, 3)} for name, ms in best.items()]
+
+
 def predict_calls(root: Path, args: argparse.Namespace, repeats: int = 5) -> list[dict]:
     """The in-process ranker call of one 500-candidate request, four ways on the same loaded
     SavedModel (CPU per call, best of ``repeats`` rounds, the ways interleaved so that a busy
@@ -1180,6 +1282,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             "search"
         ),
     }
+    split = framework_split(root, args)
+    print_table("the framework's CPU per /v1/rank request, in process, answer precomputed", split)
+    results["framework_split"] = split
+    if args.framework_split:
+        print(f"wrote {write_json(args.name, results)}")
+        return
     ceiling = in_process(root, args, bodies)
     print_table("in process, no HTTP: CPU per request, stage shares, ranker vs FLOPs", ceiling)
     results["in_process"] = ceiling
