@@ -359,10 +359,10 @@ class ServingSettings(_Section):
     )
     max_in_flight: int = Field(
         4, ge=1, description="/v1/rank requests one worker serves at once; beyond it a fast 503 "
-        "with Retry-After (admission control: overload is answered, not queued); 4 lets "
-        "micro-batches of up to 4 requests form (bench.serving --concurrency-sweep: 1.6-2.4x the "
-        "ranked answers/s of 2 at 8-32 connections, where 8 with 4,000-row batches mostly "
-        "missed the ranker's deadline)",
+        "with Retry-After (admission control: overload is answered, not queued); 4 measured "
+        "best with the SavedModel call and micro-batching (bench.serving --concurrency-sweep: "
+        "1.6-2.4x the ranked answers/s of 2 at 8-32 connections, where 8 with 4,000-row batches "
+        "mostly missed the ranker's deadline); kept with the TFLite call, batching off",
     )  # fmt: skip
     request_deadline_ms: int = Field(
         250, ge=1, description="end-to-end budget of a /v1/rank request from arrival: a request "
@@ -375,10 +375,14 @@ class ServingSettings(_Section):
         16 * 1024, ge=1024, description="requests with more header bytes get 431"
     )
     batch_max_rows: int = Field(
-        2000, ge=0, description="micro-batching: requests reaching the ranker together are "
-        "scored in one call of at most this many candidate rows (0: off, each request alone); "
-        "the per-request ranker CPU falls up to 4-8 requests of 500 candidates per call "
-        "(bench.serving batch curve; numbers in the README's serving section)",
+        0, ge=0, description="micro-batching: requests reaching the ranker together are "
+        "scored in one call of at most this many candidate rows (0: off, each request alone). "
+        "Off by default since the TFLite call: re-swept with 2 workers at 1/8/32 connections "
+        "(bench.serving --concurrency-sweep, README serving section), off answered 131/131 "
+        "req/s at 8/32 with no degraded answer; 1000-4000 rows 80-134 req/s with up to 18% "
+        "(8 connections) and 56-95% (32) of the answers degraded at the ranker's deadline "
+        "(a queued request waits for the call ahead of it, and a TFLite call of 1,000-2,000 "
+        "rows saves little CPU)",
     )  # fmt: skip
     batch_max_wait_ms: float = Field(
         0.0, ge=0, description="micro-batching: how long the first request of a batch waits for "

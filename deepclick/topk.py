@@ -19,14 +19,36 @@ QUERY_CHUNK = 1024
 """Queries scored at once: bounds the ``[chunk, items]`` score matrix."""
 
 
+SAMPLE_STEP = 16
+"""``top_rows`` on a large array first finds a threshold on every 16th score."""
+
+
 def top_rows(scores: np.ndarray, n: int) -> np.ndarray:
-    """Rows of the ``n`` largest ``scores``, best first, equal scores to the lower row."""
+    """Rows of the ``n`` largest ``scores``, best first, equal scores to the lower row.
+
+    On a large array (the candidate stage's exact scan: 100k scores, 500 wanted) a threshold
+    from a strided sample keeps only the rows at or above it — a little more than ``n`` — and
+    only those are ordered: 0.25 vs 0.44 ms per 100k-score query, same rows (issue 14). Exact
+    whatever the sample: when fewer than ``n`` rows pass, the whole array is partitioned.
+    """
     size = scores.shape[0]
     n = min(int(n), size)
     if n <= 0:
         return np.empty(0, dtype=np.int64)
-    top = np.argpartition(scores, size - n)[size - n :] if n < size else np.arange(n)
-    return top[np.lexsort((top, -scores[top]))].astype(np.int64)
+    if 4 * SAMPLE_STEP * n <= size:
+        sample = scores[::SAMPLE_STEP]
+        k = min(len(sample), 2 * (n // SAMPLE_STEP) + 8)  # ~2n rows expected to pass
+        threshold = np.partition(sample, len(sample) - k)[len(sample) - k]
+        passed = np.flatnonzero(scores >= threshold)
+        if len(passed) >= n:  # every row of the top n is among them, ties included
+            return passed[np.lexsort((passed, -scores[passed]))[:n]].astype(np.int64)
+    if n < size:
+        # every row tied with the n-th score is a candidate, so ties go to the lower row
+        kth = np.partition(scores, size - n)[size - n]
+        top = np.flatnonzero(scores >= kth)
+    else:
+        top = np.arange(n)
+    return top[np.lexsort((top, -scores[top]))][:n].astype(np.int64)
 
 
 def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:

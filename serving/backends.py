@@ -27,12 +27,13 @@ sends every input per candidate. Which one a backend uses is ``predictor.signatu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,11 @@ def signature_inputs(
     return {**{k: np.repeat(v, n) for k, v in common.items()}, **candidates}
 
 
+def rows_of(candidates: Mapping[str, np.ndarray]) -> int:
+    """How many candidates a request's per-candidate inputs hold (0 without inputs)."""
+    return len(next(iter(candidates.values()))) if candidates else 0
+
+
 def inputs_for(backend: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``inputs`` as ``backend`` takes them: the precomputed candidate rows
     (:data:`~models.ranker.inputs.CANDIDATE_INDEX`, ``[N, k]``) only for a backend that says
@@ -112,12 +118,28 @@ class RankerBackend(ABC):
             RankerError: any other failure, including an answer of the wrong length or with
                 values outside [0, 1].
         """
-        n = len(next(iter(candidates.values()))) if candidates else 0
+        n = rows_of(candidates)
         if n == 0:
             return np.zeros(0, dtype=np.float32)
         inputs = signature_inputs(self.signature, common, candidates, n)
         scores = self.call(inputs, self.timeout_s if timeout_s is None else timeout_s)
         return self.checked_scores(scores, n)
+
+    async def predict_async(
+        self,
+        common: Mapping[str, np.ndarray],
+        candidates: Mapping[str, np.ndarray],
+        *,
+        timeout_s: float | None = None,
+    ) -> np.ndarray:
+        """:meth:`predict` for a caller on the event loop (the API's ``async`` route): the loop
+        serves other requests while the ranker works, and no thread is parked on the wait."""
+        n = rows_of(candidates)
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        inputs = signature_inputs(self.signature, common, candidates, n)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        return self.checked_scores(await self.call_async(inputs, timeout), n)
 
     def checked_scores(self, scores: np.ndarray, n: int) -> np.ndarray:
         """``scores`` as a flat float32 array, refused (:class:`RankerError`) unless it holds
@@ -138,6 +160,21 @@ class RankerBackend(ABC):
         Precomputed candidate rows (:data:`~models.ranker.inputs.CANDIDATE_INDEX`) reach only a
         backend that takes them; the others get the strings alone."""
         return self._call(inputs_for(self, inputs), timeout_s, signature or self.signature)
+
+    async def call_async(
+        self, inputs: dict[str, np.ndarray], timeout_s: float, *, signature: str | None = None
+    ) -> np.ndarray:
+        """:meth:`call`, awaited."""
+        return await self._call_async(
+            inputs_for(self, inputs), timeout_s, signature or self.signature
+        )
+
+    async def _call_async(
+        self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str
+    ) -> np.ndarray:
+        """The blocking :meth:`_call` on a worker thread (remote backends wait on a socket with
+        their own deadline); a backend with a pool of its own awaits that instead."""
+        return await asyncio.to_thread(self._call, inputs, timeout_s, signature)
 
     @abstractmethod
     def _call(self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str) -> np.ndarray:
@@ -197,12 +234,26 @@ class InProcessBackend(RankerBackend):
         try:
             return future.result(timeout=timeout_s)
         except FutureTimeout:
-            future.cancel()
-            raise RankerTimeout(
-                f"in-process ranker: no answer within {timeout_s * 1000:.0f} ms"
-            ) from None
+            raise self._timed_out(future, timeout_s) from None
         except Exception as exc:  # the model or its inputs failed: a known, degradable fault
             raise RankerError(f"in-process ranker failed: {exc}") from exc
+
+    async def _call_async(
+        self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str
+    ) -> np.ndarray:
+        """One hop: the event loop awaits the pool's future (no thread waits on it)."""
+        future = self._pool.submit(self.predictor.predict, inputs, signature)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        except TimeoutError:
+            raise self._timed_out(future, timeout_s) from None
+        except Exception as exc:  # the model or its inputs failed: a known, degradable fault
+            raise RankerError(f"in-process ranker failed: {exc}") from exc
+
+    @staticmethod
+    def _timed_out(future: Future, timeout_s: float) -> RankerTimeout:
+        future.cancel()
+        return RankerTimeout(f"in-process ranker: no answer within {timeout_s * 1000:.0f} ms")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

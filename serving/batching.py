@@ -14,10 +14,16 @@ share one ``rank`` call) and hands each request its slice; a batch of one reques
 backend's own signature. Each request keeps its deadline: a follower whose time runs out leaves
 with :class:`RankerTimeout`, a batch's call gets the shortest deadline of its members (no request
 waits past its own), and a batch's failure is every member's failure.
+
+Callers on the event loop (the API's ``async`` route) use :meth:`BatchingBackend.predict_async`:
+the same policy (whole requests, oldest first, up to ``max_rows``; a batch of one keeps the
+backend's signature) with the waiting done by the loop — requests queue while a call is running,
+and one drain task scores them in turn — so no thread is parked per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -26,12 +32,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends import RankerBackend, RankerError, RankerTimeout, signature_inputs
+from .backends import RankerBackend, RankerError, RankerTimeout, rows_of, signature_inputs
 
 BATCH_SIGNATURE = "serving_default"
 
 
-@dataclass
+@dataclass(eq=False)  # found in a queue by identity (its arrays have no truth value)
 class _Waiting:
     common: Mapping[str, np.ndarray]
     candidates: Mapping[str, np.ndarray]
@@ -40,6 +46,8 @@ class _Waiting:
     done: threading.Event = field(default_factory=threading.Event)
     result: np.ndarray | None = None
     error: BaseException | None = None
+    answer: asyncio.Future | None = None
+    """The loop's future of an awaiting caller (``predict_async``)."""
 
 
 class BatchingBackend(RankerBackend):
@@ -65,6 +73,8 @@ class BatchingBackend(RankerBackend):
         self._queue: deque[_Waiting] = deque()
         self._cond = threading.Condition()
         self._busy = False
+        self._waiting: deque[_Waiting] = deque()  # awaiting callers (one event loop)
+        self._drain: asyncio.Task | None = None
         self.batches = 0
         self.batched_requests = 0
         """Counters for benchmarks: calls made, and requests they answered."""
@@ -92,7 +102,7 @@ class BatchingBackend(RankerBackend):
         timeout_s: float | None = None,
     ) -> np.ndarray:
         """``pctr`` per candidate, as :meth:`RankerBackend.predict`, possibly in a shared call."""
-        n = len(next(iter(candidates.values()))) if candidates else 0
+        n = rows_of(candidates)
         if n == 0:
             return np.zeros(0, dtype=np.float32)
         budget = self.timeout_s if timeout_s is None else timeout_s
@@ -131,11 +141,7 @@ class BatchingBackend(RankerBackend):
                             break
                         self._cond.wait(left)
             with self._cond:
-                batch = [self._queue.popleft()]
-                rows = batch[0].rows
-                while self._queue and rows + self._queue[0].rows <= self.max_rows:
-                    rows += self._queue[0].rows
-                    batch.append(self._queue.popleft())
+                batch = self._take(self._queue)
             self._run(batch)
         finally:
             with self._cond:
@@ -162,13 +168,101 @@ class BatchingBackend(RankerBackend):
             waiting.result = result
             waiting.done.set()
 
+    def _take(self, queue: deque[_Waiting]) -> list[_Waiting]:
+        """The next batch: whole requests from the queue's head, oldest first, up to
+        ``max_rows`` rows (at least one request)."""
+        batch = [queue.popleft()]
+        rows = batch[0].rows
+        while queue and rows + queue[0].rows <= self.max_rows:
+            rows += queue[0].rows
+            batch.append(queue.popleft())
+        return batch
+
     def _together(self, batch: list[_Waiting], timeout: float) -> list[np.ndarray]:
         """One ``serving_default`` call over every request's rows, split back per request."""
+        inputs = self._joined(batch)
+        raw = self.inner.call(inputs, timeout, signature=BATCH_SIGNATURE)
+        return self._split(raw, batch)
+
+    @staticmethod
+    def _joined(batch: list[_Waiting]) -> dict[str, np.ndarray]:
+        """The ``serving_default`` inputs of every request's rows, one after the other."""
         parts = [signature_inputs(BATCH_SIGNATURE, w.common, w.candidates, w.rows) for w in batch]
         # inputs every request has (precomputed candidate rows may be missing from some)
         names = [name for name in parts[0] if all(name in p for p in parts)]
-        inputs = {name: np.concatenate([p[name] for p in parts]) for name in names}
-        total = sum(w.rows for w in batch)
-        raw = self.inner.call(inputs, timeout, signature=BATCH_SIGNATURE)
-        scores = self.inner.checked_scores(raw, total)
+        return {name: np.concatenate([p[name] for p in parts]) for name in names}
+
+    def _split(self, raw: np.ndarray, batch: list[_Waiting]) -> list[np.ndarray]:
+        scores = self.inner.checked_scores(raw, sum(w.rows for w in batch))
         return np.split(scores, np.cumsum([w.rows for w in batch])[:-1])
+
+    # ----------------------------------------------------------------- on the event loop
+
+    async def predict_async(
+        self,
+        common: Mapping[str, np.ndarray],
+        candidates: Mapping[str, np.ndarray],
+        *,
+        timeout_s: float | None = None,
+    ) -> np.ndarray:
+        """:meth:`predict` for callers on one event loop: queue, let the drain task score the
+        queue in batches, and wait for this request's slice at most until its deadline."""
+        n = rows_of(candidates)
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        budget = self.timeout_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        me = _Waiting(common, candidates, n, time.monotonic() + budget, answer=loop.create_future())
+        self._waiting.append(me)
+        if self._drain is None or self._drain.done():
+            self._drain = loop.create_task(self._drain_waiting())
+        assert me.answer is not None
+        try:
+            return await asyncio.wait_for(asyncio.shield(me.answer), budget)
+        except TimeoutError:
+            raise RankerTimeout(
+                f"{self.kind} ranker: no answer within {budget * 1000:.0f} ms "
+                "(batched with other requests)"
+            ) from None
+        finally:  # timed out or cancelled: leave the queue; a late answer has no one to tell
+            if not me.answer.done():
+                me.answer.cancel()
+            if me in self._waiting:
+                self._waiting.remove(me)
+
+    async def _drain_waiting(self) -> None:
+        """Score the awaiting requests, a batch per call, until none is left: requests that
+        arrive during a call go together in the next one (with ``max_wait_ms``, the first of a
+        batch waits that long for company)."""
+        while self._waiting:
+            if self.max_wait_s > 0:
+                until = time.monotonic() + self.max_wait_s
+                while sum(w.rows for w in self._waiting) < self.max_rows:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    await asyncio.sleep(min(left, 0.001))
+            batch = self._take(self._waiting)
+            timeout = max(min(w.deadline for w in batch) - time.monotonic(), 0.001)
+            try:
+                if len(batch) == 1:
+                    one = batch[0]
+                    alone = self.inner.predict_async(one.common, one.candidates, timeout_s=timeout)
+                    scores = [await alone]
+                else:
+                    raw = await self.inner.call_async(
+                        self._joined(batch), timeout, signature=BATCH_SIGNATURE
+                    )
+                    scores = self._split(raw, batch)
+            except Exception as exc:  # every member's failure; the drain goes on
+                if not isinstance(exc, RankerError):
+                    exc = RankerError(f"{self.kind} ranker: batched call failed: {exc}")
+                for waiting in batch:
+                    if waiting.answer is not None and not waiting.answer.done():
+                        waiting.answer.set_exception(exc)
+                continue
+            self.batches += 1
+            self.batched_requests += len(batch)
+            for waiting, result in zip(batch, scores, strict=True):
+                if waiting.answer is not None and not waiting.answer.done():
+                    waiting.answer.set_result(result)

@@ -96,6 +96,9 @@ class ServingMetrics:
             multiprocess_mode="liveall", registry=r,
         )  # fmt: skip
         self._loaded_labels: tuple[str, ...] | None = None
+        self.stage = {stage: self.stage_seconds.labels(stage) for stage in STAGES}
+        """Each stage's latency series, resolved once (a ``labels`` lookup per stage and
+        request cost more than the observation)."""
 
     def set_release(self, versions: Mapping[str, str]) -> None:
         """Point the loaded-release gauge at ``versions`` (the previous series drops to 0)."""

@@ -36,6 +36,8 @@ class RankLimits:
     max_candidates: int
     max_exclude_ads: int
     timeout_s: float
+    deadline_s: float | None = None
+    """End-to-end budget of a request from its arrival (``serving.request_deadline_ms``)."""
 
 
 def check_limits(request: RankRequest, limits: RankLimits) -> None:
@@ -52,11 +54,23 @@ def check_limits(request: RankRequest, limits: RankLimits) -> None:
         )
 
 
-def rank(
-    release: LoadedRelease, request: RankRequest, limits: RankLimits, metrics: ServingMetrics
-) -> RankResponse:
-    """Rank ads for ``request`` with ``release`` (which the caller holds for the whole request,
-    so a concurrent release swap never mixes two releases in one answer).
+@dataclass
+class Prepared:
+    """A request up to the ranker call: its candidates, their ranker inputs (None when there
+    are no candidates) and the clock at each stage's end."""
+
+    found: Any
+    gathered: Any
+    fallbacks: list[str]
+    reason: str | None
+    started: float
+    t_lookup: float
+    t_retrieve: float
+    t_features: float
+
+
+def prepare(release: LoadedRelease, request: RankRequest, limits: RankLimits) -> Prepared:
+    """Lookup, retrieval and feature assembly of ``request`` (the stages before the ranker).
 
     Raises:
         RequestFieldError: request features or settings-dependent limits do not fit (→ 422).
@@ -81,40 +95,92 @@ def rank(
     fallbacks = [f"{entity}_vector" for entity in found.fallbacks]
     t_retrieve = clock()
 
-    degraded, reason = False, None
-    retrieval = np.asarray(found.scores, dtype=np.float64)
-    pctr: np.ndarray | None = None
     if not len(found):
         reason = "no candidates: every ad of the catalogue was excluded or none is indexed"
         fallbacks.append("empty_candidates")
-        t_features = t_predict = clock()
-    else:
-        gathered = features.gather(
-            request.user_id,
-            request.placement_id,
-            found,
-            lookup=lookup,
-            request_time=request.request_time,
-            user_features=user_features,
-            context_features=context_features,
-        )
-        fallbacks.extend(gathered.fallbacks)
-        t_features = clock()
+        return Prepared(found, None, fallbacks, reason, started, t_lookup, t_retrieve, clock())
+    gathered = features.gather(
+        request.user_id,
+        request.placement_id,
+        found,
+        lookup=lookup,
+        request_time=request.request_time,
+        user_features=user_features,
+        context_features=context_features,
+    )
+    fallbacks.extend(gathered.fallbacks)
+    return Prepared(found, gathered, fallbacks, None, started, t_lookup, t_retrieve, clock())
+
+
+def rank(
+    release: LoadedRelease, request: RankRequest, limits: RankLimits, metrics: ServingMetrics
+) -> RankResponse:
+    """Rank ads for ``request`` with ``release`` (which the caller holds for the whole request,
+    so a concurrent release swap never mixes two releases in one answer).
+
+    Raises:
+        RequestFieldError: request features or settings-dependent limits do not fit (→ 422).
+    """
+    ready = prepare(release, request, limits)
+    pctr, failure = None, None
+    if ready.gathered is not None:
+        backend = release.backend
         try:
-            pctr = release.backend.predict(
-                gathered.common,
-                inputs_for(release.backend, gathered.candidates),
+            pctr = backend.predict(
+                ready.gathered.common,
+                inputs_for(backend, ready.gathered.candidates),
                 timeout_s=limits.timeout_s,
             )
-        except RankerTimeout as exc:
-            degraded, reason = True, f"ranker timed out; ranked by retrieval score ({exc})"
-            metrics.degraded.labels("timeout").inc()
         except RankerError as exc:
-            degraded, reason = True, f"ranker failed; ranked by retrieval score ({exc})"
-            metrics.degraded.labels("error").inc()
-            log.warning("ranker failed, answering degraded: %s", exc)
-        t_predict = clock()
+            failure = exc
+    return answer(release, request, ready, pctr, failure, metrics)
 
+
+async def rank_async(
+    release: LoadedRelease, request: RankRequest, limits: RankLimits, metrics: ServingMetrics
+) -> RankResponse:
+    """:func:`rank` for the API's event loop: the stages before and after the ranker run on
+    the loop, the ranker call is awaited (the loop serves other requests meanwhile). Same
+    stages, same answer."""
+    ready = prepare(release, request, limits)
+    pctr, failure = None, None
+    if ready.gathered is not None:
+        backend = release.backend
+        try:
+            pctr = await backend.predict_async(
+                ready.gathered.common,
+                inputs_for(backend, ready.gathered.candidates),
+                timeout_s=limits.timeout_s,
+            )
+        except RankerError as exc:
+            failure = exc
+    return answer(release, request, ready, pctr, failure, metrics)
+
+
+def answer(
+    release: LoadedRelease,
+    request: RankRequest,
+    ready: Prepared,
+    pctr: np.ndarray | None,
+    failure: RankerError | None,
+    metrics: ServingMetrics,
+) -> RankResponse:
+    """The response: candidates sorted by ``pctr`` (by retrieval score when the ranker failed
+    or timed out: ``degraded``), the top ``num_ads`` decoded, per-stage timings recorded."""
+    clock = time.perf_counter
+    t_predict = clock()
+    found, fallbacks, reason = ready.found, ready.fallbacks, ready.reason
+    degraded = failure is not None
+    if isinstance(failure, RankerTimeout):
+        reason = f"ranker timed out; ranked by retrieval score ({failure})"
+        metrics.degraded.labels("timeout").inc()
+    elif failure is not None:
+        reason = f"ranker failed; ranked by retrieval score ({failure})"
+        metrics.degraded.labels("error").inc()
+        log.warning("ranker failed, answering degraded: %s", failure)
+    if ready.gathered is None:
+        t_predict = ready.t_features
+    retrieval = np.asarray(found.scores, dtype=np.float64)
     keys = retrieval if pctr is None else pctr.astype(np.float64)
     # Highest first; ties broken by retrieval score, then by the retrieval order (stable).
     order = np.lexsort((-retrieval, -keys))[: request.num_ads]
@@ -134,15 +200,15 @@ def rank(
         metrics.fallbacks.labels(kind).inc()
     metrics.candidates.observe(len(found))
     stages = {
-        "lookup": t_lookup - started,
-        "retrieve": t_retrieve - t_lookup,
-        "features": t_features - t_retrieve,
-        "predict": t_predict - t_features,
+        "lookup": ready.t_lookup - ready.started,
+        "retrieve": ready.t_retrieve - ready.t_lookup,
+        "features": ready.t_features - ready.t_retrieve,
+        "predict": t_predict - ready.t_features,
         "sort": t_sort - t_predict,
-        "total": t_sort - started,
+        "total": t_sort - ready.started,
     }
     for stage, seconds in stages.items():
-        metrics.stage_seconds.labels(stage).observe(seconds)
+        metrics.stage[stage].observe(seconds)
     return RankResponse(
         ads=ads,
         versions=ReleaseVersions(**release.versions),

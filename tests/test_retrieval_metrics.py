@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepclick.topk import ann_recall, exact_top_k
+from deepclick.topk import ann_recall, exact_top_k, top_rows
 from models.evaluation.retrieval import plot_recall_at_k, recall_at_k
 
 
@@ -87,3 +87,17 @@ def test_exact_top_k_agrees_with_a_full_sort() -> None:
     items, queries = rng.normal(size=(300, 8)), rng.normal(size=(40, 8))
     full = np.argsort(-(queries @ items.T), axis=1)[:, :25]
     assert (exact_top_k(queries, items, 25) == full).all()
+
+
+@pytest.mark.parametrize("n", [1, 50, 500, 1000, 5000, 100_000])
+def test_top_rows_is_a_full_sort_best_first_with_ties_to_the_lower_row(n: int) -> None:
+    """The candidate stage's exact search (issue 14: a sampled threshold first on large
+    arrays): the same rows as a stable full sort, ties included — planted ties straddle the
+    n-th place, and whole blocks of equal scores."""
+    rng = np.random.default_rng(3)
+    scores = rng.standard_normal(100_000).astype(np.float32)
+    scores[rng.choice(100_000, 3000, replace=False)] = np.sort(scores)[-n]  # ties at the n-th
+    want = np.argsort(-scores, kind="stable")[:n]
+    np.testing.assert_array_equal(top_rows(scores, n), want)
+    blocks = np.repeat(np.arange(1000, dtype=np.float32), 100)  # 100 equal scores per value
+    np.testing.assert_array_equal(top_rows(blocks, n), np.argsort(-blocks, kind="stable")[:n])

@@ -222,3 +222,99 @@ def test_batcher_refuses_bad_settings_and_passes_a_lone_request_through(
     want = loaded.backend.predict(request_300.common, request_300.candidates, timeout_s=30)
     np.testing.assert_array_equal(got, want)  # alone: the backend's own signature, same call
     assert (batcher.batches, batcher.batched_requests) == (1, 1)
+
+
+def test_awaited_in_process_call_is_the_blocking_call_and_keeps_its_deadline_and_errors(
+    world: World, request_300: Gathered
+) -> None:
+    """The API's async route awaits the ranker (issue 14: no thread-pool hop per request): the
+    same scores as the blocking call, a typed timeout at the deadline, a typed failure."""
+    import asyncio
+    import threading
+
+    backend = InProcessBackend(_ref(world), _settings(inprocess_pool=1))
+    common, candidates = request_300.common, request_300.candidates
+    want = backend.predict(common, candidates)
+    got = asyncio.run(backend.predict_async(common, candidates))
+    np.testing.assert_array_equal(got, want)
+    busy = threading.Event()
+    backend._pool.submit(busy.wait, 30)  # the pool's one thread is taken: no answer can come
+    try:
+        with pytest.raises(RankerTimeout):
+            asyncio.run(backend.predict_async(common, candidates, timeout_s=0.05))
+    finally:
+        busy.set()
+    broken = {k: v for k, v in candidates.items() if k != "ad__price"}
+    with pytest.raises(RankerError, match="ad__price"):
+        asyncio.run(backend.predict_async(common, broken))
+    backend.close()
+
+
+def test_awaited_batched_path_gives_the_rankings_of_the_one_request_path(
+    loaded: LoadedRelease,
+) -> None:
+    """Requests awaiting the ranker together on one event loop are scored in shared calls and
+    get the rankings the one-request path gives them (issue 14, items 1 and 4)."""
+    import asyncio
+    import dataclasses
+
+    from serving.batching import BatchingBackend
+    from serving.metrics import ServingMetrics
+    from serving.ranking import RankLimits, rank, rank_async
+    from serving.schemas import RankRequest
+
+    requests = [
+        RankRequest(user_id=u, placement_id=p, num_ads=50, num_candidates=200)
+        for u, p in (("u00010", "p003"), ("u00002", "p001"), ("new-user", "p000"),
+                     ("u00031", "new-place"), ("u00007", "p002"), ("u00019", "p003"))
+    ]  # fmt: skip
+    limits = RankLimits(200, 500, 0, timeout_s=30.0)
+    metrics = ServingMetrics()
+    alone = [rank(loaded, r, limits, metrics) for r in requests]
+    batcher = BatchingBackend(loaded.backend, max_rows=2000)
+    batched_release = dataclasses.replace(loaded, backend=batcher)
+
+    async def together(requests: list[RankRequest]) -> list:
+        return await asyncio.gather(
+            *(rank_async(batched_release, r, limits, metrics) for r in requests)
+        )
+
+    answers = asyncio.run(together(requests))
+    # every request queued before the drain task first ran: all six in one call
+    assert (batcher.batches, batcher.batched_requests) == (1, len(requests))
+    for one, many in zip(alone, answers, strict=True):
+        assert not one.degraded and not many.degraded
+        assert [a.ad_id for a in many.ads] == [a.ad_id for a in one.ads]
+        np.testing.assert_allclose(
+            [a.pctr for a in many.ads], [a.pctr for a in one.ads], rtol=1e-4, atol=1e-6
+        )
+    # The same request four times, one per call: each answer comes while identical requests
+    # still wait (regression: leaving the queue compared them by value, and their arrays
+    # raised — a 500 under the hot-reload test's repeated request).
+    batcher = BatchingBackend(loaded.backend, max_rows=200)
+    batched_release = dataclasses.replace(loaded, backend=batcher)
+    in_turn = asyncio.run(together([requests[0]] * 4))
+    assert (batcher.batches, batcher.batched_requests) == (4, 4)
+    for turn in in_turn:
+        assert not turn.degraded
+        assert [a.ad_id for a in turn.ads] == [a.ad_id for a in alone[0].ads]
+
+
+def test_awaited_batch_past_its_deadline_is_a_timeout_and_the_queue_moves_on(
+    loaded: LoadedRelease, request_300: Gathered
+) -> None:
+    import asyncio
+
+    from serving.batching import BatchingBackend
+
+    batcher = BatchingBackend(loaded.backend, max_rows=1000)
+    common, candidates = request_300.common, request_300.candidates
+
+    async def late_then_on_time() -> np.ndarray:
+        with pytest.raises(RankerTimeout, match="batched"):
+            await batcher.predict_async(common, candidates, timeout_s=1e-6)
+        return await batcher.predict_async(common, candidates, timeout_s=30)
+
+    got = asyncio.run(late_then_on_time())
+    want = loaded.backend.predict(common, candidates, timeout_s=30)
+    np.testing.assert_array_equal(got, want)
