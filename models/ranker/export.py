@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from deepclick.publish import PublishError, Staging, publishing
+from models.export_archive import write_traced_once
 from models.ranker.export_tflite import MANIFEST_KEY as LITE_KEY
 from models.ranker.export_tflite import write_lite
 from models.ranker.inputs import candidate_inputs, rank_request, shared_inputs
@@ -160,7 +161,7 @@ def write_saved_model(
         archive.track(model)
     archive.add_endpoint("serving_default", serving_default, [specs["serving_default"]])
     archive.add_endpoint("rank", rank, [specs["rank"]])
-    archive.write_out(str(folder), verbose=False)
+    write_traced_once(archive, folder)
     return described
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from models.export_archive import write_traced_once
 from models.two_tower.preprocessing import input_array
 from models.two_tower.train import EMBED_BATCH, TrainedTowers
 
@@ -53,7 +54,7 @@ def export_towers(trained: TrainedTowers, out_dir: Path) -> dict[str, Path]:
             fn=_named_output(trained.serving_function(role)),
             input_signature=[tower.input_signature()],
         )
-        archive.write_out(str(path), verbose=False)
+        write_traced_once(archive, path)
         description = {
             "role": role,
             "dim": trained.dim,
