@@ -152,19 +152,45 @@ def _serve_and_query(settings: Settings, date: str, console: Console) -> list[di
         _wait_ready(base, server)
         users = _sample_users(settings, date)
         with httpx.Client(base_url=base, timeout=10) as client:
-            for user_id, placement_id in users:
-                body = {"user_id": user_id, "placement_id": placement_id, "num_ads": 5}
-                answer = client.post("/v1/rank", json=body).json()
+            bodies = [
+                {"user_id": user_id, "placement_id": placement_id, "num_ads": 5}
+                for user_id, placement_id in users
+            ]
+            bodies.append({"user_id": "new-visitor", "placement_id": users[0][1], "num_ads": 5})
+            for body in bodies:
+                answer = rank_when_ready(client, body)
                 answers.append(answer)
                 _print_answer(console, body, answer)
-            unknown = {"user_id": "new-visitor", "placement_id": users[0][1], "num_ads": 5}
-            answer = client.post("/v1/rank", json=unknown).json()
-            answers.append(answer)
-            _print_answer(console, unknown, answer)
     finally:
         server.terminate()
         server.wait(timeout=30)
     return answers
+
+
+def rank_when_ready(
+    client: httpx.Client, body: dict[str, Any], *, timeout_s: float = 60.0
+) -> dict[str, Any]:
+    """``POST /v1/rank`` with ``body``; while the answer is 503 (the worker behind this
+    connection has no release yet, or is overloaded), wait its ``Retry-After`` and ask again,
+    up to ``timeout_s``. Each server worker loads the release on its own, so ``/readyz`` answered
+    by one worker says nothing about the one a keep-alive connection reaches. Returns the
+    answer, or ``{"error": "HTTP <status>: <detail>"}`` when there is none."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = client.post("/v1/rank", json=body)
+        if response.status_code != 503:
+            break
+        pause = float(response.headers.get("Retry-After", "1"))
+        if time.monotonic() + pause > deadline:
+            break
+        time.sleep(pause)
+    if response.status_code == 200:
+        return response.json()
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    return {"error": f"HTTP {response.status_code}: {detail}"}
 
 
 def _wait_ready(base: str, server: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -192,6 +218,9 @@ def _sample_users(settings: Settings, date: str) -> list[tuple[str, str]]:
 
 
 def _print_answer(console: Console, body: dict[str, Any], answer: dict[str, Any]) -> None:
+    if "error" in answer:
+        console.print(f"user {body['user_id']} on {body['placement_id']}: [red]{answer['error']}")
+        return
     title = (
         f"user {body['user_id']} on {body['placement_id']}: "
         f"{answer.get('candidates_considered')} candidates, "

@@ -291,6 +291,7 @@ async def get_release(request: Request) -> LoadedRelease:
         raise HTTPException(
             status_code=503,
             detail=f"no release is loaded yet{': ' + reason if reason else ''}",
+            headers={"Retry-After": "1"},  # the release watcher tries again within seconds
         )
     return release
 
