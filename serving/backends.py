@@ -121,9 +121,8 @@ class RankerBackend(ABC):
         n = rows_of(candidates)
         if n == 0:
             return np.zeros(0, dtype=np.float32)
-        inputs = signature_inputs(self.signature, common, candidates, n)
-        scores = self.call(inputs, self.timeout_s if timeout_s is None else timeout_s)
-        return self.checked_scores(scores, n)
+        inputs, timeout = self._signature_request(common, candidates, n, timeout_s)
+        return self.checked_scores(self.call(inputs, timeout), n)
 
     async def predict_async(
         self,
@@ -137,9 +136,19 @@ class RankerBackend(ABC):
         n = rows_of(candidates)
         if n == 0:
             return np.zeros(0, dtype=np.float32)
-        inputs = signature_inputs(self.signature, common, candidates, n)
-        timeout = self.timeout_s if timeout_s is None else timeout_s
+        inputs, timeout = self._signature_request(common, candidates, n, timeout_s)
         return self.checked_scores(await self.call_async(inputs, timeout), n)
+
+    def _signature_request(
+        self,
+        common: Mapping[str, np.ndarray],
+        candidates: Mapping[str, np.ndarray],
+        n: int,
+        timeout_s: float | None,
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """One request's inputs in the configured signature's form, and its deadline."""
+        inputs = signature_inputs(self.signature, common, candidates, n)
+        return inputs, self.timeout_s if timeout_s is None else timeout_s
 
     def checked_scores(self, scores: np.ndarray, n: int) -> np.ndarray:
         """``scores`` as a flat float32 array, refused (:class:`RankerError`) unless it holds

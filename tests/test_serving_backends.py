@@ -26,6 +26,7 @@ from serving.backends import (
 from serving.features import Gathered
 from serving.model_server import ModelStore, start_grpc_server, start_rest_server
 from serving.release import LoadedRelease
+from serving.schemas import RankRequest
 
 SIGNATURES = ("rank", "serving_default")
 
@@ -64,6 +65,15 @@ def _ref(world: World) -> RankerRef:
 
 def _settings(**kwargs: object) -> PredictorSettings:
     return PredictorSettings(**{"timeout_ms": 10_000, **kwargs})
+
+
+def _mixed_requests() -> list[RankRequest]:
+    """Known and new users and placements, 200 candidates each: the batched paths' cases."""
+    return [
+        RankRequest(user_id=u, placement_id=p, num_ads=50, num_candidates=200)
+        for u, p in (("u00010", "p003"), ("u00002", "p001"), ("new-user", "p000"),
+                     ("u00031", "new-place"), ("u00007", "p002"), ("u00019", "p003"))
+    ]  # fmt: skip
 
 
 def test_signature_inputs_send_common_features_once_or_per_candidate() -> None:
@@ -187,13 +197,8 @@ def test_batched_path_gives_the_rankings_of_the_one_request_path(loaded: LoadedR
     from serving.batching import BatchingBackend
     from serving.metrics import ServingMetrics
     from serving.ranking import RankLimits, rank
-    from serving.schemas import RankRequest
 
-    requests = [
-        RankRequest(user_id=u, placement_id=p, num_ads=50, num_candidates=200)
-        for u, p in (("u00010", "p003"), ("u00002", "p001"), ("new-user", "p000"),
-                     ("u00031", "new-place"), ("u00007", "p002"), ("u00019", "p003"))
-    ]  # fmt: skip
+    requests = _mixed_requests()
     limits = RankLimits(200, 500, 0, timeout_s=30.0)
     metrics = ServingMetrics()
     alone = [rank(loaded, r, limits, metrics) for r in requests]
@@ -261,13 +266,8 @@ def test_awaited_batched_path_gives_the_rankings_of_the_one_request_path(
     from serving.batching import BatchingBackend
     from serving.metrics import ServingMetrics
     from serving.ranking import RankLimits, rank, rank_async
-    from serving.schemas import RankRequest
 
-    requests = [
-        RankRequest(user_id=u, placement_id=p, num_ads=50, num_candidates=200)
-        for u, p in (("u00010", "p003"), ("u00002", "p001"), ("new-user", "p000"),
-                     ("u00031", "new-place"), ("u00007", "p002"), ("u00019", "p003"))
-    ]  # fmt: skip
+    requests = _mixed_requests()
     limits = RankLimits(200, 500, 0, timeout_s=30.0)
     metrics = ServingMetrics()
     alone = [rank(loaded, r, limits, metrics) for r in requests]
