@@ -116,6 +116,14 @@ class TwoTowerSettings(_Section):
         description="share of training rows whose id embedding is zeroed, so towers also place "
         "entities from their features alone (cold-start ads and users)",
     )
+    embed_on: Literal["auto", "spark", "driver"] = Field(
+        "auto",
+        description="where the embed stage runs the towers: 'spark' (mapInPandas, one SavedModel "
+        "per Python worker: what a cluster needs), 'driver' (one process, the tower loaded once), "
+        "'auto' = driver on a local master, where Spark's workers share the driver's cores and "
+        "each paid a TensorFlow import (daily test world: embed 14-18 s of CPU per day, see "
+        "pipelines/embed.py)",
+    )
     uniform_negatives: int = Field(
         1024,
         ge=0,

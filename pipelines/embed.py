@@ -1,7 +1,10 @@
 """``deepclick embed --date D``: batch-embed every user, placement and ad with the exported towers.
 
 Spark runs each tower over its entity table with ``mapInPandas``, loading the SavedModel once per
-partition, so the same job embeds millions of entities on a cluster. Every entity in the tables is
+partition, so the same job embeds millions of entities on a cluster. On a local master the driver
+embeds the tables itself (``two_tower.embed_on``): Spark's Python workers would share the same
+cores and each pay a TensorFlow import and a SavedModel load (14-18 s of CPU per day on the daily
+test's world of ~600 entities, about 1 s in the driver). Every entity in the tables is
 embedded, including ads and placements with no traffic yet (their vectors come from their
 features). The driver then gathers the vectors into the mmappable tables of contracts §4 through
 ``candidates.store.publish_embeddings``, which publishes atomically.
@@ -12,9 +15,10 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
@@ -24,12 +28,16 @@ from deepclick import layout
 from deepclick.settings import Settings
 from pipelines.spark import get_spark
 
+if TYPE_CHECKING:
+    from models.two_tower.export import LoadedTower
+
 # entity table → (tower role, id column, fallback name in the embeddings contract)
 ENTITY_TOWERS: dict[str, tuple[str, str, str | None]] = {
     "users": ("user", "user_id", "user"),
     "placements": ("context", "placement_id", "placement"),
     "ads": ("ad", "ad_id", None),
 }
+DRIVER_BATCH_ROWS = 65_536  # rows read and embedded at a time in the driver: bounded memory
 VECTOR_SCHEMA = T.StructType(
     [T.StructField("id", T.StringType()), T.StructField("vector", T.ArrayType(T.FloatType()))]
 )
@@ -47,6 +55,31 @@ def embed_frame(frame: DataFrame, tower_path: str, key: str, columns: list[str])
             yield batch[[key]].rename(columns={key: "id"}).assign(vector=list(vectors))
 
     return frame.select(key, *[c for c in columns if c != key]).mapInPandas(embed, VECTOR_SCHEMA)
+
+
+def embed_in_driver(folder: Path, tower: LoadedTower, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 ``[n, dim]``) for every row of the parquet entity table ``folder``, embedded
+    in this process in bounded batches: what ``embed_frame`` computes, without Spark workers."""
+    columns = [key, *[c for c in tower.feature_names if c != key]]
+    dataset = ds.dataset(str(folder), format="parquet")
+    absent = [c for c in columns if c not in dataset.schema.names]
+    if absent:
+        raise KeyError(f"{folder}: the tower needs columns {', '.join(absent)}, which are absent")
+    ids: list[np.ndarray] = []
+    vectors: list[np.ndarray] = []
+    for batch in dataset.to_batches(columns=columns, batch_size=DRIVER_BATCH_ROWS):
+        frame = batch.to_pandas()
+        ids.append(frame[key].astype(str).to_numpy())
+        vectors.append(tower(frame, fill_missing=True))
+    if not ids:
+        return np.zeros(0, dtype=str), np.zeros((0, tower.dim), np.float32)
+    return np.concatenate(ids), np.concatenate(vectors).astype(np.float32, copy=False)
+
+
+def embeds_in_driver(settings: Settings, spark: SparkSession) -> bool:
+    """Whether the embed stage runs the towers in the driver (see ``two_tower.embed_on``)."""
+    where = settings.two_tower.embed_on
+    return where == "driver" or (where == "auto" and spark.sparkContext.master.startswith("local"))
 
 
 def _read_vectors(folder: Path, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,6 +107,7 @@ def run_embed(
     from models.two_tower.export import load_tower
 
     spark = spark or get_spark(settings.spark)
+    in_driver = embeds_in_driver(settings, spark)
     tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     fallbacks: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(
@@ -81,11 +115,15 @@ def run_embed(
     ) as scratch:
         for entity, (role, key, fallback) in ENTITY_TOWERS.items():
             tower = load_tower(towers / role)
-            frame = spark.read.parquet(str(features / "entities" / entity))
-            vectors = Path(scratch) / entity
-            embedded = embed_frame(frame, str(towers / role), key, tower.feature_names)
-            embedded.write.parquet(str(vectors))
-            tables[entity] = _read_vectors(vectors, tower.dim)
+            table = features / "entities" / entity
+            if in_driver:
+                tables[entity] = embed_in_driver(table, tower, key)
+            else:
+                vectors = Path(scratch) / entity
+                frame = spark.read.parquet(str(table))
+                embedded = embed_frame(frame, str(towers / role), key, tower.feature_names)
+                embedded.write.parquet(str(vectors))
+                tables[entity] = _read_vectors(vectors, tower.dim)
             if fallback is not None:
                 fallbacks[fallback] = tower.fallback()
     return publish_embeddings(

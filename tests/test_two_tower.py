@@ -255,3 +255,24 @@ def test_mixed_negative_loss_corrects_each_source_by_its_sampling_rate(
     assert float(without.compute_loss(batch, y_pred=out)) < loss  # more negatives, more loss
     with pytest.raises(ValueError, match="needs a catalogue of ad features"):
         TwoTowerModel(towers, temperature=0.5, uniform_negatives=3)
+
+
+@pytest.mark.spark
+def test_driver_embedding_gives_the_vectors_of_the_spark_job(
+    folder: FeatureFolder, exported: dict[str, Path], spark
+) -> None:
+    """The embed stage's two routes (``two_tower.embed_on``) publish the same vectors: Spark's
+    ``mapInPandas`` job, which a cluster runs, and the driver's own pass, which a local master
+    takes. Unknown ids (the new ads) and missing side values go through both."""
+    from pipelines.embed import embed_frame, embed_in_driver
+
+    table = folder.path / "entities" / "ads"
+    tower = load_tower(exported["ad"])
+    ids, vectors = embed_in_driver(table, tower, "ad_id")
+    rows = embed_frame(
+        spark.read.parquet(str(table)), str(exported["ad"]), "ad_id", tower.feature_names
+    ).toPandas()
+    by_id = dict(zip(rows["id"], rows["vector"], strict=True))
+    assert sorted(ids) == sorted(by_id) and len(ids) == len(folder.table("entities/ads"))
+    np.testing.assert_allclose(vectors, np.stack([by_id[i] for i in ids]), rtol=1e-6, atol=1e-6)
+    assert vectors.shape == (len(ids), tower.dim) and vectors.dtype == np.float32
