@@ -1049,6 +1049,7 @@ def mapped_files(root: Path) -> dict[str, Path]:
     embeddings = root / manifest["embeddings"]["folder"]
     return {
         "ads.ann": (index / "ads.ann").resolve(),
+        "ads_columns": (index / "ads_columns.npy").resolve(),
         "ads_vectors": (embeddings / "ads_vectors.npy").resolve(),
         "ads.arrow": (release / "entities" / "ads.arrow").resolve(),
     }
@@ -1504,7 +1505,7 @@ def summarise(
         )
     by_workers = {m["workers"]: m for m in memory}
     if 1 in by_workers and 4 in by_workers:
-        files = ("ads.ann", "ads_vectors")
+        files = ("ads.ann", "ads_columns", "ads_vectors")
         one = sum(by_workers[1][f"{f}_pss_mb_sum"] for f in files)
         four = sum(by_workers[4][f"{f}_pss_mb_sum"] for f in files)
         out.append(
