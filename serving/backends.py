@@ -297,6 +297,9 @@ class InProcessBackend(RankerBackend):
     ) -> np.ndarray:
         """Inline when the TFLite call is free and small (see the class doc), else one hop: the
         event loop awaits the pool's future (no thread waits on it)."""
+        # One turn of the loop first: requests that arrived meanwhile are admitted (or refused
+        # with a fast 503 past ``max_in_flight``) and deadlines fire, as at the pool's await.
+        await asyncio.sleep(0)
         scores = self._inline(inputs, timeout_s, signature)
         if scores is not None:
             return scores
