@@ -113,6 +113,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="with --ranker-variants: only these variants (names or name prefixes, e.g. "
         "'default' 'low-rank cross r=16'); the default is always trained first",
     )  # fmt: skip
+    parser.add_argument(
+        "--variant-epochs", type=int, default=None,
+        help="with --ranker-variants: train each variant this many epochs (default: the "
+        "settings'); 1 is enough for the calls' CPU, which the weights do not change, not for AUC",
+    )  # fmt: skip
     parser.add_argument("--backends", nargs="+", default=["in_process", "grpc"])
     parser.add_argument("--requests", type=int, default=1500, help="per measurement, at most")
     parser.add_argument("--seconds", type=float, default=12.0, help="per measurement, at most")
@@ -1198,8 +1203,9 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
         if i == 0 or not args.variants or any(name.startswith(v) for v in args.variants)
     }
     for i, (name, overrides) in enumerate(chosen.items()):
+        epochs = {} if args.variant_epochs is None else {"epochs": args.variant_epochs}
         trained = train_ranker(
-            made.spec, RankerSettings(**overrides, baseline=i == 0), progress=False
+            made.spec, RankerSettings(**overrides, **epochs, baseline=i == 0), progress=False
         )
         folder = export_ranker(trained, work / "repo", f"v{len(predictors)}", "20240101")
         predictors[name] = (InProcessPredictor(folder), ranker_flops(folder))
