@@ -113,6 +113,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="with --ranker-variants: only these variants (names or name prefixes, e.g. "
         "'default' 'low-rank cross r=16'); the default is always trained first",
     )  # fmt: skip
+    parser.add_argument(
+        "--variant-epochs", type=int, default=None,
+        help="with --ranker-variants: train each variant this many epochs (default: the "
+        "settings'); 1 is enough for the calls' CPU, which the weights do not change, not for AUC",
+    )  # fmt: skip
     parser.add_argument("--backends", nargs="+", default=["in_process", "grpc"])
     parser.add_argument("--requests", type=int, default=1500, help="per measurement, at most")
     parser.add_argument("--seconds", type=float, default=12.0, help="per measurement, at most")
@@ -1049,6 +1054,7 @@ def mapped_files(root: Path) -> dict[str, Path]:
     embeddings = root / manifest["embeddings"]["folder"]
     return {
         "ads.ann": (index / "ads.ann").resolve(),
+        "ads_columns": (index / "ads_columns.npy").resolve(),
         "ads_vectors": (embeddings / "ads_vectors.npy").resolve(),
         "ads.arrow": (release / "entities" / "ads.arrow").resolve(),
     }
@@ -1197,8 +1203,9 @@ def ranker_variants(args: argparse.Namespace) -> list[dict]:
         if i == 0 or not args.variants or any(name.startswith(v) for v in args.variants)
     }
     for i, (name, overrides) in enumerate(chosen.items()):
+        epochs = {} if args.variant_epochs is None else {"epochs": args.variant_epochs}
         trained = train_ranker(
-            made.spec, RankerSettings(**overrides, baseline=i == 0), progress=False
+            made.spec, RankerSettings(**overrides, **epochs, baseline=i == 0), progress=False
         )
         folder = export_ranker(trained, work / "repo", f"v{len(predictors)}", "20240101")
         predictors[name] = (InProcessPredictor(folder), ranker_flops(folder))
@@ -1504,7 +1511,7 @@ def summarise(
         )
     by_workers = {m["workers"]: m for m in memory}
     if 1 in by_workers and 4 in by_workers:
-        files = ("ads.ann", "ads_vectors")
+        files = ("ads.ann", "ads_columns", "ads_vectors")
         one = sum(by_workers[1][f"{f}_pss_mb_sum"] for f in files)
         four = sum(by_workers[4][f"{f}_pss_mb_sum"] for f in files)
         out.append(

@@ -39,7 +39,7 @@ from deepclick.errors import DeepclickError
 from deepclick.publish import read_manifest, resolve
 from deepclick.topk import top_rows
 
-from .index import CandidateIndex, exact_search, open_index
+from .index import COLUMNS_FILE, CandidateIndex, exact_search, open_index
 from .store import Embeddings, EmbeddingTable, ids_file, read_embeddings
 
 VectorSource = Literal["request", "table", "fallback"]
@@ -203,6 +203,13 @@ def check_pairing(index: CandidateIndex, embeddings: Embeddings, *, spot_checks:
                 f"{where}: ads.ann item {row} differs from row {row} of ads_vectors.npy "
                 "(built from other vectors or another dimension)"
             )
+        if index.columns is not None and not np.array_equal(
+            index.columns[:, row], embeddings.ads.vectors[row]
+        ):
+            raise PairingError(
+                f"{where}: column {row} of {COLUMNS_FILE} differs from row {row} of "
+                "ads_vectors.npy (built from other vectors)"
+            )
 
 
 class CandidateService:
@@ -218,7 +225,8 @@ class CandidateService:
         search: SearchMode = "auto",
     ) -> None:
         """``popular_quota`` is the share of ``k`` reserved for popular ads; ``search_k``
-        defaults to the value the index's recall was measured with; ``search`` picks exact or
+        defaults to the value the index's recall was measured with (with ``auto`` choosing
+        ANNOY: the effort the build timed against the exact scan); ``search`` picks exact or
         ANN neighbours (:data:`SearchMode`)."""
         if not 0.0 <= popular_quota <= 1.0:
             raise ValueError(f"popular_quota must be within [0, 1], got {popular_quota}")
@@ -228,12 +236,27 @@ class CandidateService:
         self.index = index
         self.embeddings = embeddings
         self.popular_quota = popular_quota
-        self.search_k = int(index.manifest.get("search_k", -1) if search_k is None else search_k)
         self.search_mode: Literal["exact", "ann"] = (
             index.measured_search if search == "auto" else search
         )
+        measured = index.manifest.get("search") or {}
+        if search_k is None and search == "auto" and self.search_mode == "ann":
+            # ANNOY at the effort the build timed it at and measured its recall@n with
+            search_k = measured.get("search_k")
+        self.search_k = int(index.manifest.get("search_k", -1) if search_k is None else search_k)
         self.funnel = index.funnel
-        self._vectors = embeddings.ads.vectors
+        # Plain ndarray views of the mapped files (no copy): indexing a np.memmap builds a
+        # memmap object per call, measurable at a few calls per request.
+        self._vectors = np.asarray(embeddings.ads.vectors)
+        self._ad_ids = np.asarray(index.ad_ids)
+        self._entity_vectors = {
+            table.name: np.asarray(table.vectors)
+            for table in (embeddings.users, embeddings.placements)
+        }
+        # The exact scan multiplies the index's column-major copy when it has one (3x cheaper,
+        # candidates.index.COLUMNS_FILE); the same numbers as the rows up to float rounding.
+        scan = index.scan_matrix
+        self._scan = self._vectors if scan is None else np.asarray(scan)
         self._prior = index.prior if index.prior is not None and self.funnel.prior_weight else None
         # The most clicked rows, the popular half of the prior-ordered pool (capped: a request
         # never needs more than its k of them).
@@ -326,13 +349,13 @@ class CandidateService:
         row = table.row(entity_id) if entity_id is not None else None
         if row is None:
             return fallback, "fallback", None
-        return np.asarray(table.vectors[row]), "table", row
+        return self._entity_vectors[table.name][row], "table", row
 
     def neighbours(self, query: np.ndarray, n: int) -> np.ndarray:
         """Rows of about the ``n`` best ``query·ad``, best first: exact (every ad scored with one
         BLAS matrix-vector product over the mapped vectors) or ANNOY, per :attr:`search_mode`."""
         if self.search_mode == "exact":
-            return exact_search(self._vectors, query, n)
+            return exact_search(self._scan, query, n)
         return np.asarray(self.index.search(query, n, self.search_k), dtype=np.int64)
 
     def candidates(
@@ -361,7 +384,8 @@ class CandidateService:
         popular = self._popular_by_placement.get(placement_id, self._popular_global)
         quota = min(k, int(k * self.popular_quota + 0.5))  # half up, unlike round()
         explore = min(k - quota, int(k * self.funnel.explore_share + 0.5))
-        scores = _Scores(self._vectors, query, scan=self.search_mode == "exact" and k > 0)
+        exact = self.search_mode == "exact" and k > 0
+        scores = _Scores(self._vectors, query, scan=self._scan if exact else None)
 
         def search(n: int) -> np.ndarray:
             """The ``n`` best rows: from the exact scan's scores, else ANNOY."""
@@ -395,7 +419,7 @@ class CandidateService:
         rows = rows[order]
         vectors = np.asarray(self._vectors[rows], dtype=np.float32)
         return CandidateResult(
-            keys=self.index.ad_ids[rows],
+            keys=self._ad_ids[rows],
             scores=chosen[order],
             popular=from_popular[order],
             user_vector_source=parts.user_source,
@@ -439,10 +463,11 @@ class _Scores:
     once by one BLAS pass and the funnel's later steps read those scores instead of scoring the
     same rows again (issue 14); otherwise (ANNOY) the rows asked for are scored when asked."""
 
-    def __init__(self, vectors: np.ndarray, query: np.ndarray, *, scan: bool) -> None:
+    def __init__(self, vectors: np.ndarray, query: np.ndarray, *, scan: np.ndarray | None) -> None:
+        """``scan``: the matrix to score every ad with (its rows = ``vectors``' rows), or None."""
         self.vectors = vectors
         self.query = query
-        self.scan: np.ndarray | None = np.asarray(vectors) @ query if scan else None
+        self.scan: np.ndarray | None = None if scan is None else np.asarray(scan) @ query
 
     def of(self, rows: np.ndarray) -> np.ndarray:
         if self.scan is not None:

@@ -6,8 +6,8 @@ candidate inputs (``[N]`` arrays) — and return ``pctr`` per candidate, or rais
 :class:`RankerTimeout` / :class:`RankerError`, which the ranking flow turns into a degraded answer.
 
 - ``in_process``: :class:`models.ranker.predictor.InProcessPredictor` on the release's ranker
-  folder; the call runs on a small thread pool so that a slow prediction still lets the request
-  answer at its deadline.
+  folder; the TFLite call runs inline when the model is free, anything else on a small thread
+  pool so that a slow prediction still lets the request answer at its deadline.
 - ``grpc``: TF Serving's ``PredictionService/Predict`` through the official
   ``PredictionServiceStub`` over one reused channel per target, with a per-call deadline.
 - ``rest``: TF Serving's ``POST /v1/models/<name>/versions/<v>:predict`` (columnar ``inputs``)
@@ -31,6 +31,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -210,8 +211,21 @@ class RankerBackend(ABC):
         """Release what this backend alone holds (shared channels stay open)."""
 
 
+INLINE_MAX_ROWS = 2000
+"""An awaited TFLite call of at most this many rows runs inline on the event loop (~1 ms per 500
+rows); larger ones, and every other call, go through the pool with the deadline."""
+
+
 class InProcessBackend(RankerBackend):
-    """The exported SavedModel loaded in this worker (DESIGN.md's embedded default)."""
+    """The exported SavedModel loaded in this worker (DESIGN.md's embedded default).
+
+    A call through the TFLite model runs inline on the calling thread — the event loop, for the
+    API's awaited call — when no other call holds the model (issue 14): it is a bounded ~1 ms
+    of arithmetic for 500 rows, so the pool's hand-off and the loop's wake-up cost more than
+    they protect. The deadline keeps its meaning: an inline call never queues, and one that
+    took longer than the deadline is a :class:`RankerTimeout` like a late pool call; any other
+    call (the SavedModel's, more than :data:`INLINE_MAX_ROWS` rows, the model busy) runs on the
+    pool and is abandoned at the deadline."""
 
     kind = "in_process"
     takes_candidate_index = True
@@ -226,6 +240,9 @@ class InProcessBackend(RankerBackend):
         # A few threads: enough for concurrent requests, bounded so that predictions abandoned
         # at their deadline cannot pile up without limit.
         self._pool = ThreadPoolExecutor(settings.inprocess_pool, thread_name_prefix="ranker")
+        self._busy = threading.Lock()
+        """Held while a call runs on the pool or inline: an inline call never waits."""
+        self.inline = self.predictor.lite
 
     def candidate_index(self, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
         return self.predictor.candidate_index(inputs) if self.predictor.indexed else None
@@ -238,8 +255,36 @@ class InProcessBackend(RankerBackend):
         fallback = {"tflite_fallback": p.lite_fallback} if p.lite_fallback else {}
         return {**super().describe(), "call": p.call, **fallback}
 
+    def _predict(self, inputs: dict[str, np.ndarray], signature: str) -> np.ndarray:
+        if not self.inline:  # the SavedModel call may run on several pool threads at once
+            return self.predictor.predict(inputs, signature)
+        with self._busy:  # the TFLite interpreter runs one call at a time anyway
+            return self.predictor.predict(inputs, signature)
+
+    def _inline(
+        self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str
+    ) -> np.ndarray | None:
+        """The scores computed on this thread, or None when the call must go to the pool."""
+        if not self.inline or max((len(v) for v in inputs.values()), default=0) > INLINE_MAX_ROWS:
+            return None
+        if not self._busy.acquire(blocking=False):
+            return None
+        started = time.perf_counter()
+        try:
+            scores = self.predictor.predict(inputs, signature)
+        except Exception as exc:  # the model or its inputs failed: a known, degradable fault
+            raise RankerError(f"in-process ranker failed: {exc}") from exc
+        finally:
+            self._busy.release()
+        if time.perf_counter() - started > timeout_s:
+            raise RankerTimeout(f"in-process ranker: no answer within {timeout_s * 1000:.0f} ms")
+        return scores
+
     def _call(self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str) -> np.ndarray:
-        future = self._pool.submit(self.predictor.predict, inputs, signature)
+        scores = self._inline(inputs, timeout_s, signature)
+        if scores is not None:
+            return scores
+        future = self._pool.submit(self._predict, inputs, signature)
         try:
             return future.result(timeout=timeout_s)
         except FutureTimeout:
@@ -250,8 +295,15 @@ class InProcessBackend(RankerBackend):
     async def _call_async(
         self, inputs: dict[str, np.ndarray], timeout_s: float, signature: str
     ) -> np.ndarray:
-        """One hop: the event loop awaits the pool's future (no thread waits on it)."""
-        future = self._pool.submit(self.predictor.predict, inputs, signature)
+        """Inline when the TFLite call is free and small (see the class doc), else one hop: the
+        event loop awaits the pool's future (no thread waits on it)."""
+        # One turn of the loop first: requests that arrived meanwhile are admitted (or refused
+        # with a fast 503 past ``max_in_flight``) and deadlines fire, as at the pool's await.
+        await asyncio.sleep(0)
+        scores = self._inline(inputs, timeout_s, signature)
+        if scores is not None:
+            return scores
+        future = self._pool.submit(self._predict, inputs, signature)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
         except TimeoutError:

@@ -88,7 +88,13 @@ def test_manifest_records_the_build(published: Path) -> None:
     )
     assert manifest["counts"]["ads"] == 3000
     assert manifest["ann_recall_at_k"] >= 0.9
-    assert set(manifest["checksums"]) == {"ads.ann", "ads_ids.npy", "popular.json", "prior.npy"}
+    assert set(manifest["checksums"]) == {
+        "ads.ann",
+        "ads_ids.npy",
+        "ads_columns.npy",
+        "popular.json",
+        "prior.npy",
+    }
 
 
 WORKER = textwrap.dedent(

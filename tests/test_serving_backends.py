@@ -233,20 +233,31 @@ def test_awaited_in_process_call_is_the_blocking_call_and_keeps_its_deadline_and
     world: World, request_300: Gathered
 ) -> None:
     """The API's async route awaits the ranker (issue 14: no thread-pool hop per request): the
-    same scores as the blocking call, a typed timeout at the deadline, a typed failure."""
+    same scores as the blocking call, a typed timeout at the deadline, a typed failure. The
+    TFLite call runs inline while the model is free — even with the pool's only thread taken —
+    and a call that finds the model busy waits on the pool no longer than its deadline."""
     import asyncio
     import threading
 
     backend = InProcessBackend(_ref(world), _settings(inprocess_pool=1))
+    assert backend.inline and backend.predictor.lite
     common, candidates = request_300.common, request_300.candidates
     want = backend.predict(common, candidates)
     got = asyncio.run(backend.predict_async(common, candidates))
     np.testing.assert_array_equal(got, want)
     busy = threading.Event()
-    backend._pool.submit(busy.wait, 30)  # the pool's one thread is taken: no answer can come
+    backend._pool.submit(busy.wait, 30)  # the pool's one thread is taken: only inline answers
     try:
-        with pytest.raises(RankerTimeout):
-            asyncio.run(backend.predict_async(common, candidates, timeout_s=0.05))
+        inline = asyncio.run(backend.predict_async(common, candidates, timeout_s=5.0))
+        np.testing.assert_array_equal(inline, want)
+        backend._busy.acquire()  # another call holds the model: this one must use the pool
+        try:
+            started = time.perf_counter()
+            with pytest.raises(RankerTimeout):
+                asyncio.run(backend.predict_async(common, candidates, timeout_s=0.05))
+            assert time.perf_counter() - started < 1.0
+        finally:
+            backend._busy.release()
     finally:
         busy.set()
     broken = {k: v for k, v in candidates.items() if k != "ad__price"}
