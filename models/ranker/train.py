@@ -423,7 +423,11 @@ def train_ranker(
     held_logits = predict(logit_model, held_inputs)
     recent = _calibration_rows(split, settings)
     head = fit_calibration(
-        held_logits[recent], held_labels[recent], settings.calibration, correction=correction
+        held_logits[recent],
+        held_labels[recent],
+        settings.calibration,
+        correction=correction,
+        significance=settings.calibration_significance,
     )
     model = with_calibration(logit_model, head)
     calibrated = predict(model, held_inputs)
