@@ -43,6 +43,7 @@ from models.evaluation.ranking import (
     auc,
     auc_difference_interval,
     auc_interval,
+    calibration_interval,
     calibration_ratio,
 )
 from models.feature_spec import load_feature_spec
@@ -69,6 +70,17 @@ def one_hot_lr(spec, fit: pd.DataFrame, test: pd.DataFrame) -> np.ndarray:
     return model.predict_proba(x_test)[:, 1]
 
 
+def true_clicks(settings: Settings, date: str, eval_rows: pd.DataFrame) -> float | None:
+    """D's expected clicks under the simulator's truth (generated data), else None: a ratio of
+    predicted to true expected clicks leaves out the Poisson noise of D's realised clicks."""
+    path = layout.truth_dir(settings.root, settings.lifecycle.dataset) / f"{date}.parquet"
+    if not path.is_file():
+        return None
+    truth = pd.read_parquet(path)
+    lookup = truth.set_index(truth["impression_id"].astype(str))["p_click"]
+    return float(eval_rows["event_id"].astype(str).map(lookup).sum())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, required=True)
@@ -88,6 +100,7 @@ def main() -> None:
     spec = load_feature_spec(features)
     eval_rows = pd.read_parquet(features / "eval")
     y = eval_rows[spec.label].to_numpy()
+    truth = true_clicks(settings, args.date, eval_rows)
     emb = resolve(layout.artifacts(settings.root) / "embeddings", version, what="embeddings")
     similarity = EmbeddingSimilarity(read_embeddings(emb))
     results = {}
@@ -120,6 +133,7 @@ def main() -> None:
             dates=days.ranker,
         )
         p = trained.predict(eval_rows)
+        before_head = 1.0 / (1.0 + np.exp(-trained.predict_logits(eval_rows)))
         fit = train_all[train_all["date"].astype(str).isin(days.ranker)]
         lr_same = None if args.skip_lr else one_hot_lr(spec, fit, eval_rows)
         first = p if first is None else first
@@ -130,7 +144,19 @@ def main() -> None:
             "auc_ci": [round(low, 4), round(high, 4)],
             "auc_minus_first": [round(v, 4) for v in diff],
             "clip": models.preprocessing.CLIP_STD,
-            "calibration": round(calibration_ratio(y, p), 3),
+            "calibration": round(float(calibration_ratio(y, p)), 3),
+            "calibration_ci": [round(float(v), 3) for v in calibration_interval(y, p)],
+            "calibration_before_head": round(float(calibration_ratio(y, before_head)), 3),
+            "predicted_over_true_clicks": (
+                None if truth is None else round(float(p.sum()) / truth, 3)
+            ),
+            "holdout_clicks": int(trained.metrics["holdout_clicks"]),
+            "holdout_calibration": round(float(trained.metrics["holdout_calibration_ratio"]), 3),
+            "head": {
+                k: round(float(trained.calibration[k]), 4)
+                for k in ("slope", "intercept")
+                if trained.calibration.get(k) is not None
+            },
             "epochs_run": len(trained.history.get("loss", [])),
             "val_auc": [round(v, 4) for v in trained.history.get("val_auc", [])],
             "lr_same_rows_auc": None if lr_same is None else round(auc(y, lr_same), 4),

@@ -14,6 +14,7 @@ from models.preprocessing import Standardize  # noqa: E402
 from models.ranker.calibration import (  # noqa: E402
     CalibrationError,
     fit_calibration,
+    platt_deviance_gain,
     sampling_correction,
 )
 from models.ranker.layers import (  # noqa: E402
@@ -105,6 +106,32 @@ class TestFitCalibration:
         y = rng.random(z.size) < 1 / (1 + np.exp(-z))
         head = fit_calibration(z, y, "isotonic")
         assert np.all(np.diff(head.knots_y) >= 0)
+
+    def test_platt_keeps_the_identity_when_few_held_out_clicks_cannot_tell(self) -> None:
+        """Regression, issue 10: the demo's 2024-01-03 held out 1,975 rows with 64 clicks; Platt
+        fitted on them moved the level +11% and the ranker was refused on D at 1.163. Here the
+        network's logits are the true ones, so any fitted map is noise."""
+        rng = np.random.default_rng(3)
+        z = rng.normal(-3.5, 0.8, 2000)
+        y = (rng.random(z.size) < 1 / (1 + np.exp(-z))).astype(int)
+        free = fit_calibration(z, y, "platt")
+        assert (free.slope, free.intercept) != pytest.approx((1.0, 0.0), abs=0.05)
+        assert platt_deviance_gain(z, y, free.slope, free.intercept) < 5.99  # χ²₂ at 0.05
+        tested = fit_calibration(z, y, "platt", significance=0.05)
+        assert (tested.slope, tested.intercept) == (1.0, 0.0)
+
+    def test_platt_is_applied_when_the_held_out_rows_show_a_real_offset(self) -> None:
+        # The network predicts e^0.5 = 1.65x the odds of a click: 20,000 rows show it for sure.
+        rng = np.random.default_rng(4)
+        truth = rng.normal(-3.5, 0.8, 20_000)
+        y = (rng.random(truth.size) < 1 / (1 + np.exp(-truth))).astype(int)
+        head = fit_calibration(truth + 0.5, y, "platt", significance=0.05)
+        assert head.slope == pytest.approx(1.0, abs=0.1)
+        assert head.intercept + head.slope * 0.5 == pytest.approx(0.0, abs=0.15)
+
+    def test_the_identity_gains_no_deviance(self) -> None:
+        z, y = np.array([-1.0, 0.0, 2.0]), np.array([0, 1, 1])
+        assert platt_deviance_gain(z, y, 1.0, 0.0) == 0.0
 
     def test_single_class_rows_cannot_be_calibrated(self) -> None:
         with pytest.raises(CalibrationError, match="all non-clicks"):

@@ -21,7 +21,7 @@ from models.evaluation.ranking import auc
 from models.ranker.inputs import frame_to_inputs
 from models.ranker.model import build_logit_model
 from models.ranker.train import _tensors, predict, train_ranker
-from models.ranker.wide import average_unseen, fit_wide, wide_design
+from models.ranker.wide import average_day_constant, average_unseen, fit_wide, wide_design
 
 SETTINGS = RankerSettings(batch_size=256, epochs=2, cross_layers=1, dropout=0.3, baseline=False)
 
@@ -102,3 +102,21 @@ def test_an_unseen_day_of_week_keeps_the_rankers_level(folder: FeatureFolder) ->
         for day in ("0", "1", "2")
     }
     np.testing.assert_allclose(logits["0"], (logits["1"] + logits["2"]) / 2, atol=1e-4)
+
+
+def test_a_weekday_seen_on_one_day_only_gets_the_mean_weight() -> None:
+    """Regression, issue 10 (medium world, D a Monday): the only Monday of the wide part's days
+    was the log's first day, and its weight, that day's intercept, over-predicted D by 42%."""
+    weights = np.array([0.0, 0.3, -0.1, 0.9])
+    index = np.array([1, 1, 2, 2, 1, 2, 3])  # value 1 on days A and C, 2 on B and D, 3 on E only
+    dates = np.array(["A", "A", "B", "B", "C", "D", "E"])
+    got = average_day_constant(weights, index, dates, min_days=2)
+    # trusted values 1 and 2, three rows each: mean (0.3·3 − 0.1·3) / 6 = 0.1
+    np.testing.assert_allclose(got, [0.1, 0.3, -0.1, 0.1])
+    np.testing.assert_array_equal(average_day_constant(weights, index, dates, 0), weights)
+
+
+def test_a_feature_that_varies_within_a_day_keeps_its_weights() -> None:
+    weights = np.array([0.0, 0.3, -0.1])
+    got = average_day_constant(weights, np.array([1, 2]), np.array(["A", "A"]), min_days=2)
+    np.testing.assert_array_equal(got, weights)

@@ -316,7 +316,7 @@ def _check_labels(rows: pd.DataFrame, label: str, what: str) -> None:
 
 def _wide_rows(
     spec: FeatureSpec, settings: RankerSettings, logit_model: keras.Model
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """The fit rows of every training day of the folder (the held-out rows left out, split as
     for the network), for the wide part: it reads no two-tower score, so the days the towers
     learned from cannot leak into it. The scores' inputs are NaN (their default)."""
@@ -325,7 +325,7 @@ def _wide_rows(
     for name in SIMILARITY_INPUTS:
         if name in logit_model.input:
             inputs[name] = np.full(len(rows), np.nan, dtype=np.float32)
-    return inputs, rows[spec.label].to_numpy()
+    return inputs, rows[spec.label].to_numpy(), rows["date"].to_numpy()
 
 
 def _calibration_rows(split: Split, settings: RankerSettings) -> np.ndarray:
@@ -389,14 +389,17 @@ def train_ranker(
     wide_metrics: dict[str, float] = {}
     if settings.architecture == "dcn_v2" and settings.wide and settings.wide_fit == "logistic":
         wide_inputs, wide_labels = fit_inputs, fit_labels
+        wide_dates = fit_rows["date"].to_numpy()
         if settings.wide_days == "all" and dates is not None:
-            wide_inputs, wide_labels = _wide_rows(spec, settings, logit_model)
+            wide_inputs, wide_labels, wide_dates = _wide_rows(spec, settings, logit_model)
         wide_metrics = fit_wide(
             logit_model,
             _tensors(logit_model, wide_inputs),
             wide_labels,
             c=settings.wide_c,
             seed=settings.seed,
+            dates=wide_dates,
+            day_feature_min_days=settings.wide_day_feature_min_days,
         )
         wide_metrics["wide_rows"] = float(len(wide_labels))
 
@@ -423,7 +426,11 @@ def train_ranker(
     held_logits = predict(logit_model, held_inputs)
     recent = _calibration_rows(split, settings)
     head = fit_calibration(
-        held_logits[recent], held_labels[recent], settings.calibration, correction=correction
+        held_logits[recent],
+        held_labels[recent],
+        settings.calibration,
+        correction=correction,
+        significance=settings.calibration_significance,
     )
     model = with_calibration(logit_model, head)
     calibrated = predict(model, held_inputs)
