@@ -145,11 +145,20 @@ def at_least(
     )
 
 
+PAIRED = "paired_difference"
+"""``<key>_paired_difference_ci_low`` / ``_ci_high`` in the champion's summary: the interval of
+challenger − champion bootstrapped on the same rows of D (both models scored on each resample)."""
+
+
 def _difference_interval(
     challenger: Mapping[str, Any], champion: Mapping[str, Any], key: str
 ) -> tuple[float, float] | None:
-    """Interval of challenger − champion from the two summaries' intervals, taken as independent
-    (a conservative width: the two were measured on the same rows, which only narrows it)."""
+    """Interval of challenger − champion: the paired one when the champion's summary carries it
+    (:data:`PAIRED`), else from the two summaries' intervals taken as independent (a
+    conservative width: the two were measured on the same rows, which only narrows it)."""
+    paired = _interval(champion, f"{key}_{PAIRED}")
+    if paired is not None:
+        return paired
     mine, theirs = _interval(challenger, key), _interval(champion, key)
     a, b = _value(challenger, key), _value(champion, key)
     if mine is None or theirs is None or a is None or b is None:

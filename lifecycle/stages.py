@@ -51,6 +51,7 @@ from deepclick.publish import (
 from deepclick.settings import Settings
 from lifecycle.gate import (
     EARLIER_CHAMPION,
+    PAIRED,
     SAME_DAY,
     champion_basis,
     decide,
@@ -785,6 +786,30 @@ def _gate_config(ctx: DayContext) -> dict[str, Any]:
     }
 
 
+def paired_auc_difference(challenger: Path, champion: Path, *, samples: int) -> dict[str, float]:
+    """The champion summary's ``auc_paired_difference`` entries: challenger − champion AUC on
+    the same rows of D with a paired bootstrap interval (``models.evaluation.ranking``), from the
+    per-row predictions in the two ranking report folders. Empty — the gate then takes the two
+    intervals as independent — without resamples, or when the two do not hold the same rows."""
+    import pandas as pd
+
+    from models.evaluation.ranking import auc_difference_interval
+    from models.evaluation.report import PREDICTIONS_FILE
+
+    challenger, champion = challenger / PREDICTIONS_FILE, champion / PREDICTIONS_FILE
+    if samples <= 0 or not challenger.is_file() or not champion.is_file():
+        return {}
+    mine, theirs = pd.read_parquet(challenger), pd.read_parquet(champion)
+    if len(mine) != len(theirs) or not mine["label"].equals(theirs["label"]):
+        log.warning("gate: %s and %s hold different rows: no paired interval", challenger, champion)
+        return {}
+    difference, low, high = auc_difference_interval(
+        mine["label"], mine["ranker"], theirs["ranker"], samples=samples
+    )
+    key = f"auc_{PAIRED}"
+    return {key: difference, f"{key}_ci_low": low, f"{key}_ci_high": high}
+
+
 def _gate_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     settings = ctx.settings
     evaluation = upstream["evaluation"]
@@ -803,6 +828,13 @@ def _gate_run(ctx: DayContext, upstream: Upstream) -> Outcome:
                 ranker=_champion_folder(settings, champion, "ranker"),
                 out=staging.path / "champion",
                 back_test=True,
+            )
+            champion_metrics.update(
+                paired_auc_difference(
+                    ctx.evaluation / "ranking",
+                    staging.path / "champion" / "ranking",
+                    samples=settings.lifecycle.eval_bootstrap,
+                )
             )
         result = decide(ctx.date, challenger, champion, champion_metrics, settings.lifecycle)
         decision = {

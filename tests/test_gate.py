@@ -108,6 +108,58 @@ def test_earlier_champion_whose_interval_straddles_the_tolerance_keeps_serving()
     assert result.verdict == "insufficient_evidence" and not result.promote
 
 
+def test_a_paired_interval_on_the_same_rows_decides_what_two_separate_intervals_cannot():
+    """The demo's day 2024-01-04: the challenger's AUC +0.025 over the champion's on the same
+    rows; each model's own interval is ±0.03, so taken as independent they hold both sides of
+    the tolerance, while the paired bootstrap of the difference (the two models err on the same
+    rows together) lies above it. The paired interval is what the gate judges."""
+    challenger = {**GOOD, "auc": 0.6926, "auc_ci_low": 0.6626, "auc_ci_high": 0.7226}
+    measured = {**GOOD, "auc": 0.6678, "auc_ci_low": 0.6378, "auc_ci_high": 0.6978}
+    unpaired = decide(D, challenger, champion_of("2024-01-03"), measured, GATES)
+    assert unpaired.verdict == "insufficient_evidence" and not unpaired.promote
+    paired = {"auc_paired_difference_ci_low": 0.012, "auc_paired_difference_ci_high": 0.037}
+    result = decide(D, challenger, champion_of("2024-01-03"), {**measured, **paired}, GATES)
+    assert result.promote and result.verdict == "promote"
+    (check,) = [c for c in result.checks if c.name == "auc_vs_champion"]
+    assert "95% CI 0.6798–0.7048" in check.rule  # the champion's 0.6678 + the paired interval
+    worse = {"auc_paired_difference_ci_low": -0.040, "auc_paired_difference_ci_high": -0.015}
+    refused = decide(D, challenger, champion_of("2024-01-03"), {**measured, **worse}, GATES)
+    assert refused.verdict == "refuse" and not refused.promote
+
+
 def test_champion_to_compare_without_its_numbers_is_a_clear_error():
     with pytest.raises(ValueError, match="no champion metrics on 2024-01-05"):
         decide(D, GOOD, champion_of("2024-01-03"), None, GATES)
+
+
+def test_the_gate_stage_pairs_the_two_evaluations_row_by_row(tmp_path):
+    """``paired_auc_difference`` reads the challenger's and the champion's per-row predictions
+    of D: a challenger that ranks every click above every non-click against a champion at
+    chance differs by +0.5 with a tight interval; files of other rows give no paired interval
+    (the gate falls back to the two separate ones), as does a run without resamples."""
+    import numpy as np
+    import pandas as pd
+
+    from lifecycle.stages import paired_auc_difference
+    from models.evaluation.report import PREDICTIONS_FILE
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(2000) < 0.1).astype(int)
+    perfect = labels * 0.5 + rng.random(2000) * 0.1
+    chance = rng.random(2000)
+    for name, scores in (("mine", perfect), ("theirs", chance), ("other", chance[:1000])):
+        (tmp_path / name).mkdir()
+        frame = pd.DataFrame({"label": labels[: len(scores)], "ranker": scores})
+        frame.to_parquet(tmp_path / name / PREDICTIONS_FILE)
+    found = paired_auc_difference(tmp_path / "mine", tmp_path / "theirs", samples=50)
+    assert found["auc_paired_difference"] == pytest.approx(1.0 - _auc_of(labels, chance))
+    assert 0.4 < found["auc_paired_difference_ci_low"] <= found["auc_paired_difference"]
+    assert found["auc_paired_difference"] <= found["auc_paired_difference_ci_high"] < 0.6
+    assert paired_auc_difference(tmp_path / "mine", tmp_path / "other", samples=50) == {}
+    assert paired_auc_difference(tmp_path / "mine", tmp_path / "theirs", samples=0) == {}
+
+
+def _auc_of(labels, scores) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, scores))
