@@ -184,8 +184,9 @@ def judge(
     - peers (``gate_peers``): refused when the ranker's AUC is below the best peer's (one-hot LR,
       GBDT, ad CTR prior, scored on the same rows) beyond the paired interval of the difference;
     - with a champion: the challenger may lose at most ``gate_auc_tolerance`` AUC and
-      ``gate_recall_tolerance`` recall@K — judged on the interval of the difference, so an
-      interval wider than the tolerance is insufficient evidence, not a pass or a refusal;
+      ``gate_recall_tolerance`` recall@K — judged on the interval of the difference (paired on
+      D's rows when the champion's summary has it, :data:`PAIRED`), so an interval wider than
+      the tolerance is insufficient evidence, not a pass or a refusal;
     - fewer than ``gate_min_clicks`` clicks on D: insufficient evidence, whatever the numbers.
     """
     recall = recall_metric(gates.gate_recall_k)
