@@ -141,6 +141,7 @@ def test_the_gate_stage_pairs_the_two_evaluations_row_by_row(tmp_path):
     import pandas as pd
 
     from lifecycle.stages import paired_auc_difference
+    from models.evaluation.ranking import auc
     from models.evaluation.report import PREDICTIONS_FILE
 
     rng = np.random.default_rng(0)
@@ -152,14 +153,8 @@ def test_the_gate_stage_pairs_the_two_evaluations_row_by_row(tmp_path):
         frame = pd.DataFrame({"label": labels[: len(scores)], "ranker": scores})
         frame.to_parquet(tmp_path / name / PREDICTIONS_FILE)
     found = paired_auc_difference(tmp_path / "mine", tmp_path / "theirs", samples=50)
-    assert found["auc_paired_difference"] == pytest.approx(1.0 - _auc_of(labels, chance))
+    assert found["auc_paired_difference"] == pytest.approx(1.0 - auc(labels, chance))
     assert 0.4 < found["auc_paired_difference_ci_low"] <= found["auc_paired_difference"]
     assert found["auc_paired_difference"] <= found["auc_paired_difference_ci_high"] < 0.6
     assert paired_auc_difference(tmp_path / "mine", tmp_path / "other", samples=50) == {}
     assert paired_auc_difference(tmp_path / "mine", tmp_path / "theirs", samples=0) == {}
-
-
-def _auc_of(labels, scores) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(labels, scores))
