@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,6 +80,9 @@ SUMMARY_FILE = "summary.json"
 """Under the root: the challenger of each day as a release that is never served (the replay's)."""
 DECISION_FILE = "decision.json"
 EVAL_COLUMNS = ["event_id", "user_id", "placement_id", "ad_id", "label"]
+RECALL_HITS_FILE = "recall_hits.parquet"
+"""Per sampled click of D, whether each K's candidates held the clicked ad (:func:`recall_on_day`),
+beside ``summary.json`` of an evaluation and in the gate's ``champion/`` folder."""
 
 
 class StageInputError(DeepclickError, RuntimeError):
@@ -436,16 +439,23 @@ def recall_on_day(
     embeddings: Path,
     index: Path,
     ks: list[int],
-) -> dict[int, float]:
-    """Recall@K of D's clicked ads through the serving path of one (embeddings, index) pair.
+) -> pd.DataFrame:
+    """Recall@K of D's clicked ads through the serving path of one (embeddings, index) pair,
+    click by click.
 
     The gate's retrieval number, measured the same way for the challenger and for the champion
     (whose embeddings come from another features version, which ``evaluate_retrieval`` rightly
     refuses to pair): the same seeded sample of clicks, the candidates serving would return —
     ANNOY alone (``two_tower_ann``) or with the popular quota (``two_tower_popular``).
+
+    Returns:
+        One row per sampled click: ``user_id``, ``placement_id``, ``ad_id`` and per K
+        ``recall_at_<K>`` (1.0 when the clicked ad is among the first K candidates, else 0.0),
+        so that two pairs measured on the same clicks compare click by click
+        (:func:`paired_differences`).
     """
     from candidates.service import CandidateService
-    from models.evaluation.retrieval import recall_at_k
+    from models.evaluation.retrieval import recall_per_query
     from models.evaluation.retrieval_report import RetrievalEvalConfig, sample_clicks
     from pipelines.retrieval_eval import service_candidates
 
@@ -465,7 +475,10 @@ def recall_on_day(
     finally:
         service.index.close()
     clicked = queries["ad_id"].astype(str).to_numpy()
-    return {k: recall_at_k(retrieved[k], clicked, [k])[k] for k in sorted(ks)}
+    hits = queries[["user_id", "placement_id", "ad_id"]].astype(str).reset_index(drop=True)
+    for k in sorted(ks):
+        hits[recall_metric(k)] = recall_per_query(retrieved[k], clicked, [k])[k]
+    return hits
 
 
 def evaluate_model(
@@ -565,12 +578,13 @@ def measure(
     if "oracle" in report.metrics:
         summary["oracle_auc"] = float(report.metrics["oracle"]["auc"])
     rows = pd.read_parquet(ctx.features / "eval", columns=EVAL_COLUMNS)
-    recall = recall_on_day(ctx.settings, rows, embeddings, index, cfg.recall_ks)
-    summary.update({recall_metric(k): v for k, v in recall.items()})
-    queries = min(cfg.recall_queries, int(rows["label"].sum()))
-    for k, value in recall.items():
-        low, high = proportion_interval(round(value * queries), queries)
-        summary[f"{recall_metric(k)}_ci_low"], summary[f"{recall_metric(k)}_ci_high"] = low, high
+    hits = recall_on_day(ctx.settings, rows, embeddings, index, cfg.recall_ks)
+    hits.to_parquet(out / RECALL_HITS_FILE, index=False)
+    for k in sorted(cfg.recall_ks):
+        name = recall_metric(k)
+        summary[name] = float(hits[name].mean())
+        low, high = proportion_interval(int(hits[name].sum()), len(hits))
+        summary[f"{name}_ci_low"], summary[f"{name}_ci_high"] = low, high
     ann = read_manifest(index).get("ann_recall_at_k")
     if isinstance(ann, int | float):
         summary["ann_recall"] = float(ann)
@@ -786,28 +800,59 @@ def _gate_config(ctx: DayContext) -> dict[str, Any]:
     }
 
 
-def paired_auc_difference(challenger: Path, champion: Path, *, samples: int) -> dict[str, float]:
-    """The champion summary's ``auc_paired_difference`` entries: challenger − champion AUC on
-    the same rows of D with a paired bootstrap interval (``models.evaluation.ranking``), from the
-    per-row predictions in the two ranking report folders. Empty — the gate then takes the two
-    intervals as independent — without resamples, or when the two do not hold the same rows."""
+def paired_differences(
+    challenger: Path, champion: Path, *, samples: int, recall_ks: Sequence[int]
+) -> dict[str, float]:
+    """The champion summary's paired entries (:data:`lifecycle.gate.PAIRED`): challenger −
+    champion on the same rows of D, each with a paired bootstrap interval.
+
+    - ``auc_paired_difference``: both rankers' AUC on each resample of D's rows, from the
+      per-row predictions in the two ranking report folders (``ranking/predictions.parquet``);
+    - ``recall_at_<K>_paired_difference``: the mean difference of the two candidate sources'
+      per-click recall on the same sampled clicks (:data:`RECALL_HITS_FILE`). Clicks both find
+      or both miss move nothing, so the interval rests on the clicks where they disagree
+      (McNemar's discordant pairs) instead of two binomial intervals taken as independent.
+
+    An entry is left out — the gate then takes the two intervals as independent — without
+    resamples, when a file is missing (an evaluation published before these files existed), or
+    when the two do not hold the same rows or clicks.
+    """
     import pandas as pd
 
-    from models.evaluation.ranking import auc_difference_interval
+    from models.evaluation.ranking import auc_difference_interval, paired_mean_difference
     from models.evaluation.report import PREDICTIONS_FILE
 
-    challenger, champion = challenger / PREDICTIONS_FILE, champion / PREDICTIONS_FILE
-    if samples <= 0 or not challenger.is_file() or not champion.is_file():
-        return {}
-    mine, theirs = pd.read_parquet(challenger), pd.read_parquet(champion)
-    if len(mine) != len(theirs) or not mine["label"].equals(theirs["label"]):
-        log.warning("gate: %s and %s hold different rows: no paired interval", challenger, champion)
-        return {}
-    difference, low, high = auc_difference_interval(
-        mine["label"], mine["ranker"], theirs["ranker"], samples=samples
-    )
-    key = f"auc_{PAIRED}"
-    return {key: difference, f"{key}_ci_low": low, f"{key}_ci_high": high}
+    found: dict[str, float] = {}
+    if samples <= 0:
+        return found
+
+    def entry(name: str, interval: tuple[float, float, float]) -> None:
+        key = f"{name}_{PAIRED}"
+        found[key], found[f"{key}_ci_low"], found[f"{key}_ci_high"] = interval
+
+    mine = challenger / "ranking" / PREDICTIONS_FILE
+    theirs = champion / "ranking" / PREDICTIONS_FILE
+    if mine.is_file() and theirs.is_file():
+        a, b = pd.read_parquet(mine), pd.read_parquet(theirs)
+        if len(a) == len(b) and a["label"].equals(b["label"]):
+            entry(
+                "auc",
+                auc_difference_interval(a["label"], a["ranker"], b["ranker"], samples=samples),
+            )
+        else:
+            log.warning("gate: %s and %s hold different rows: no paired AUC interval", mine, theirs)
+    mine, theirs = challenger / RECALL_HITS_FILE, champion / RECALL_HITS_FILE
+    if mine.is_file() and theirs.is_file():
+        a, b = pd.read_parquet(mine), pd.read_parquet(theirs)
+        clicks = ["user_id", "placement_id", "ad_id"]
+        if len(a) == len(b) and a[clicks].equals(b[clicks]):
+            for k in recall_ks:
+                name = recall_metric(k)
+                if name in a and name in b:
+                    entry(name, paired_mean_difference(a[name], b[name], samples=samples))
+        else:
+            log.warning("gate: %s and %s hold different clicks: no paired recall", mine, theirs)
+    return found
 
 
 def _gate_run(ctx: DayContext, upstream: Upstream) -> Outcome:
@@ -830,10 +875,11 @@ def _gate_run(ctx: DayContext, upstream: Upstream) -> Outcome:
                 back_test=True,
             )
             champion_metrics.update(
-                paired_auc_difference(
-                    ctx.evaluation / "ranking",
-                    staging.path / "champion" / "ranking",
+                paired_differences(
+                    ctx.evaluation,
+                    staging.path / "champion",
                     samples=settings.lifecycle.eval_bootstrap,
+                    recall_ks=settings.lifecycle.recall_ks,
                 )
             )
         result = decide(ctx.date, challenger, champion, champion_metrics, settings.lifecycle)

@@ -56,7 +56,7 @@ from lifecycle.daily import (
     run_daily,
 )
 from lifecycle.registry import CHALLENGER, CHAMPION, PROMOTED, REFUSED, read_decisions, served_on
-from lifecycle.stages import STAGE_NAMES
+from lifecycle.stages import STAGE_NAMES, paired_differences
 from lifecycle.tfserving_repository import tfserving_repository
 from models.ranker.predictor import RANKER_MANIFEST
 
@@ -352,6 +352,13 @@ def test_a_better_challenger_is_promoted_and_served(world: World) -> None:
     assert {"auc_vs_champion", "recall_at_50_vs_champion"} <= {
         c["name"] for c in decision["checks"]
     }
+    # the champion was re-measured on day 3's same rows and sampled clicks as the challenger,
+    # so the two pair up (the story runs without resamples, eval_bootstrap=0: pair them here)
+    day = layout.DayLayout(world.settings.root, D3)
+    paired = paired_differences(day.evaluation, day.gate / "champion", samples=20, recall_ks=[50])
+    for name in ("auc", "recall_at_50"):
+        difference = metrics["challenger"][name] - metrics["champion"][name]
+        assert paired[f"{name}_paired_difference"] == pytest.approx(difference, abs=1e-9)
     assert report.release == world.release == "20240103"
     assert tfserving_versions(world) == ["20240102", "20240103"]  # old release still answers
     served = served_on(world.settings, dt.date(2024, 1, 4))

@@ -133,14 +133,14 @@ def test_champion_to_compare_without_its_numbers_is_a_clear_error():
 
 
 def test_the_gate_stage_pairs_the_two_evaluations_row_by_row(tmp_path):
-    """``paired_auc_difference`` reads the challenger's and the champion's per-row predictions
-    of D: a challenger that ranks every click above every non-click against a champion at
-    chance differs by +0.5 with a tight interval; files of other rows give no paired interval
-    (the gate falls back to the two separate ones), as does a run without resamples."""
+    """``paired_differences`` reads the challenger's and the champion's per-row predictions of
+    D: a challenger that ranks every click above every non-click against a champion at chance
+    differs by +0.5 with a tight interval; files of other rows give no paired interval (the gate
+    falls back to the two separate ones), as does a run without resamples."""
     import numpy as np
     import pandas as pd
 
-    from lifecycle.stages import paired_auc_difference
+    from lifecycle.stages import paired_differences
     from models.evaluation.ranking import auc
     from models.evaluation.report import PREDICTIONS_FILE
 
@@ -149,12 +149,68 @@ def test_the_gate_stage_pairs_the_two_evaluations_row_by_row(tmp_path):
     perfect = labels * 0.5 + rng.random(2000) * 0.1
     chance = rng.random(2000)
     for name, scores in (("mine", perfect), ("theirs", chance), ("other", chance[:1000])):
-        (tmp_path / name).mkdir()
+        (tmp_path / name / "ranking").mkdir(parents=True)
         frame = pd.DataFrame({"label": labels[: len(scores)], "ranker": scores})
-        frame.to_parquet(tmp_path / name / PREDICTIONS_FILE)
-    found = paired_auc_difference(tmp_path / "mine", tmp_path / "theirs", samples=50)
+        frame.to_parquet(tmp_path / name / "ranking" / PREDICTIONS_FILE)
+    found = paired_differences(tmp_path / "mine", tmp_path / "theirs", samples=50, recall_ks=[100])
     assert found["auc_paired_difference"] == pytest.approx(1.0 - auc(labels, chance))
     assert 0.4 < found["auc_paired_difference_ci_low"] <= found["auc_paired_difference"]
     assert found["auc_paired_difference"] <= found["auc_paired_difference_ci_high"] < 0.6
-    assert paired_auc_difference(tmp_path / "mine", tmp_path / "other", samples=50) == {}
-    assert paired_auc_difference(tmp_path / "mine", tmp_path / "theirs", samples=0) == {}
+    assert "recall_at_100_paired_difference" not in found  # no per-click recall files here
+    assert paired_differences(tmp_path / "mine", tmp_path / "other", samples=50, recall_ks=[]) == {}
+    assert paired_differences(tmp_path / "mine", tmp_path / "theirs", samples=0, recall_ks=[]) == {}
+
+
+def test_recall_against_the_champion_is_judged_click_by_click(tmp_path):
+    """On the same 1,000 sampled clicks the challenger finds 190 at K = 100 and the champion 199.
+    Two Wilson intervals taken as independent (about ±0.025 each) straddle the champion − 0.02
+    tolerance: insufficient evidence. But the challenger's finds are a subset of the champion's,
+    so only 9 clicks disagree: the paired interval of the difference is −0.009 ± ~0.006, inside
+    the tolerance, and the gate decides. A challenger that finds 224 where the champion's 199
+    are a subset gets a paired interval above zero."""
+    import numpy as np
+    import pandas as pd
+
+    from lifecycle.stages import RECALL_HITS_FILE, paired_differences
+    from models.evaluation.ranking import proportion_interval
+
+    clicks = pd.DataFrame(
+        {
+            "user_id": [f"u{i}" for i in range(1000)],
+            "placement_id": "p1",
+            "ad_id": [f"a{i % 37}" for i in range(1000)],
+        }
+    )
+    for name, found in (("better", 224), ("theirs", 199), ("worse", 190)):
+        (tmp_path / name).mkdir()
+        hits = (np.arange(1000) < found).astype(float)
+        clicks.assign(recall_at_100=hits).to_parquet(tmp_path / name / RECALL_HITS_FILE)
+    paired = paired_differences(
+        tmp_path / "better", tmp_path / "theirs", samples=200, recall_ks=[100]
+    )
+    assert paired["recall_at_100_paired_difference"] == pytest.approx(0.025)
+    assert 0.0 < paired["recall_at_100_paired_difference_ci_low"] < 0.025
+    assert 0.025 < paired["recall_at_100_paired_difference_ci_high"] < 0.04
+
+    def summary(found: int) -> dict[str, float]:
+        low, high = proportion_interval(found, 1000)
+        return {**GOOD, "recall_at_100": found / 1000, "recall_at_100_ci_low": low,
+                "recall_at_100_ci_high": high}  # fmt: skip
+
+    worse, measured = summary(190), summary(199)
+    unpaired = decide(D, worse, champion_of("2024-01-03"), measured, GATES)
+    assert unpaired.verdict == "insufficient_evidence" and not unpaired.promote
+    paired = paired_differences(
+        tmp_path / "worse", tmp_path / "theirs", samples=200, recall_ks=[100]
+    )
+    result = decide(D, worse, champion_of("2024-01-03"), {**measured, **paired}, GATES)
+    check = next(c for c in result.checks if c.name == "recall_at_100_vs_champion")
+    assert check.passed and not check.undecided, check.rule
+    # Clicks of another sample cannot be paired: the gate falls back to the separate intervals.
+    clicks.assign(user_id="someone", recall_at_100=0.0).to_parquet(
+        tmp_path / "theirs" / RECALL_HITS_FILE
+    )
+    assert (
+        paired_differences(tmp_path / "worse", tmp_path / "theirs", samples=200, recall_ks=[100])
+        == {}
+    )

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from deepclick.topk import ann_recall, exact_top_k, top_rows
-from models.evaluation.retrieval import plot_recall_at_k, recall_at_k
+from models.evaluation.ranking import paired_mean_difference
+from models.evaluation.retrieval import plot_recall_at_k, recall_at_k, recall_per_query
 
 
 class TestRecallAtK:
@@ -38,6 +39,25 @@ class TestRecallAtK:
 
     def test_queries_without_relevant_items_are_left_out(self) -> None:
         assert recall_at_k([[1, 2], [1, 2]], [[1], []], [1]) == {1: 1.0}
+
+    def test_per_query_recall_is_what_the_mean_averages(self) -> None:
+        """Query by query (NaN where a query has no relevant id), for paired comparisons."""
+        per_query = recall_per_query([[1, 2], [3, 1], [1, 2]], [[2], [], [2, 3]], [1, 2])
+        np.testing.assert_array_equal(per_query[1], [0.0, np.nan, 0.0])
+        np.testing.assert_array_equal(per_query[2], [1.0, np.nan, 0.5])
+        assert recall_at_k([[1, 2], [3, 1], [1, 2]], [[2], [], [2, 3]], [2]) == {2: 0.75}
+
+    def test_paired_difference_rests_on_the_units_that_disagree(self) -> None:
+        """Identical hit lists differ by exactly 0 with a zero-width interval; one discordant
+        unit in 100 moves the mean by 0.01, and the interval stays within [0, 0.03]."""
+        same = np.r_[np.ones(30), np.zeros(70)]
+        assert paired_mean_difference(same, same, samples=100) == (0.0, 0.0, 0.0)
+        one_more = same.copy()
+        one_more[50] = 1.0
+        difference, low, high = paired_mean_difference(one_more, same, samples=200)
+        assert difference == pytest.approx(0.01) and 0.0 <= low <= difference <= high <= 0.03
+        with pytest.raises(ValueError, match="equal-length"):
+            paired_mean_difference(same, same[:10])
 
     def test_bad_inputs_say_what_is_wrong(self) -> None:
         with pytest.raises(ValueError, match="one entry per query"):

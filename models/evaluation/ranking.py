@@ -138,6 +138,35 @@ def auc_difference_interval(
     return difference, low, high
 
 
+def paired_mean_difference(
+    first: Any, second: Any, *, samples: int = 200, level: float = 0.95, seed: int = 7
+) -> tuple[float, float, float]:
+    """mean(first) − mean(second) of two measurements of the same units (e.g. each sampled
+    click's recall@K through two candidate sources), with a seeded paired percentile bootstrap
+    interval: units are resampled, both measurements together. Units that agree (both found or
+    both missed) move nothing, so the interval reflects only the discordant ones — far tighter
+    than two binomial intervals taken as independent. Returns ``(difference, low, high)``.
+
+    Raises:
+        ValueError: the two differ in length or hold no unit.
+    """
+    a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(
+            f"a paired difference needs two equal-length 1-D measurements, got {a.shape} and "
+            f"{b.shape}"
+        )
+    delta = a - b
+    difference = float(delta.mean())
+    if not samples:
+        return difference, difference, difference
+    rng = np.random.default_rng(seed)
+    means = delta[rng.integers(0, delta.size, (samples, delta.size))].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return difference, float(low), float(high)
+
+
 def click_count_interval(clicks: int, *, level: float = 0.95) -> tuple[float, float]:
     """Exact (Garwood) Poisson interval of an observed click count: the range of expected counts
     that the observed one is consistent with. 0 clicks → ``(0, upper)``."""

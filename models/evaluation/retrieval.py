@@ -6,6 +6,7 @@ evaluation, the retrieval evaluation, the replay and the benchmarks measure retr
 - :func:`recall_at_k` — for each query, the share of its relevant items (the clicked ad, or a
   set) found in the first K entries of its ranked candidate list; averaged over queries, for
   several K at once. A list shorter than K simply has fewer chances.
+- :func:`recall_per_query` — the same, query by query, for paired comparisons.
 
 Exact top-k and the recall of an approximate search against it live in ``deepclick.topk``
 (``exact_top_k``, ``ann_recall``), one home for the index build, serving and the evaluations.
@@ -21,7 +22,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_recall_at_k", "recall_at_k"]
+__all__ = ["plot_recall_at_k", "recall_at_k", "recall_per_query"]
 
 QUERY_CHUNK = 1024
 
@@ -64,6 +65,17 @@ def recall_at_k(ranked: Any, relevant: Any, ks: Iterable[int]) -> dict[int, floa
     Raises:
         ValueError: ranked and relevant disagree in length, or a K is below 1.
     """
+    per_query = recall_per_query(ranked, relevant, ks)
+    return {
+        k: float(np.nanmean(values)) if np.isfinite(values).any() else 0.0
+        for k, values in per_query.items()
+    }
+
+
+def recall_per_query(ranked: Any, relevant: Any, ks: Iterable[int]) -> dict[int, np.ndarray]:
+    """Each query's recall@K (``|top-K ∩ relevant| / |relevant|``; NaN for a query with no
+    relevant id), so that two candidate sources measured on the same queries can be compared
+    pair by pair (the gate's paired recall interval). Arguments as :func:`recall_at_k`."""
     cutoffs = sorted(set(int(k) for k in ks))
     if not cutoffs or cutoffs[0] < 1:
         raise ValueError(f"recall@K needs cut-offs K >= 1, got {list(ks)}")
@@ -83,8 +95,7 @@ def recall_at_k(ranked: Any, relevant: Any, ks: Iterable[int]) -> dict[int, floa
         valid = np.vectorize(lambda v: v is not pad, otypes=[bool])(targets)
     else:
         valid = np.ones(targets.shape, dtype=bool)
-    found = np.zeros(len(cutoffs))
-    counted = 0
+    found = {k: np.full(len(lists), np.nan) for k in cutoffs}
     for start in range(0, len(lists), QUERY_CHUNK):
         rows = lists[start : start + QUERY_CHUNK]
         wanted = targets[start : start + QUERY_CHUNK]
@@ -93,11 +104,13 @@ def recall_at_k(ranked: Any, relevant: Any, ks: Iterable[int]) -> dict[int, floa
         first = np.where(match.any(axis=1), match.argmax(axis=1), np.iinfo(np.int64).max)
         sizes = ok.sum(axis=1)
         keep = sizes > 0
-        counted += int(keep.sum())
-        for j, k in enumerate(cutoffs):
+        chunk = slice(start, start + len(rows))
+        for k in cutoffs:
             hits = ((first < k) & ok).sum(axis=1)
-            found[j] += (hits[keep] / sizes[keep]).sum()
-    return {k: float(found[j] / counted) if counted else 0.0 for j, k in enumerate(cutoffs)}
+            recall = np.full(len(rows), np.nan)
+            recall[keep] = hits[keep] / sizes[keep]
+            found[k][chunk] = recall
+    return found
 
 
 def plot_recall_at_k(
