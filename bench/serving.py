@@ -453,7 +453,9 @@ def load(
         )
         return time.perf_counter() - started
 
+    client_cpu = time.process_time()
     elapsed = asyncio.run(main())
+    client_cpu = time.process_time() - client_cpu
     ms = np.asarray(latencies) * 1000.0
     if not latencies:
         raise RuntimeError(f"no request to {path} was answered in {seconds:.0f} s")
@@ -466,6 +468,9 @@ def load(
         "p99_ms": float(np.percentile(ms, 99)),
         "non_200": sum(n for s, n in statuses.items() if s != 200),
         "degraded": degraded["degraded"],
+        # the load generator's own CPU (this process), in cores: it shares the machine's cores
+        # with the servers, so the cores left to them are the machine's minus this
+        "client_cores": round(client_cpu / elapsed, 3),
     }
 
 
@@ -1007,8 +1012,9 @@ def stage_breakdown(port: int, pids: Sequence[int], bodies: Sequence[bytes], n: 
     CPU per request (all its threads), which the ceiling's in-process CPU is compared with."""
     stages: dict[str, list[float]] = {}
     sequential_requests(port, bodies[:20])  # warm
-    cpu = process_cpu_s(pids)
+    cpu, client_cpu = process_cpu_s(pids), time.process_time()
     answers = sequential_requests(port, bodies[:n])
+    client_cpu_ms = (time.process_time() - client_cpu) * 1000 / len(answers)
     server_cpu_ms = (process_cpu_s(pids) - cpu) * 1000 / len(answers)
     client_ms = [ms for ms, _ in answers]
     for _, payload in answers:
@@ -1020,6 +1026,9 @@ def stage_breakdown(port: int, pids: Sequence[int], bodies: Sequence[bytes], n: 
         np.median(np.asarray(client_ms) - np.asarray(stages["total"]))
     )
     out["server_cpu_ms_per_request"] = round(server_cpu_ms, 3)
+    # the client's own CPU (sending, reading the header lines and the body in Python) lies on
+    # the critical path of every sequential request and is no part of the server's overhead
+    out["client_cpu_ms_per_request"] = round(client_cpu_ms, 3)
     return out
 
 
@@ -1474,16 +1483,37 @@ def summarise(
         )
         if served:
             share, cap = rps / served["ceiling_rps_2cores"], served["ceiling_rps_2cores"]
+            client = top.get("client_cores")
+            value, met = f"{share:.0%} of 2 cores ({rps:.0f} of {cap:.0f})", share >= 0.8
+            if client is not None:
+                # the load generator runs on the same 2 cores; what is left is the servers'
+                left = 2.0 - client
+                cap_left = 1000.0 * left / served["cpu_ms"]
+                met = rps / cap_left >= 0.8
+                value += (
+                    f"; {rps / cap_left:.0%} of the {left:.2f} cores the load generator left "
+                    f"({rps:.0f} of {cap_left:.0f}; the client used {client:.2f} cores)"
+                )
             out.append(
                 {
-                    "target": "2 workers: ≥ 80% of the compute ceiling (2 cores / CPU per request)",
-                    "value": f"{share:.0%} ({rps:.0f} of {cap:.0f})",
-                    "met": share >= 0.8,
+                    "target": "2 workers: ≥ 80% of the compute ceiling (cores / CPU per request "
+                    "in process; the cores the load generator leaves)",
+                    "value": value,
+                    "met": met,
                 }
             )
     if stages:
         st = stages[0]
         share = st["http_and_framework_p50_ms"] / st["client_p50_ms"]
+        client = st.get("client_cpu_ms_per_request")
+        if client is not None:
+            server_side = max(0.0, st["http_and_framework_p50_ms"] - client)
+            client_note = (
+                f"; without the load generator's own {client:.2f} ms of CPU per request: "
+                f"{server_side / (st['client_p50_ms'] - client):.0%}"
+            )
+        else:
+            client_note = ""
         cpu = ""
         if served and "server_cpu_ms_per_request" in st:
             server, inside = st["server_cpu_ms_per_request"], served["cpu_ms"]
@@ -1495,7 +1525,7 @@ def summarise(
             {
                 "target": "HTTP + framework ≤ 15% of request time (1 worker, sequential, p50)",
                 "value": f"{share:.0%} ({st['http_and_framework_p50_ms']:.2f} of "
-                f"{st['client_p50_ms']:.2f} ms){cpu}",
+                f"{st['client_p50_ms']:.2f} ms){client_note}{cpu}",
                 "met": share <= 0.15,
             }
         )
