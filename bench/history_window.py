@@ -15,7 +15,9 @@ clicks: the early days are where cumulative counts mislead a model). Usage::
         --history-days 0 --history-days 3 --history-days 7 --seed 7 --seed 8
 
 The state folder needs D's ingested events and embeddings (a daily run of D up to ``embed``, e.g.
-the state of ``python -m bench.quality``).
+the state of ``python -m bench.quality``); ``--scale demo|medium`` builds it first (the world of
+``bench.quality``'s scale: simulate, ingest every day up to D, D's ``features``, ``towers`` and
+``embed``; skipped where already done).
 """
 
 from __future__ import annotations
@@ -60,6 +62,26 @@ def build_variant(settings: Settings, date: dt.date, history_days: int, spark) -
     return run_features(variant, inputs, out, spark)
 
 
+def build_state(settings: Settings, scale: str, date: dt.date, spark) -> None:
+    """Simulate ``scale``'s world and run the daily stages up to ``embed`` for D (resumable)."""
+    from rich.console import Console
+
+    from bench.quality import scales
+    from lifecycle.daily import run_daily
+    from pipelines.simulate import run_simulate
+
+    sim = scales()[scale].simulate
+    raw = layout.raw_dir(settings.root) / "marketplace"
+    if not (raw / date.isoformat()).is_dir():
+        run_simulate(sim, raw)
+    first, console = dt.date.fromisoformat(sim.start_date), Console()
+    for offset in range((date - first).days):
+        day = first + dt.timedelta(days=offset)
+        run_daily(settings, day, source=raw, spark=spark, console=console, stages=["ingest"])
+    stages = ["ingest", "features", "towers", "embed"]
+    run_daily(settings, date, source=raw, spark=spark, console=console, stages=stages)
+
+
 def per_day_calibration(trained, rows: pd.DataFrame) -> dict[str, float]:
     """Predicted over actual clicks on each training day's rows."""
     p = trained.predict(rows)
@@ -75,6 +97,7 @@ def main() -> None:
     parser.add_argument("--history-days", type=int, action="append", default=[])
     parser.add_argument("--seed", type=int, action="append", default=[])
     parser.add_argument("--skip-lr", action="store_true")
+    parser.add_argument("--scale", choices=["demo", "medium"], help="build the state first")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from pipelines.spark import get_spark
@@ -82,6 +105,11 @@ def main() -> None:
     settings = Settings(root=args.root)
     date = dt.date.fromisoformat(args.date)
     spark = get_spark(settings.spark)
+    if args.scale:
+        from bench.quality import scales
+
+        settings = settings.model_copy(update={"simulate": scales()[args.scale].simulate})
+        build_state(settings, args.scale, date, spark)
     emb = resolve(
         layout.artifacts(settings.root) / "embeddings", version_for(date), what="embeddings"
     )
