@@ -79,6 +79,13 @@ class FeatureSettings(_Section):
     )
     train_days: int = Field(30, ge=1, description="days before the target day used for training")
     min_train_days: int = Field(1, ge=1)
+    history_days: int = Field(
+        0,
+        ge=0,
+        description="look-back of the <role>__hist_* features: the N days before a row's day "
+        "(read from before the training window too), impressions and clicks per log day of it; "
+        "0: cumulative counts over every earlier day read (pipelines/features/nodes.py)",
+    )
     popularity_top_n: int = Field(200, ge=1, description="ads kept per popularity list")
     rows_per_file: int = Field(
         2_000_000, ge=1000, description="target rows per Parquet file of the features tables"

@@ -12,7 +12,7 @@ from pipelines.features import nodes
 
 pytestmark = pytest.mark.spark
 
-D1, D2, D3, D4 = (dt.date(2024, 1, day) for day in (1, 2, 3, 4))
+D1, D2, D3, D4, D5 = (dt.date(2024, 1, day) for day in (1, 2, 3, 4, 5))
 
 
 def _events(spark, rows):
@@ -287,3 +287,92 @@ def test_fill_missing_replaces_nulls_with_each_columns_default(spark):
     got = nodes.fill_missing(df, {"c": MISSING, "n": 1.5, "absent": 0.0}).collect()
 
     assert [tuple(r) for r in got] == [(MISSING, 1.5), ("x", 2.0)]
+
+
+def _planted_daily(spark):
+    """Daily counts (user, day, impressions, clicks): u1 every day, u2 on day 1, day 4 and D5.
+
+    Log days D1-D4 (training), D5 the target day."""
+    return spark.createDataFrame(
+        [
+            ("u1", D1, 4, 1),
+            ("u1", D2, 2, 0),
+            ("u1", D3, 6, 3),
+            ("u1", D4, 8, 2),
+            ("u1", D5, 1, 0),
+            ("u2", D1, 10, 5),
+            ("u2", D4, 1, 0),
+            ("u2", D5, 1, 1),
+        ],
+        "user_id string, date date, impressions long, clicks long",
+    )
+
+
+def test_lookback_days_count_the_log_days_of_each_window_not_its_length():
+    # Day 3 is missing from the log: it does not count in the windows that cover it.
+    got = nodes.lookback_days([D1, D2, D4], [D1, D2, D3, D4, D5], history_days=2)
+
+    assert got == {D1: 0, D2: 1, D3: 2, D4: 1, D5: 1}
+
+
+def test_windowed_history_is_per_log_day_of_the_last_n_days_and_the_ctr_over_them(spark):
+    daily = _planted_daily(spark)
+    priors = {D1: 0.1, D2: 0.2, D3: 0.3, D4: 0.4, D5: 0.5}
+    window_days = nodes.lookback_days([D1, D2, D3, D4], [D1, D2, D3, D4, D5], history_days=2)
+
+    history = nodes.history_by_day(
+        daily, "user_id", "user__", priors, 2.0, history_days=2, window_days=window_days
+    )
+    got = {
+        (r["user_id"], r["date"]): (
+            r["user__hist_impressions"],
+            r["user__hist_clicks"],
+            pytest.approx(r["user__hist_ctr"]),
+        )
+        for r in history.collect()
+    }
+
+    # The first log day: an empty window, zero rates (no division by zero), the day's prior.
+    assert got[("u1", D1)] == (0.0, 0.0, 0.1)
+    # Day 2: only day 1 is in the log (1 day): rates = day 1's counts.
+    assert got[("u1", D2)] == (4.0, 1.0, (1 + 2 * 0.2) / (4 + 2))
+    # Day 3: days 1-2, 6 impressions and 1 click over 2 log days.
+    assert got[("u1", D3)] == (3.0, 0.5, (1 + 2 * 0.3) / (6 + 2))
+    # Day 4: days 2-3 (day 1 has left the window), 8 and 3 over 2 days.
+    assert got[("u1", D4)] == (4.0, 1.5, (3 + 2 * 0.4) / (8 + 2))
+    # u2 was absent on days 2-3: its day-4 window is empty although it has older traffic.
+    assert got[("u2", D4)] == (0.0, 0.0, 0.4)
+    # Day 5 (D): days 3-4; u2 absent on day 3 still divides by the window's 2 log days.
+    assert got[("u1", D5)] == (7.0, 2.5, (5 + 2 * 0.5) / (14 + 2))
+    assert got[("u2", D5)] == (0.5, 0.0, (0 + 2 * 0.5) / (1 + 2))
+
+
+def test_entity_table_as_of_d_equals_the_training_definition_for_a_row_dated_d(spark):
+    daily = _planted_daily(spark)
+    priors = {D1: 0.1, D2: 0.2, D3: 0.3, D4: 0.4, D5: 0.5}
+    window_days = nodes.lookback_days([D1, D2, D3, D4], [D1, D2, D3, D4, D5], history_days=2)
+    offline = {
+        r["user_id"]: tuple(r)[3:]
+        for r in nodes.history_by_day(
+            daily, "user_id", "user__", priors, 2.0, history_days=2, window_days=window_days
+        )
+        .filter(f"date = '{D5}'")
+        .collect()
+    }
+    keys = spark.createDataFrame([("u1",), ("u2",), ("u3",)], "user_id string")
+
+    totals = nodes.history_before(daily, "user_id", D5, history_days=2)
+    table = nodes.entity_table(
+        keys, [], totals, "user_id", "user__", 0.5, 2.0, window_days=window_days[D5]
+    )
+    online = {r["user_id"]: tuple(r)[1:] for r in table.collect()}
+
+    assert {r["user_id"]: tuple(r)[1:] for r in totals.collect()} == {
+        "u1": (14, 5),
+        "u2": (1, 0),
+    }
+    for user in ("u1", "u2"):
+        assert online[user] == pytest.approx(offline[user]), user
+    assert online["u1"] == pytest.approx((7.0, 2.5, 6 / 16))
+    # Known but without traffic in the window (here: at all): zero rates and the prior.
+    assert online["u3"] == pytest.approx((0.0, 0.0, 0.5))

@@ -16,7 +16,7 @@ from deepclick import layout
 from deepclick.layout import DayLayout
 from deepclick.publish import current_version, verify
 from deepclick.settings import FeatureSettings, Settings, SparkSettings
-from models.feature_spec import FEATURE_TABLES, MISSING, load_feature_spec
+from models.feature_spec import FEATURE_TABLES, MISSING, ROLE_TABLE, load_feature_spec
 from pipelines.features import runner
 from pipelines.features.runner import FeaturesInputError, find_inputs, run_features
 
@@ -502,3 +502,129 @@ def test_the_window_is_the_datasets_own_days(tmp_path):
         runner.find_inputs(tmp_path, D, FeatureSettings(), "avazu")
     with pytest.raises(FeaturesInputError, match=r"several datasets \(avazu, toy\) and none on"):
         runner.find_inputs(tmp_path, dt.date(2024, 2, 1), FeatureSettings())
+
+
+# --- a fixed look-back (features.history_days) -----------------------------------------------
+
+LOOKBACK = 2
+
+
+def expected_windowed_history(
+    events: dict[dt.date, pd.DataFrame], read: list[dt.date], days: list[dt.date], n: int
+) -> pd.DataFrame:
+    """Per event of ``days``: its entities' impressions and clicks per log day of the ``n`` days
+    before the row's day (log days: ``read``, the days read before D), and the CTR smoothed over
+    the window toward the CTR of all read days before the row's day, with plain pandas."""
+    rows = pd.concat([events[d].assign(date=d) for d in days], ignore_index=True)
+    past = pd.concat([events[d].assign(date=d) for d in read], ignore_index=True)
+
+    def ctr(days_before: list[dt.date]) -> float:
+        seen = past[past["date"].isin(days_before)]
+        return float(seen.label.mean())
+
+    result = rows[["event_id", "date"]].copy()
+    for role, key in KEYS.items():
+        imps, clicks, ctrs = [], [], []
+        for ident, day in zip(rows[key], rows["date"], strict=True):
+            start = day - dt.timedelta(days=n)
+            in_window = (past["date"] >= start) & (past["date"] < day)
+            seen = past[(past[key] == ident) & in_window]
+            log_days = len([d for d in read if start <= d < day])
+            earlier = [d for d in read if d < day]
+            prior = ctr(earlier) if earlier else ctr(read)
+            imps.append(len(seen) / log_days if log_days else 0.0)
+            clicks.append(seen.label.sum() / log_days if log_days else 0.0)
+            ctrs.append((seen.label.sum() + STRENGTH * prior) / (len(seen) + STRENGTH))
+        result[f"{PREFIX[role]}hist_impressions"] = imps
+        result[f"{PREFIX[role]}hist_clicks"] = clicks
+        result[f"{PREFIX[role]}hist_ctr"] = ctrs
+    return result.sort_values("event_id").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def windowed(spark, tmp_path_factory):
+    """The toy warehouse built with a 2-day look-back: the old day (before the 3-day window) is
+    read for history only."""
+    settings = toy_settings(tmp_path_factory.mktemp("windowed") / "var", history_days=LOOKBACK)
+    events, side = toy_events(), toy_side()
+    write_warehouse(layout.warehouse(settings.root), events, side)
+    folder = build_features(settings, spark)
+    return settings, folder, events, read_outputs(folder)
+
+
+def test_the_lookback_reads_days_before_the_window_for_history_only(windowed, tmp_path):
+    _, folder, events, outputs = windowed
+    manifest = verify(folder)
+
+    assert manifest["train_dates"] == ["2024-01-01", "2024-01-02", "2024-01-03"]
+    assert manifest["history_days"] == LOOKBACK and manifest["lookback_dates"] == ["2023-12-31"]
+    read = [e["date"] for e in manifest["inputs"]["events"]]
+    assert read == ["2023-12-31", "2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04"]
+    assert set(outputs["training/ranking"]["date"]) == set(TRAIN)  # no rows of the old day
+    assert manifest["counts"]["training/ranking"] == 120
+    retrieval = outputs["training/retrieval"]
+    assert len(retrieval) == int(pd.concat([events[d] for d in TRAIN]).label.sum())
+    # Statistics and vocabularies describe the training rows, not the look-back day.
+    spec = load_feature_spec(folder)
+    ranking = outputs["training/ranking"]
+    for name in ("user__hist_impressions", "ad__hist_clicks", "ctx__hist_ctr"):
+        feature = spec.feature(name)
+        values = ranking[name].to_numpy()
+        values = np.log1p(np.maximum(values, 0)) if feature.log1p else values
+        assert feature.mean == pytest.approx(values.mean()), name
+        assert feature.std == pytest.approx(values.std()), name
+    counts = ranking["user__device"].value_counts()
+    assert spec.vocabulary("user__device") == sorted(
+        (v for v, n in counts.items() if n >= 2), key=lambda v: (-counts[v], v)
+    )
+    # Without a look-back the old day is not read at all.
+    write_warehouse(tmp_path, events, toy_side())
+    assert [p.day for p in find_inputs(tmp_path, D, FeatureSettings(train_days=3)).events] == [
+        *TRAIN,
+        D,
+    ]
+
+
+def test_windowed_history_is_per_log_day_of_the_lookback_in_training_and_eval_rows(windowed):
+    _, _, events, outputs = windowed
+
+    expected = expected_windowed_history(events, [OLD, *TRAIN], [*TRAIN, D], LOOKBACK)
+    got = pd.concat([outputs["training/ranking"], outputs["eval"]]).sort_values("event_id")
+    got = got.reset_index(drop=True)
+
+    assert list(got["event_id"]) == list(expected["event_id"])
+    for column in history_columns():
+        np.testing.assert_allclose(got[column], expected[column], err_msg=column)
+    # The window's first day sees the old day (1 log day in its look-back), not nothing.
+    first = got[got["date"] == D1]
+    assert (first["user__hist_impressions"] > 0).any()
+
+
+def test_entity_tables_of_d_hold_what_a_row_dated_d_gets_offline(windowed):
+    """Offline/online agreement: every entity seen on D has in D's entity table (or, first seen on
+    D, in the spec's defaults) the history features its eval rows carry, and every entity the
+    same definition over D-2 and D-1."""
+    _, folder, events, outputs = windowed
+    spec = load_feature_spec(folder)
+    past = pd.concat([events[d].assign(date=d) for d in (D2, D3)])
+
+    for role, key in KEYS.items():
+        table = outputs[f"entities/{ROLE_TABLE[role]}"].set_index(key)
+        names = [f"{PREFIX[role]}hist_{s}" for s in ("impressions", "clicks", "ctr")]
+        on_d = outputs["eval"].groupby(key)[names].first()
+        for ident, row in on_d.iterrows():
+            known = ident in table.index  # else serving uses the defaults (u9: first seen on D)
+            defaults = [spec.feature(name).default for name in names]
+            online = table.loc[ident, names].to_numpy(dtype=float) if known else defaults
+            np.testing.assert_allclose(online, row.to_numpy(dtype=float), err_msg=f"{ident}")
+        for ident, group in past.groupby(key):
+            n, c = len(group), int(group.label.sum())
+            assert table.loc[ident, names[0]] == pytest.approx(n / 2), ident
+            assert table.loc[ident, names[1]] == pytest.approx(c / 2), ident
+            assert table.loc[ident, names[2]] == pytest.approx(
+                (c + STRENGTH * spec.global_ctr) / (n + STRENGTH)
+            )
+    ads = outputs["entities/ads"].set_index("ad_id")
+    assert ads.loc["a4", ["ad__hist_impressions", "ad__hist_clicks"]].tolist() == [0.0, 0.0]
+    read = pd.concat([events[d] for d in (OLD, *TRAIN)])
+    assert spec.global_ctr == pytest.approx(read.label.mean())  # the prior sees the old day too

@@ -3,7 +3,11 @@
 The runner (``runner.py``) reads the canonical events and side snapshots, calls these nodes and
 publishes the result; the unit tests call them on tiny hand-built frames. Point-in-time correctness
 lives here: every history feature of a row dated ``d`` is built from days strictly before ``d``
-(a cumulative window that excludes the current day), so no row ever sees its own day's labels.
+(a window that excludes the current day), so no row ever sees its own day's labels. With a look-back
+of ``history_days`` N (``features.history_days``) the window is the N days before ``d`` and the
+counts are per observed log day of it (:func:`lookback_days`), one definition for the training
+rows (:func:`history_by_day`) and for day D's entity tables (:func:`history_before`,
+:func:`entity_table`); N = 0 keeps cumulative counts over every earlier day read.
 
 Most work happens on small entity-and-day tables (one row per user, placement or ad and day): the
 history features, the side snapshot as of each day, and — weighted by that day's impressions — the
@@ -176,20 +180,82 @@ def daily_counts(events: DataFrame, key: str) -> DataFrame:
     )
 
 
-def history_before(daily: DataFrame, key: str, before: dt.date) -> DataFrame:
-    """Per entity, the impressions and clicks of all days strictly before ``before``.
+def lookback_days(
+    log_days: Sequence[dt.date], days: Sequence[dt.date], history_days: int
+) -> dict[dt.date, int]:
+    """For each day, how many log days fall in its look-back window ``[day - N, day - 1]``.
+
+    The divisor of the per-day history rates: at the start of the log a window holds fewer than
+    N days with events, and dividing by the days that exist (not by N) keeps an entity's rate the
+    same however old the log is. Days missing from the log (no partition) do not count.
+
+    Args:
+        log_days: the days with events that were read (the look-back days and the window).
+        days: the days that need a divisor (every day of the rows, and D).
+        history_days: N, the look-back in days (> 0).
+
+    Returns:
+        ``{day: number of log days in [day - N, day - 1]}`` (0 for the first log day).
+    """
+    present = set(log_days)
+    return {
+        day: sum(day - dt.timedelta(days=back) in present for back in range(1, history_days + 1))
+        for day in days
+    }
+
+
+def history_columns(
+    impressions: Column,
+    clicks: Column,
+    window_days: Column | None,
+    prior: Column,
+    strength: float,
+    prefix: str,
+) -> list[Column]:
+    """The three history features from an entity's impressions and clicks over its window.
+
+    The one definition shared by the training rows and the entity tables of D. With
+    ``window_days`` (log days in the look-back) the counts become rates per observed day (0 when
+    the window holds no log day); without it they stay cumulative counts. The CTR is smoothed
+    over the window's summed counts either way: a rate's scale does not change it.
+
+    Returns:
+        ``<prefix>hist_impressions``, ``<prefix>hist_clicks`` (doubles) and ``<prefix>hist_ctr``.
+    """
+    imps = F.coalesce(impressions, F.lit(0)).cast("double")
+    hits = F.coalesce(clicks, F.lit(0)).cast("double")
+    ctr = smoothed_ctr(hits, imps, prior, strength)
+    if window_days is not None:
+        days = window_days.cast("double")
+        per_day = F.when(days > 0, F.lit(1.0) / days).otherwise(F.lit(0.0))
+        imps, hits = imps * per_day, hits * per_day
+    return [
+        imps.alias(f"{prefix}hist_impressions"),
+        hits.alias(f"{prefix}hist_clicks"),
+        ctr.alias(f"{prefix}hist_ctr"),
+    ]
+
+
+def history_before(daily: DataFrame, key: str, before: dt.date, history_days: int = 0) -> DataFrame:
+    """Per entity, the impressions and clicks of the days strictly before ``before``: the last
+    ``history_days`` of them (the same window :func:`history_by_day` gives a row dated
+    ``before``), or all of them when ``history_days`` is 0.
 
     Args:
         daily: :func:`daily_counts`.
         key: the entity's id column.
         before: the first day not counted (the target day D).
+        history_days: the look-back N in days; 0: every earlier day read.
 
     Returns:
-        ``key``, ``hist_impressions``, ``hist_clicks`` (longs) for entities with traffic before
-        ``before``.
+        ``key``, ``hist_impressions``, ``hist_clicks`` (longs, summed over the window) for
+        entities with traffic in it.
     """
+    window = F.col("date") < F.lit(before)
+    if history_days:
+        window &= F.col("date") >= F.lit(before - dt.timedelta(days=history_days))
     return (
-        daily.filter(F.col("date") < F.lit(before))
+        daily.filter(window)
         .groupBy(key)
         .agg(
             F.sum("impressions").cast("long").alias("hist_impressions"),
@@ -238,12 +304,16 @@ def history_by_day(
     prefix: str,
     prior_by_day: Mapping[dt.date, float],
     strength: float,
+    history_days: int = 0,
+    window_days: Mapping[dt.date, int] | None = None,
 ) -> DataFrame:
     """Per entity and day, the point-in-time history features of that day's rows.
 
-    A cumulative window over the entity's days whose frame ends on the row before the current
-    day (``rowsBetween(unboundedPreceding, -1)``, one row per day): the features of day ``d``
-    count every earlier day of the entity and nothing of day ``d`` itself.
+    A window over the entity's days that ends on the day before the current one, so the features
+    of day ``d`` never count day ``d`` itself: with ``history_days`` N > 0 the N calendar days
+    before it (``rangeBetween(-N, -1)`` over the day number), counts per observed log day of that
+    window (``window_days``, :func:`lookback_days`); with N = 0 every earlier day, cumulative
+    counts (``rowsBetween(unboundedPreceding, -1)``).
 
     Args:
         daily: :func:`daily_counts` of the entity.
@@ -251,23 +321,33 @@ def history_by_day(
         prefix: the role prefix (``user__``, ``ctx__``, ``ad__``).
         prior_by_day: day → smoothing prior (:func:`prior_ctr_by_day`).
         strength: pseudo-impressions of the prior (``ctr_prior_strength``).
+        history_days: the look-back N in days; 0: unbounded.
+        window_days: day → log days in its look-back (required when N > 0).
 
     Returns:
         ``key``, ``date``, ``impressions`` (the day's own count: the weight of the entity-day in
         statistics, never a feature), ``<prefix>hist_impressions``, ``<prefix>hist_clicks``
         (doubles) and ``<prefix>hist_ctr`` (smoothed toward the day's prior).
     """
-    imps, clicks, ctr = (f"{prefix}hist_impressions", f"{prefix}hist_clicks", f"{prefix}hist_ctr")
-    earlier = Window.partitionBy(key).orderBy("date").rowsBetween(Window.unboundedPreceding, -1)
+    if history_days:
+        if window_days is None:
+            raise ValueError("history_days > 0 needs window_days (nodes.lookback_days)")
+        day_number = F.datediff(F.col("date"), F.lit(dt.date(1970, 1, 1)))
+        earlier = Window.partitionBy(key).orderBy(day_number).rangeBetween(-history_days, -1)
+        divisor: Column | None = _date_lookup(window_days)
+    else:
+        earlier = Window.partitionBy(key).orderBy("date").rowsBetween(Window.unboundedPreceding, -1)
+        divisor = None
     prior = _date_lookup(prior_by_day).cast("double")
-    counts = daily.select(
-        key,
-        "date",
-        "impressions",
-        F.coalesce(F.sum("impressions").over(earlier), F.lit(0)).cast("double").alias(imps),
-        F.coalesce(F.sum("clicks").over(earlier), F.lit(0)).cast("double").alias(clicks),
+    history = history_columns(
+        F.sum("impressions").over(earlier),
+        F.sum("clicks").over(earlier),
+        divisor,
+        prior,
+        strength,
+        prefix,
     )
-    return counts.withColumn(ctr, smoothed_ctr(F.col(clicks), F.col(imps), prior, strength))
+    return daily.select(key, "date", "impressions", *history)
 
 
 def join_by_entity_day(
@@ -320,8 +400,12 @@ def entity_table(
     prefix: str,
     prior_ctr: float,
     strength: float,
+    window_days: int | None = None,
 ) -> DataFrame:
     """One entity table as of D: every known entity with its profile and history features.
+
+    The history features are :func:`history_columns` of ``totals``: the same definition as the
+    training rows' (:func:`history_by_day`) for a row dated D.
 
     Args:
         keys: one column ``key``, every entity to list (side snapshot ∪ entities seen in events).
@@ -332,6 +416,8 @@ def entity_table(
         prefix: the role prefix of the history features.
         prior_ctr: the global CTR before D.
         strength: pseudo-impressions of the prior.
+        window_days: log days in D's look-back (:func:`lookback_days`), dividing the counts
+            into per-day rates; None: cumulative counts (``history_days`` 0).
 
     Returns:
         ``key``, the profile features (null where a profile lacks the entity),
@@ -341,16 +427,18 @@ def entity_table(
     table = keys.select(key).distinct()
     for profile in profiles:
         table = table.join(profile, on=key, how="left")
-    imps, clicks, ctr = (f"{prefix}hist_impressions", f"{prefix}hist_clicks", f"{prefix}hist_ctr")
-    history = totals.select(
-        key,
-        F.col("hist_impressions").cast("double").alias(imps),
-        F.col("hist_clicks").cast("double").alias(clicks),
+    table = table.join(totals.select(key, "hist_impressions", "hist_clicks"), on=key, how="left")
+    divisor = None if window_days is None else F.lit(window_days)
+    history = history_columns(
+        F.col("hist_impressions"),
+        F.col("hist_clicks"),
+        divisor,
+        F.lit(prior_ctr),
+        strength,
+        prefix,
     )
-    table = table.join(history, on=key, how="left").fillna({imps: 0.0, clicks: 0.0})
-    return table.withColumn(
-        ctr, smoothed_ctr(F.col(clicks), F.col(imps), F.lit(prior_ctr), strength)
-    )
+    profile_columns = [c for c in table.columns if c not in ("hist_impressions", "hist_clicks")]
+    return table.select(*profile_columns, *history)
 
 
 def _weight(weight: str | None) -> Column:

@@ -1,7 +1,8 @@
 """``deepclick features --date D``: the Spark feature stage (DESIGN.md, "features").
 
 Reads the canonical events of the training window (the last ``train_days`` days with events before
-D) and of D itself, plus the side snapshots, and publishes ``<warehouse>/features/<YYYYMMDD>/`` as
+D), of the ``history_days`` before it (history features only) and of D itself, plus the side
+snapshots, and publishes ``<warehouse>/features/<YYYYMMDD>/`` as
 one unit (docs/contracts.md §3): vocabularies, numeric statistics, point-in-time history features,
 entity tables as of D, the ranking and retrieval training sets, the eval set of day D, popularity
 lists and ``feature_spec.json``. Day D's labels feed nothing but the ``label`` column of ``eval``.
@@ -52,7 +53,7 @@ from models.feature_spec import (
 from pipelines.features import nodes
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class Inputs:
     target: dt.date
     window: list[dt.date]
     events: list[Partition]
+    """Every events partition read: the look-back days, the window and D (if it has events)."""
     dataset: str
     event_features: list[Feature]
     warehouse: Path
@@ -127,6 +129,15 @@ class Inputs:
     @property
     def target_has_events(self) -> bool:
         return any(p.day == self.target for p in self.events)
+
+    @property
+    def log_days(self) -> list[dt.date]:
+        """The days read strictly before D (look-back and window): the log the history sees."""
+        return [p.day for p in self.events if p.day < self.target]
+
+    def in_window(self) -> Column:
+        """Rows of the training window (not the look-back days before it, nor D)."""
+        return (F.col("date") >= F.lit(self.window[0])) & (F.col("date") < F.lit(self.target))
 
 
 def list_partitions(folder: Path) -> list[Partition]:
@@ -225,13 +236,27 @@ def choose_dataset(partitions: list[Partition], target: dt.date, dataset: str | 
     return held[0] if held else "unknown"
 
 
+def lookback_partitions(
+    by_day: dict[dt.date, Partition], window: list[dt.date], history_days: int
+) -> list[Partition]:
+    """The partitions of the ``history_days`` calendar days before the window's first day: read
+    for the history features of the window's first days, never turned into training rows."""
+    if not history_days:
+        return []
+    first = window[0]
+    start = first - dt.timedelta(days=history_days)
+    return [by_day[d] for d in sorted(by_day) if start <= d < first]
+
+
 def find_inputs(
     warehouse: Path, target: dt.date, cfg: FeatureSettings, dataset: str | None = None
 ) -> Inputs:
     """Choose the event partitions and side snapshots for ``target`` and check they fit together.
 
     The window is the last ``train_days`` days *of this dataset* before D: a state root may
-    hold several datasets side by side (days of other datasets are not looked at).
+    hold several datasets side by side (days of other datasets are not looked at). With
+    ``history_days`` N the N days before the window are read too, so that the history features
+    of the window's first day look back as far as those of D.
 
     Raises:
         FeaturesInputError: too few days with events, D's events from another dataset, or a
@@ -247,7 +272,8 @@ def find_inputs(
         )
     by_day = {p.day: p for p in everything if partition_dataset(p) == name}
     window = training_window(list(by_day), target, cfg.train_days, cfg.min_train_days)
-    events = [by_day[d] for d in window] + ([by_day[target]] if target in by_day else [])
+    lookback = lookback_partitions(by_day, window, cfg.history_days)
+    events = lookback + [by_day[d] for d in window] + ([by_day[target]] if target in by_day else [])
     event_features = _features_of([p.manifest for p in events], "events")
     event_names = {f.name for f in event_features}
     sides: dict[str, SideInputs] = {}
@@ -365,6 +391,11 @@ def run_features(
         for r in nodes.daily_totals(events).collect()
     }
     global_ctr, prior_by_day = nodes.prior_ctr_by_day(totals, date)
+    window_days = (
+        nodes.lookback_days(inputs.log_days, [*totals, date], cfg.history_days)
+        if cfg.history_days
+        else None
+    )
 
     # 2. Per entity and day: history from strictly earlier days and the side snapshot as of that
     #    day. These small tables carry every statistic the stage needs (weighted by the day's
@@ -377,7 +408,13 @@ def run_features(
         key = ROLE_KEY[role]
         daily[role] = nodes.daily_counts(events, key).persist()
         table = nodes.history_by_day(
-            daily[role], key, ROLE_PREFIX[role], prior_by_day, cfg.ctr_prior_strength
+            daily[role],
+            key,
+            ROLE_PREFIX[role],
+            prior_by_day,
+            cfg.ctr_prior_strength,
+            cfg.history_days,
+            window_days,
         )
         side = inputs.sides.get(role)
         if side is not None:
@@ -392,7 +429,9 @@ def run_features(
     }
     log.info("features: entity-day tables %s in %.1f s", sizes, time.perf_counter() - started)
     try:
-        prepared = _Prepared(events, daily, per_day, snapshots, sizes, totals, global_ctr)
+        prepared = _Prepared(
+            events, daily, per_day, snapshots, sizes, totals, global_ctr, window_days
+        )
         return _build_and_publish(settings, inputs, prepared, published=out)
     finally:
         for frame in [*per_day.values(), *daily.values()]:
@@ -410,6 +449,8 @@ class _Prepared:
     sizes: dict[str, int]
     totals: dict[dt.date, tuple[int, int]]
     global_ctr: float
+    window_days: dict[dt.date, int] | None
+    """Day → log days in its look-back (``history_days`` > 0), else None (cumulative)."""
 
     def joined(self, events: DataFrame, defaults: dict[str, Any]) -> DataFrame:
         """``events`` with every entity-day feature attached and missing values filled.
@@ -430,7 +471,7 @@ def _statistics(
 ) -> dict[str, dict[str, Any]]:
     """Numeric statistics of every numeric feature over the training rows, computed from the
     events (event-row features) and the entity-day tables weighted by impressions (the rest)."""
-    before = F.col("date") < F.lit(inputs.target)
+    before = inputs.in_window()
     parts = []
     from_events = [f for f in features if f.kind == "numeric" and f.source == "events"]
     if from_events:
@@ -452,7 +493,7 @@ def _vocabulary(
 ) -> DataFrame:
     """The vocabulary entries of every categorical feature over the training rows (see
     :func:`_statistics` for where each feature is counted)."""
-    before = F.col("date") < F.lit(inputs.target)
+    before = inputs.in_window()
     parts = []
     from_events = [f.name for f in features if f.kind == "categorical" and f.source == "events"]
     from_events = [n for n in from_events if n not in ROLE_KEY.values()]
@@ -540,11 +581,12 @@ def _entity_tables(
         table = nodes.entity_table(
             keys,
             profiles,
-            nodes.history_before(prepared.daily[role], key, date),
+            nodes.history_before(prepared.daily[role], key, date, settings.features.history_days),
             key,
             ROLE_PREFIX[role],
             prepared.global_ctr,
             settings.features.ctr_prior_strength,
+            None if prepared.window_days is None else prepared.window_days[date],
         )
         name = ROLE_TABLE[role]
         tables[f"entities/{name}"] = nodes.fill_missing(table.select(key, *held), defaults)
@@ -571,7 +613,7 @@ def _output_tables(
     cfg = settings.features
     date = inputs.target
     names = [f.name for f in features]
-    train = prepared.events.filter(F.col("date") < F.lit(date))
+    train = prepared.events.filter(inputs.in_window())
     clicked = train.filter(F.col("label") == 1)
     target = prepared.events.filter(F.col("date") == F.lit(date))
     ranking = prepared.joined(train, defaults).select("event_id", "date", "label", *names)
@@ -665,6 +707,8 @@ def _build_and_publish(
                 "dataset": inputs.dataset,
                 "target_date": date.isoformat(),
                 "train_dates": list(spec.train_dates),
+                "history_days": cfg.history_days,
+                "lookback_dates": [d.isoformat() for d in inputs.log_days if d < inputs.window[0]],
                 "target_day_has_events": inputs.target_has_events,
                 "feature_spec": SPEC_FILE,
                 "inputs": {
