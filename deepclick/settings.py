@@ -177,6 +177,15 @@ class RankerSettings(_Section):
     negative_sampling_rate: float = Field(
         1.0, gt=0, le=1, description="fraction of negatives kept; corrected after training"
     )
+    max_fit_rows: int = Field(
+        2_000_000,
+        ge=1_000,
+        description="fit rows held in memory at most (the larger of the network's and the wide "
+        "part's): a window holding more keeps every click and a share of the negatives below "
+        "negative_sampling_rate, corrected the same way. 10M impressions with every negative "
+        "kept (7.5M wide rows) took 22.5 GB and was killed on a 23 GB machine; the demo and "
+        "medium worlds (at most 1.05M fit rows) are below it, so unchanged",
+    )
     calibration: Literal["platt", "isotonic", "none"] = "platt"
     calibration_significance: float | None = Field(
         0.05,

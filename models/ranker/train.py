@@ -232,6 +232,56 @@ def downsample_negatives(
     return frame[keep]
 
 
+MIN_NEGATIVE_RATE = 0.01
+"""The lowest negative sampling rate the memory bound chooses: below it the fit would see too
+few non-clicks per click to learn where clicks are rare."""
+
+
+def memory_bounded_rate(rows: int, clicks: int, configured: float, max_rows: int) -> float:
+    """The negative sampling rate that keeps at most ``max_rows`` of ``rows`` fit rows in
+    memory, every click kept: ``configured`` when that already fits, else the share of the
+    negatives that fills what the clicks leave (never below :data:`MIN_NEGATIVE_RATE`). The
+    logit correction (``log(rate)``) and the calibration head undo it like a configured rate."""
+    negatives = rows - clicks
+    if negatives <= 0 or clicks + configured * negatives <= max_rows:
+        return configured
+    return min(configured, max(MIN_NEGATIVE_RATE, max(max_rows - clicks, 0) / negatives))
+
+
+def fit_row_counts(
+    spec: FeatureSpec, settings: RankerSettings, dates: Sequence[str] | None = None
+) -> tuple[int, int]:
+    """Rows and clicks the fit would read from ``training/ranking`` on ``dates`` (default all)
+    before any sampling, the held-out rows left out as :func:`split_for_calibration` leaves
+    them (the ``fraction`` hold-out by its expected share). Reads ``date`` and the label only."""
+    path = spec.table_path(RANKING_TABLE)
+    table = ds.dataset(path, format="parquet").to_table(
+        columns=["date", spec.label], filter=_date_filter(dates)
+    )
+    if table.num_rows == 0:
+        return 0, 0
+    days = pc.unique(table["date"])
+    rows, clicks = table.num_rows, int(pc.sum(table[spec.label]).as_py() or 0)
+    if len(days) >= 2 and settings.holdout == "last_day":
+        last = pc.equal(table["date"], pc.max(table["date"]))
+        held = table.filter(last)
+        return rows - held.num_rows, clicks - int(pc.sum(held[spec.label]).as_py() or 0)
+    keep = 1.0 - settings.calibration_fraction
+    return round(rows * keep), round(clicks * keep)
+
+
+def _wide_reads_every_day(settings: RankerSettings, dates: Sequence[str] | None) -> bool:
+    """The wide part is fitted first on every training day's fit rows (``wide_days: all``),
+    not only on the network's ``dates``."""
+    return (
+        settings.architecture == "dcn_v2"
+        and settings.wide
+        and settings.wide_fit == "logistic"
+        and settings.wide_days == "all"
+        and dates is not None
+    )
+
+
 def load_split(
     spec: FeatureSpec, settings: RankerSettings, dates: Sequence[str] | None = None
 ) -> Split:
@@ -368,6 +418,16 @@ def train_ranker(
     started = time.perf_counter()
     keras.utils.set_random_seed(settings.seed)
     label = spec.label
+    rows, clicks = fit_row_counts(
+        spec, settings, None if _wide_reads_every_day(settings, dates) else dates
+    )
+    rate = memory_bounded_rate(rows, clicks, settings.negative_sampling_rate, settings.max_fit_rows)
+    if rate < settings.negative_sampling_rate:
+        log.warning(
+            "ranker: %d fit rows (%d clicks) exceed max_fit_rows %d: negatives kept at %.3f",
+            rows, clicks, settings.max_fit_rows, rate,
+        )  # fmt: skip
+        settings = settings.model_copy(update={"negative_sampling_rate": rate})
     split = load_split(spec, settings, dates)
     fit_rows = split.fit
     _check_labels(fit_rows, label, "training")
@@ -390,7 +450,7 @@ def train_ranker(
     if settings.architecture == "dcn_v2" and settings.wide and settings.wide_fit == "logistic":
         wide_inputs, wide_labels = fit_inputs, fit_labels
         wide_dates = fit_rows["date"].to_numpy()
-        if settings.wide_days == "all" and dates is not None:
+        if _wide_reads_every_day(settings, dates):
             wide_inputs, wide_labels, wide_dates = _wide_rows(spec, settings, logit_model)
         wide_metrics = fit_wide(
             logit_model,
@@ -446,6 +506,7 @@ def train_ranker(
         "holdout_calibration_ratio_corrected": calibration_ratio(held_labels, corrected),
         **wide_metrics,
         "fit_rows": float(len(fit_rows)),
+        "negative_sampling_rate": settings.negative_sampling_rate,
         "fit_rows_before_sampling": float(split.fit_rows_before_sampling or len(fit_rows)),
     }
     baseline = None
