@@ -18,3 +18,5 @@ Modules, in the order a request meets them:
 Imports stay light on purpose: nothing here imports pyspark, and TensorFlow is only loaded by the
 in-process and gRPC backends (and the stand-in model server).
 """
+
+import deepclick  # noqa: F401  (sets GRPC_ENABLE_FORK_SUPPORT before any module here loads gRPC)
