@@ -750,7 +750,7 @@ def framework_split(root: Path, args: argparse.Namespace, rounds: int = 5) -> li
                 patched.enter_context(mock.patch.object(api, name, stand_in))
         apps = {
             "bare FastAPI endpoint, same request model": bare(),
-            "our route (dependencies, deadline, encoding), no middleware": ours(False),
+            "our route (RankRoute: parameters, deadline, encoding), no middleware": ours(False),
             "the whole app (+ body limit, admission, metrics middleware)": ours(True),
         }
         for app in apps.values():

@@ -22,7 +22,7 @@ from schemathesis.checks import not_a_server_error
 from serving_world import MODEL, World, running_server, wait_ready
 
 from deepclick.settings import PredictorSettings, ServingSettings, Settings
-from serving.app import create_app
+from serving.app import RankRoute, create_app
 from serving.model_server import ModelStore, start_grpc_server
 from serving.release import LoadedRelease, load_release
 from serving.reloader import ReleaseHolder
@@ -157,6 +157,30 @@ def test_oversized_bodies_are_413_declared_or_streamed(client: TestClient) -> No
     )
     assert response.status_code == 413
     assert "larger than 65536 bytes" in response.json()["detail"]
+
+
+def test_the_rank_route_keeps_fastapis_contract(client: TestClient) -> None:
+    """``RankRoute`` resolves the route's parameters itself (issue 14); the schema, the method
+    check and the answer's shape are still FastAPI's."""
+    operation = client.get("/openapi.json").json()["paths"]["/v1/rank"]["post"]
+    body = operation["requestBody"]
+    assert body["required"] is True
+    assert body["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/RankRequest"
+    }
+    assert {"200", "413", "422", "503"} <= set(operation["responses"])
+    wrong_method = client.get("/v1/rank")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    answer = rank(client, num_ads=3)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    assert len(answer.json()["ads"]) == 3
+
+
+def test_the_rank_route_refuses_an_endpoint_it_cannot_resolve() -> None:
+    async def other(body: dict, request: object) -> None: ...
+
+    with pytest.raises(TypeError, match="resolves"):
+        RankRoute("/v1/rank", other, methods=["POST"])
 
 
 def test_ids_are_only_looked_up_never_opened(client: TestClient) -> None:
