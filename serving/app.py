@@ -4,7 +4,8 @@ Routes: ``POST /v1/rank`` (the request flow of ``serving.ranking``), ``GET /heal
 is alive), ``GET /readyz`` (a release is loaded and its ranker answers), ``GET /metrics``
 (Prometheus), ``GET /v1/release`` (what is being served). The current release, the settings, the
 limits and the metrics reach routes through ``Depends`` (STYLE.md §7), so tests can build an app
-around any holder without patching globals.
+around any holder without patching globals; ``/v1/rank``'s route class (:class:`RankRoute`)
+resolves the same parameters itself, without FastAPI's generic per-request machinery.
 
 Guards in front of the routes, as pure ASGI middleware (cheaper than ``BaseHTTPMiddleware``):
 request bodies above ``serving.max_body_bytes`` are answered 413 before parsing (declared or
