@@ -347,6 +347,9 @@ def test_a_known_user_not_seen_before_is_scored_without_a_string_lookup_call(
     got = loaded.features.gather(
         user, placement, found, lookup=loaded.features.lookup(user, placement, parts)
     )
+    # The request's other shared columns (placement, time of day) are memoised by a first call,
+    # whatever earlier tests in this process asked: only the user's row is then in question.
+    loaded.backend.predict(got.common, got.candidates, timeout_s=30)
     predictor._memo.pop("user_id", None)
     scores = loaded.backend.predict(got.common, got.candidates, timeout_s=30)
     assert user.encode() not in predictor._memo.get("user_id", {})
