@@ -30,8 +30,6 @@ from scipy.sparse.linalg import lsqr
 
 from bench.common import print_table, write_json
 
-SLOTS = 10
-
 
 def project(factor: np.ndarray, fields: Sequence[np.ndarray]) -> np.ndarray:
     """``factor`` (``[n, d]``) replaced by its least-squares fit on the one-hot values of
@@ -51,7 +49,8 @@ def project(factor: np.ndarray, fields: Sequence[np.ndarray]) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     from deepclick import layout
-    from lifecycle.replay import oracle_slates, sample_requests, true_slates
+    from lifecycle.replay import SLOTS, oracle_slates, sample_requests, true_slates
+    from models.evaluation.replay import ORACLE, replay_report
     from pipelines.retrieval_eval import _world
     from pipelines.simulate import index_of, live_ads
 
@@ -104,37 +103,42 @@ def main(argv: list[str] | None = None) -> int:
         world.price_affinity * taste[:, None] * world.ad_log_price_z[live][None, :]
     )
     _, oracle_p = oracle_slates(world, requests, date)
-    oracle = np.nanmean(oracle_p, axis=1)
-    resamples = np.random.default_rng(args.seed).integers(0, len(requests), (500, len(requests)))
 
-    def share(context: np.ndarray, ads: np.ndarray) -> dict[str, float]:
-        score = base + world.scale * (context @ ads[live].T)
+    def slates(context: np.ndarray | None, ads: np.ndarray | None) -> np.ndarray:
+        """True click probabilities of the top-10 of every live ad scored by the true quality
+        and price taste plus ``scale · context · ads`` (no match term when ``context`` is None)."""
+        score = base if context is None else base + world.scale * (context @ ads[live].T)
         top = np.argsort(-score, axis=1)[:, :SLOTS]
-        ids = [world.ad_ids[live[t]].tolist() for t in top]
-        ctr = np.nanmean(true_slates(world, requests, ids), axis=1)
-        boot = np.array([ctr[i].mean() / oracle[i].mean() for i in resamples])
-        return {
-            "of_oracle": round(float(ctr.mean() / oracle.mean()), 3),
-            "ci_low": round(float(np.quantile(boot, 0.025)), 3),
-            "ci_high": round(float(np.quantile(boot, 0.975)), 3),
-        }
+        return true_slates(world, requests, [world.ad_ids[live[t]].tolist() for t in top])
 
-    rows = [
-        {"match known as": "the true factors (the oracle)", **share(user[u] + place[p], ad)},
-        {
-            "match known as": "profile, page type, slot x category, brand (what crosses carry)",
-            **share(user_fields[u] + place_fields[p], ad_fields),
-        },
-        {
-            "match known as": "true user + placement x category, brand",
-            **share(user[u] + place[p], ad_fields),
-        },
-        {
-            "match known as": "profile, page type, slot x true ad factor",
-            **share(user_fields[u] + place_fields[p], ad),
-        },
-        {"match known as": "not at all (quality + price)", **share(0 * user[u], ad)},
-    ]
+    scorers = {
+        "the true factors (the oracle)": (user[u] + place[p], ad),
+        "profile, page type, slot x category, brand (what crosses carry)": (
+            user_fields[u] + place_fields[p],
+            ad_fields,
+        ),
+        "true user + placement x category, brand": (user[u] + place[p], ad_fields),
+        "profile, page type, slot x true ad factor": (user_fields[u] + place_fields[p], ad),
+        "not at all (quality + price)": (None, None),
+    }
+    report = replay_report(
+        {ORACLE: oracle_p, **{name: slates(*parts) for name, parts in scorers.items()}},
+        ks=(SLOTS,),
+        bootstrap=500,
+        seed=args.seed,
+    )
+    rows = []
+    for name in scorers:
+        top = report["systems"][name][f"top_{SLOTS}"]
+        low, high = top["share_of_oracle_ci95"]
+        rows.append(
+            {
+                "match known as": name,
+                "of_oracle": round(top["share_of_oracle"], 3),
+                "ci_low": round(low, 3),
+                "ci_high": round(high, 3),
+            }
+        )
     print_table(
         f"match ceiling on {args.date}: {len(requests)} requests x {len(live)} live ads", rows
     )
