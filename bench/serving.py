@@ -18,8 +18,8 @@ Everything is measured in one run on the same machine and the same requests:
    encoding, and the ranker's predict time against its FLOP estimate (2 x the weights of its
    matrix kernels per candidate) at the single-thread GEMM rate numpy reaches on this machine.
    ``cores / CPU-ms per request`` is the most a server can answer; beside it ``rank`` in a
-   loop for ``--seconds`` in 1 and in 2 processes started together (how far 2 cores really
-   scale; the servers are also compared with the 2 processes' rate);
+   loop for ``--seconds`` in 1 and in 2 processes started together: the steady CPU per request
+   that the 80% target is judged on, and how far 2 cores really scale;
 3. signatures: ``rank`` vs ``serving_default`` per backend, backend calls only (no HTTP);
 4. ``deepclick serve``-equivalent servers (``serving.server.run``) with 1 and 2 (and 4) uvicorn
    workers under a closed-loop load generator (a small asyncio HTTP/1.1 keep-alive client,
@@ -711,10 +711,10 @@ def rank_loop(root: Path, candidates: int, seconds: float, search: str) -> None:
 def concurrent_ceiling(
     root: Path, args: argparse.Namespace, search: str, processes: int = 2
 ) -> dict:
-    """What the hardware allows the servers at best: ``rank`` in ``processes`` processes at once
-    (no HTTP), started together. The compute ceiling (cores / one process's CPU per request)
-    assumes the cores scale perfectly; processes sharing the caches and memory bandwidth do not
-    quite, and this measures by how much."""
+    """``rank`` in ``processes`` processes at once (no HTTP), started together: one process gives
+    the steady CPU per request of the compute ceiling; two show whether the cores scale as the
+    ceiling (cores / one process's CPU per request) assumes, or lose to shared caches and memory
+    bandwidth."""
     argv = [sys.executable, "-c", CONCURRENT_SCRIPT, str(root), str(args.candidates)]
     argv += [str(args.seconds), search]
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL}
