@@ -251,11 +251,12 @@ class RankerSettings(_Section):
         0.1,
         gt=0,
         description="inverse L2 strength of the wide fit (scikit-learn's C). 0.03 wins AUC on "
-        "all 7 generated seeds and the slate on 6 (bench/slate_gap.py, paired with 0.1: demo "
+        "7 demo and medium seeds and the slate on 6 (bench/slate_gap.py, paired with 0.1: demo "
         "slate +0.035 to +0.069 of the oracle, AUC +0.008 to +0.011; medium slate +0.003 to "
-        "+0.022, AUC +0.005) but raises TalkingData's calibration on D by 0.13-0.17 on both "
-        "seeds tried (1.16 -> 1.33 [1.03, 1.75], which the gate refuses), so the default stays "
-        "0.1 (README, 'Model quality'). Less L2 (0.3, 1.0) loses heavily",
+        "+0.022, AUC +0.005), but at 10M loses the slate (-0.009 [-0.016, -0.001], AUC +0.004) "
+        "and on TalkingData raises D's calibration by 0.13-0.17 on both seeds tried (1.16 -> "
+        "1.33 [1.03, 1.75], which the gate refuses), so the default stays 0.1 (README, 'Model "
+        "quality'). Less L2 (0.3, 1.0) loses heavily at medium",
     )
     wide_days: Literal["ranker", "all"] = Field(
         "all",
