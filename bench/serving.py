@@ -1602,7 +1602,8 @@ def summarise(
             {
                 "target": f"2 workers, 8-32 connections: ≥ 4x {BEFORE_RPS:.0f} answered req/s",
                 "value": f"{rps:.0f} req/s = {rps / BEFORE_RPS:.1f}x ({top['name']}, "
-                f"{top['concurrency']} connections, {top['non_200']} of {top['requests']} shed)",
+                f"{top['concurrency']} connections, {top['non_200']} shed beside "
+                f"{top['requests']} answered)",
                 "met": rps >= 4 * BEFORE_RPS,
             }
         )
