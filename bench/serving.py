@@ -53,7 +53,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,6 +61,9 @@ from bench.common import latency_ms, memory_kb, print_table, write_json
 from deepclick import layout
 from serving.app import MetricsDep, ReleaseDep
 from serving.schemas import RankRequest
+
+if TYPE_CHECKING:
+    from serving.ranking import RankLimits
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "ranker"
@@ -476,6 +479,19 @@ def load(
     }
 
 
+def bench_limits(candidates: int) -> RankLimits:
+    """The rank limits every in-process measurement here uses: ``candidates`` candidates, a
+    30 s ranker timeout (a measurement never degrades)."""
+    from serving.ranking import RankLimits
+
+    return RankLimits(candidates, max(candidates, 2000), 1000, 30.0)
+
+
+def search_mode(index_search: dict | None) -> str:
+    """The candidate search the index build chose (``ann`` when it recorded none)."""
+    return (index_search or {}).get("mode", "ann")
+
+
 def request_bodies(root: Path, args: argparse.Namespace, n: int = 2000) -> list[bytes]:
     """Requests for known users on known placements (plus a few unknown users: cold start)."""
     import pandas as pd
@@ -604,7 +620,7 @@ def in_process(root: Path, args: argparse.Namespace, bodies: Sequence[bytes]) ->
     from serving.app import limit_blas_threads
     from serving.backends import configure_tensorflow_threads
     from serving.metrics import ServingMetrics
-    from serving.ranking import RankLimits, rank
+    from serving.ranking import rank
     from serving.release import current_release_folder, load_release
 
     configure_tensorflow_threads(1)
@@ -612,7 +628,7 @@ def in_process(root: Path, args: argparse.Namespace, bodies: Sequence[bytes]) ->
     folder = current_release_folder(root)
     requests = [RankRequest.model_validate_json(b) for b in bodies[: args.in_process_requests]]
     warm = min(30, len(requests) // 4)
-    limits = RankLimits(args.candidates, max(args.candidates, 2000), 1000, 30.0)
+    limits = bench_limits(args.candidates)
     rows = []
     flops = gflops = None
     # the default (TFLite call) with both searches, then the SavedModel's indexed call and XLA
@@ -686,7 +702,7 @@ def rank_loop(root: Path, candidates: int, seconds: float, search: str) -> None:
     from serving.app import limit_blas_threads
     from serving.backends import configure_tensorflow_threads
     from serving.metrics import ServingMetrics
-    from serving.ranking import RankLimits, rank
+    from serving.ranking import rank
     from serving.release import current_release_folder, load_release
 
     configure_tensorflow_threads(1)
@@ -695,7 +711,7 @@ def rank_loop(root: Path, candidates: int, seconds: float, search: str) -> None:
     release = load_release(current_release_folder(root), settings)
     shape = argparse.Namespace(candidates=candidates, num_ads=10, seed=0)
     requests = [RankRequest.model_validate_json(b) for b in request_bodies(root, shape)]
-    limits, metrics = RankLimits(candidates, max(candidates, 2000), 1000, 30.0), ServingMetrics()
+    limits, metrics = bench_limits(candidates), ServingMetrics()
     for request in requests[:30]:
         rank(release, request, limits, metrics)
     print("ready", flush=True)
@@ -755,14 +771,14 @@ def framework_split(root: Path, args: argparse.Namespace, rounds: int = 5) -> li
     import serving.app as api
     from deepclick.settings import Settings
     from serving.metrics import ServingMetrics
-    from serving.ranking import RankLimits, rank
+    from serving.ranking import rank
     from serving.release import current_release_folder, load_release
     from serving.reloader import ReleaseHolder
 
     settings = Settings(root=root)
     release = load_release(current_release_folder(root), settings)
     bodies = request_bodies(root, args)[:400]
-    limits = RankLimits(args.candidates, max(args.candidates, 2000), 1000, 30.0)
+    limits = bench_limits(args.candidates)
     fixed = rank(release, RankRequest.model_validate_json(bodies[0]), limits, ServingMetrics())
 
     async def precomputed(*_: Any) -> Any:
@@ -935,14 +951,14 @@ def predict_layers(
     from deepclick.settings import Settings
     from serving.backends import inputs_for
     from serving.metrics import ServingMetrics
-    from serving.ranking import RankLimits, rank
+    from serving.ranking import rank
     from serving.release import current_release_folder, load_release
 
     release = load_release(current_release_folder(root), Settings(root=root))
     backend = release.backend
     inner = getattr(backend, "inner", backend)
     predictor = inner.predictor
-    limits = RankLimits(args.candidates, max(args.candidates, 2000), 1000, 30.0)
+    limits = bench_limits(args.candidates)
     requests = [RankRequest.model_validate_json(b) for b in bodies[:40]]
     service, features = release.candidates, release.features
     gathered = []
@@ -1400,7 +1416,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ceiling = in_process(root, args, bodies)
     print_table("in process, no HTTP: CPU per request, stage shares, ranker vs FLOPs", ceiling)
     results["in_process"] = ceiling
-    mode = (results["index_search"] or {}).get("mode", "ann")
+    mode = search_mode(results["index_search"])
     concurrent = [concurrent_ceiling(root, args, mode, processes) for processes in (1, 2)]
     print_table("in process, no HTTP: rank in 1 and in 2 processes at once", concurrent)
     results["in_process_concurrent"] = concurrent
@@ -1565,8 +1581,9 @@ def summarise(
         ]
 
     out = []
-    mode = (search or {}).get("mode", "ann")
+    mode = search_mode(search)
     served = next((c for c in ceiling if c["search"] == mode), ceiling[0] if ceiling else None)
+    inside_ms, source = ceiling_cpu_ms(served, concurrent) if served else (0.0, "")
     if served:
         out.append(
             {
@@ -1608,7 +1625,6 @@ def summarise(
             }
         )
         if served:
-            inside_ms, source = ceiling_cpu_ms(served, concurrent)
             cap = 2000.0 / inside_ms
             client = top.get("client_cores")
             value, met = f"{rps / cap:.0%} of 2 cores ({rps:.0f} of {cap:.0f})", rps / cap >= 0.8
@@ -1646,7 +1662,7 @@ def summarise(
             client_note = ""
         cpu = ""
         if served and "server_cpu_ms_per_request" in st:
-            server, inside = st["server_cpu_ms_per_request"], ceiling_cpu_ms(served, concurrent)[0]
+            server, inside = st["server_cpu_ms_per_request"], inside_ms
             cpu = (
                 f"; CPU: server {server:.2f} ms per request vs {inside:.2f} in process = "
                 f"{(server - inside) / server:.0%} outside the handler"
