@@ -270,17 +270,18 @@ def free_port() -> int:
 
 
 SERVER_SCRIPT = """
-import json, os, sys, uvicorn
+import json, os, sys
 from deepclick.settings import Settings
-from serving.server import run, SETTINGS_ENV
+from serving.server import run, serve, SETTINGS_ENV
+from serving.workers import WorkerSpec
 kind, workers = sys.argv[1], int(sys.argv[2])
 settings = Settings(**json.loads(os.environ[SETTINGS_ENV]))
 if kind == "api":
     run(settings, workers, log_level="warning")
-else:
-    uvicorn.run(f"bench.serving:{kind}_app", factory=True, host=settings.serving.host,
-                port=settings.serving.port, workers=workers, log_level="warning",
-                access_log=False)
+else:  # the bare apps run under the same workers as the API, so they compare like for like
+    spec = WorkerSpec(f"bench.serving:{kind}_app", settings.serving.host, settings.serving.port,
+                      log_level="warning")
+    serve(spec, workers)
 """
 
 MODEL_SERVER_SCRIPT = """
@@ -1557,6 +1558,42 @@ def two_process_scaling(concurrent: list[dict]) -> dict:
     }
 
 
+def compute_ceiling_share(
+    top: dict, inside_ms: float, source: str, concurrent: list[dict] | None
+) -> dict:
+    """The 80% target: answered requests/s of 2 workers against what the cores the load
+    generator leaves can rank without HTTP. That ceiling is cores / CPU per request measured with
+    both cores busy — 2 ranking processes started together (:func:`concurrent_ceiling`) — because
+    the servers run with both cores busy, and one process alone ran 1.0-1.2x faster per request
+    than each of two together (shared caches, memory bandwidth). Twice one process's rate, the
+    stricter figure, is shown beside it. Without the 2-process run, that is the judge."""
+    rps = top["ok_rps"]
+    left = 2.0 - (top.get("client_cores") or 0.0)  # the load generator shares the 2 cores
+    strict = rps / (1000.0 * left / inside_ms)
+    two = next((c for c in concurrent or () if c["processes"] == 2), None)
+    strict_text = (
+        f"{strict:.0%} of twice 1 process ({inside_ms:.2f} ms from {source}) on the {left:.2f} "
+        f"cores the load generator left"
+    )
+    if two is None:
+        return {
+            "target": "2 workers: ≥ 80% of the compute ceiling (cores / CPU per request in "
+            "process, without HTTP)",
+            "value": f"{strict_text} ({rps:.0f} req/s)",
+            "met": strict >= 0.8,
+        }
+    cap = two["requests_per_s"] * left / 2.0
+    share = rps / cap
+    return {
+        "target": "2 workers: ≥ 80% of the compute ceiling (cores / CPU per request in process, "
+        "without HTTP, both cores busy: 2 ranking processes at once)",
+        "value": f"{share:.0%} ({rps:.0f} of {cap:.0f} req/s: {two['requests_per_s']:.0f} of 2 "
+        f"processes at once, {two['cpu_ms_per_request']:.2f} ms CPU per request, on the "
+        f"{left:.2f} cores the load generator left); {strict_text}",
+        "met": share >= 0.8,
+    }
+
+
 BEFORE_RPS = 163.0
 """2 workers at 8 connections before issue 14 (issue 14's quiet-machine run)."""
 
@@ -1625,27 +1662,7 @@ def summarise(
             }
         )
         if served:
-            cap = 2000.0 / inside_ms
-            client = top.get("client_cores")
-            value, met = f"{rps / cap:.0%} of 2 cores ({rps:.0f} of {cap:.0f})", rps / cap >= 0.8
-            if client is not None:
-                # the load generator runs on the same 2 cores; what is left is the servers'
-                left = 2.0 - client
-                cap_left = 1000.0 * left / inside_ms
-                met = rps / cap_left >= 0.8
-                value += (
-                    f"; {rps / cap_left:.0%} of the {left:.2f} cores the load generator left "
-                    f"({rps:.0f} of {cap_left:.0f}; the client used {client:.2f} cores)"
-                )
-            out.append(
-                {
-                    "target": "2 workers: ≥ 80% of the compute ceiling (cores / CPU per request "
-                    f"in process, {inside_ms:.2f} ms from {source}; the cores the load "
-                    "generator leaves)",
-                    "value": value,
-                    "met": met,
-                }
-            )
+            out.append(compute_ceiling_share(top, inside_ms, source, concurrent))
             if concurrent:
                 out.append(two_process_scaling(concurrent))
     if stages:
