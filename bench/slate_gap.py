@@ -432,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     scorers["truth_quality_price"] = truth_term_scorer(world, [3, 4])
     scorers["truth_match"] = truth_term_scorer(world, [5])
     base_of: dict[str, str] = {}  # variant -> the first variant of the same ranker seed
+    wide_of: dict[str, dict[str, float]] = {}  # variant -> its wide fit's metrics (C chosen...)
     for variant in args.variant:
         name, pairs = parse_variant(variant)
         seed = pairs.get("seed", str(settings.ranker.seed))
@@ -449,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
             dates=own.ranker,
         )
         scorers[f"ranker_{name}"] = trained.predict
-        print(f"trained ranker_{name}: {pairs}", flush=True)
+        wide_of[f"ranker_{name}"] = {
+            k: v for k, v in trained.metrics.items() if k.startswith("wide_")
+        }
+        print(f"trained ranker_{name}: {pairs}; {wide_of[f'ranker_{name}']}", flush=True)
 
     folder = publish_release(
         settings,
@@ -554,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             "truth_lr_coef": truth_coef,
             "rows": rows,
             "base_of": base_of,
+            "wide": wide_of,
             "replay": report,
             "replay_seconds": round(replay_seconds, 1),
             "scorer_seconds": scorer_seconds,
