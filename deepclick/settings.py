@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -257,6 +257,12 @@ class RankerSettings(_Section):
         "and on TalkingData raises D's calibration by 0.13-0.17 on both seeds tried (1.16 -> "
         "1.33 [1.03, 1.75], which the gate refuses), so the default stays 0.1 (README, 'Model "
         "quality'). Less L2 (0.3, 1.0) loses heavily at medium",
+    )
+    wide_c_grid: list[PositiveFloat] = Field(
+        default_factory=list,
+        description="when it holds two or more values, the wide fit is solved once per C of "
+        "the grid and the one with the lowest log loss of the wide part alone on the held-out "
+        "rows is kept (wide_c ignored); the chosen C and each one's loss are training metrics",
     )
     wide_days: Literal["ranker", "all"] = Field(
         "all",

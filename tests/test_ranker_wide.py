@@ -120,3 +120,36 @@ def test_a_feature_that_varies_within_a_day_keeps_its_weights() -> None:
     weights = np.array([0.0, 0.3, -0.1])
     got = average_day_constant(weights, np.array([1, 2]), np.array(["A", "A"]), min_days=2)
     np.testing.assert_array_equal(got, weights)
+
+
+def test_the_wide_strength_is_chosen_by_held_out_log_loss_and_its_solution_is_the_one_kept(
+    folder: FeatureFolder,
+) -> None:
+    """``c_grid``: one wide fit per C, the lowest held-out log loss wins, and the network holds
+    exactly the winner's weights (the same as fitting that C alone). Planted per-id biases: a C
+    so small that every id weight is nearly 0 must lose to 0.1."""
+    rows = folder.table("training/ranking")
+    fit, held = rows.iloc[: len(rows) * 3 // 4], rows.iloc[len(rows) * 3 // 4 :]
+    labels, held_labels = fit["label"].to_numpy(), held["label"].to_numpy()
+
+    def model_and_tensors():
+        model = build_logit_model(folder.spec, SETTINGS, base_rate=float(labels.mean()))
+        return (
+            model,
+            _tensors(model, frame_to_inputs(folder.spec, fit)),
+            _tensors(model, frame_to_inputs(folder.spec, held)),
+        )
+
+    model, tensors, held_tensors = model_and_tensors()
+    chosen = fit_wide(model, tensors, labels, c=1.0, seed=7, c_grid=[1e-4, 0.1],
+                      held=(held_tensors, held_labels, 0.0))  # fmt: skip
+    losses = {c: chosen[f"wide_holdout_logloss_c{c:g}"] for c in (1e-4, 0.1)}
+    assert chosen["wide_c"] == 0.1 and losses[0.1] < losses[1e-4], losses
+    alone, alone_tensors, _ = model_and_tensors()
+    fit_wide(alone, alone_tensors, labels, c=0.1, seed=7)
+    np.testing.assert_allclose(predict(model, held_tensors), predict(alone, _tensors(
+        alone, frame_to_inputs(folder.spec, held))), atol=1e-5)  # fmt: skip
+    # the reported loss is the wide part's own, on the held-out rows, as the network computes it
+    p = 1.0 / (1.0 + np.exp(-predict(model, held_tensors)))
+    expected = -np.mean(held_labels * np.log(p) + (1 - held_labels) * np.log(1 - p))
+    assert abs(losses[0.1] - expected) < 1e-4

@@ -460,6 +460,8 @@ def train_ranker(
             seed=settings.seed,
             dates=wide_dates,
             day_feature_min_days=settings.wide_day_feature_min_days,
+            c_grid=settings.wide_c_grid,
+            held=(_tensors(logit_model, held_inputs), held_labels, correction),
         )
         wide_metrics["wide_rows"] = float(len(wide_labels))
 
