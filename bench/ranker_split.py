@@ -104,7 +104,8 @@ def main() -> None:
     emb = resolve(layout.artifacts(settings.root) / "embeddings", version, what="embeddings")
     similarity = EmbeddingSimilarity(read_embeddings(emb))
     results = {}
-    train_all = pd.read_parquet(features / "training" / "ranking")
+    # every training row in pandas: only for the LR fits (at 10M scale that is 9M rows)
+    train_all = None if args.skip_lr else pd.read_parquet(features / "training" / "ranking")
     default_clip = models.preprocessing.CLIP_STD
     seeds = args.seed or [settings.ranker.seed]
     variants = args.variant or ["base"]
@@ -134,8 +135,10 @@ def main() -> None:
         )
         p = trained.predict(eval_rows)
         before_head = 1.0 / (1.0 + np.exp(-trained.predict_logits(eval_rows)))
-        fit = train_all[train_all["date"].astype(str).isin(days.ranker)]
-        lr_same = None if args.skip_lr else one_hot_lr(spec, fit, eval_rows)
+        lr_same = None
+        if train_all is not None:
+            fit = train_all[train_all["date"].astype(str).isin(days.ranker)]
+            lr_same = one_hot_lr(spec, fit, eval_rows)
         first = p if first is None else first
         low, high = auc_interval(y, p)
         diff = auc_difference_interval(y, p, first)
@@ -162,10 +165,11 @@ def main() -> None:
             "lr_same_rows_auc": None if lr_same is None else round(auc(y, lr_same), 4),
             "ranker_days": list(days.ranker),
             "fit_rows": int(trained.metrics["fit_rows"]),
+            "wide": {k: v for k, v in trained.metrics.items() if k.startswith("wide_")},
             "seconds": round(time.perf_counter() - tick, 1),
         }
         print(name, json.dumps(results[name]), flush=True)
-    if not args.skip_lr:
+    if train_all is not None:
         lr_all = one_hot_lr(spec, train_all, eval_rows)
         results["lr_all_days"] = {"auc": round(auc(y, lr_all), 4)}
         print("lr_all_days", results["lr_all_days"], flush=True)

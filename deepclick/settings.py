@@ -250,19 +250,22 @@ class RankerSettings(_Section):
     wide_c: float = Field(
         0.1,
         gt=0,
-        description="inverse L2 strength of the wide fit (scikit-learn's C). 0.03 wins AUC on "
-        "7 demo and medium seeds and the slate on 6 (bench/slate_gap.py, paired with 0.1: demo "
-        "slate +0.035 to +0.069 of the oracle, AUC +0.008 to +0.011; medium slate +0.003 to "
-        "+0.022, AUC +0.005), but at 10M loses the slate (-0.009 [-0.016, -0.001], AUC +0.004) "
-        "and on TalkingData raises D's calibration by 0.13-0.17 on both seeds tried (1.16 -> "
-        "1.33 [1.03, 1.75], which the gate refuses), so the default stays 0.1 (README, 'Model "
-        "quality'). Less L2 (0.3, 1.0) loses heavily at medium",
+        description="inverse L2 strength of the wide fit (scikit-learn's C) when wide_c_grid "
+        "holds fewer than two values. Alone, 0.03 won AUC on 7 demo and medium seeds and the "
+        "slate on 6 (paired with 0.1: demo slate +0.035 to +0.069 of the oracle, medium +0.003 "
+        "to +0.022), lost the slate at 10M (-0.009 [-0.016, -0.001]) and raised TalkingData's "
+        "calibration on D (1.16 -> 1.33); less L2 (0.3, 1.0) lost heavily at medium: no single "
+        "C wins everywhere, hence wide_c_grid",
     )
     wide_c_grid: list[PositiveFloat] = Field(
-        default_factory=list,
-        description="when it holds two or more values, the wide fit is solved once per C of "
-        "the grid and the one with the lowest log loss of the wide part alone on the held-out "
-        "rows is kept (wide_c ignored); the chosen C and each one's loss are training metrics",
+        default_factory=lambda: [0.03, 0.1, 0.3],
+        description="two or more values: the wide fit is solved once per C and the one with "
+        "the lowest log loss of the wide part alone on the held-out rows is kept (wide_c "
+        "ignored); the chosen C and each one's loss are training metrics. Default chosen with "
+        "bench/ranker_split.py (seed 7, paired with C 0.1 on D): it picks 0.03 at demo scale "
+        "(AUC +0.011, slate +0.035), medium (AUC +0.0046 [+0.0032, +0.0062]) and 10M (AUC "
+        "+0.0037, slate -0.009) and 0.3 on TalkingData (AUC +0.006, calibration 1.13 vs 1.16). "
+        "One fit per value: the 10M ranker stage pays for each (README 'Model quality')",
     )
     wide_days: Literal["ranker", "all"] = Field(
         "all",
