@@ -10,9 +10,11 @@ connection to a worker by the hash of its addresses: about evenly, whatever the 
 
 The supervisor keeps the uvicorn supervisor's duties that deepclick needs: a worker that dies after
 it started serving is replaced (the port never goes dark; a native crash in a library must not
-take the API down for good), a worker that exits before it ever served stops everything with an
-error (a port held by another program, or an app that cannot start, would fail the same way on
-every restart), and SIGINT/SIGTERM stop the workers gracefully. Not kept: SIGHUP restarts and
+take the API down for good); when no worker has served yet, a worker that fails to start stops
+everything with an error (a port held by another program, or an app that cannot start, would fail
+the same way on every restart), while later a replacement that fails to start is retried with a
+growing pause as the other workers keep serving; SIGINT/SIGTERM stop the workers gracefully. Not
+kept: SIGHUP restarts and
 SIGTTIN/SIGTTOU scaling — releases are hot-reloaded by each worker (``serving.reloader``), so a
 restart is never how a new model reaches the API.
 """
@@ -103,6 +105,11 @@ def _signal_when_started(server: uvicorn.Server, ready: Event) -> None:
         ready.set()
 
 
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 30.0
+"""Pauses before restarting a worker whose replacement failed to start: 0.5 s, doubling, capped."""
+
+
 @dataclass
 class _Worker:
     process: multiprocessing.process.BaseProcess
@@ -127,6 +134,12 @@ class WorkerSupervisor:
         self.on_worker_exit = on_worker_exit
         self.poll_s = poll_s
         self.restarts = 0
+        """Workers replaced after they died while serving."""
+        self.failed_starts = 0
+        """Replacements that exited before they served (retried with a growing pause)."""
+        self._served = False
+        self._failures = [0] * workers
+        self._retry_at: list[float | None] = [None] * workers
         self._stop = threading.Event()
         self._running: list[_Worker] = []
 
@@ -159,7 +172,8 @@ class WorkerSupervisor:
 
     @property
     def pids(self) -> list[int]:
-        return [w.process.pid for w in self._running if w.process.pid is not None]
+        """The workers alive now."""
+        return [w.process.pid for w in self._running if w.process.is_alive() and w.process.pid]
 
     def _start(self) -> _Worker:
         ready = _spawn.Event()
@@ -168,22 +182,40 @@ class WorkerSupervisor:
         return _Worker(process, ready)
 
     def _replace_dead(self) -> None:
+        now = time.monotonic()
         for slot, worker in enumerate(self._running):
+            if worker.ready.is_set():
+                self._served = True
+                self._failures[slot] = 0
             if worker.process.is_alive() or self._stop.is_set():
+                continue
+            retry_at = self._retry_at[slot]
+            if retry_at is not None:  # a failed start, already counted: waiting for its pause
+                if now >= retry_at:
+                    self._retry_at[slot] = None
+                    self._running[slot] = self._start()
                 continue
             worker.process.join()
             pid, code = worker.process.pid, worker.process.exitcode
             if self.on_worker_exit is not None and pid is not None:
                 self.on_worker_exit(pid)
-            if not worker.ready.is_set():
-                raise WorkerStartupError(
-                    f"a worker exited with code {code} before it served on "
-                    f"{self.spec.host}:{self.spec.port} (the port is held by another program, "
-                    "or the app failed to start: see the log above); stopping"
-                )
-            logger.error("worker %s died (exit code %s); starting a new one", pid, code)
-            self.restarts += 1
-            self._running[slot] = self._start()
+            if worker.ready.is_set():
+                logger.error("worker %s died (exit code %s); starting a new one", pid, code)
+                self.restarts += 1
+                self._running[slot] = self._start()
+                continue
+            failure = (
+                f"a worker exited with code {code} before it served on {self.spec.host}:"
+                f"{self.spec.port} (the port is held by another program, or the app failed to "
+                "start: see the log above)"
+            )
+            if not self._served:  # it never worked: every retry would fail the same way
+                raise WorkerStartupError(f"{failure}; stopping")
+            self.failed_starts += 1
+            self._failures[slot] += 1
+            pause = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self._failures[slot] - 1))
+            logger.error("%s; the other workers keep serving, retrying in %.1f s", failure, pause)
+            self._retry_at[slot] = now + pause
 
     def _stop_all(self) -> None:
         for worker in self._running:

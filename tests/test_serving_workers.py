@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 from serving_world import World
+from worker_probe_app import BROKEN_MARKER_ENV
 
 from serving.metrics import MULTIPROC_ENV
 from serving.workers import WorkerSpec, WorkerStartupError, WorkerSupervisor
@@ -99,6 +100,35 @@ def test_a_worker_that_dies_is_replaced_and_the_port_keeps_answering(supervised)
     assert victim not in supervisor.pids and survivor in supervisor.pids
 
 
+def test_a_replacement_that_cannot_start_leaves_the_healthy_worker_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a server that never served stops on a start-up failure: once serving, a replacement
+    worker that cannot start (here its app raises) is retried with a growing pause while the
+    other worker keeps answering, and it serves again once the cause is gone."""
+    marker = tmp_path / "broken"
+    monkeypatch.setenv(BROKEN_MARKER_ENV, str(marker))  # inherited by the spawned workers
+    port = _free_port()
+    spec = WorkerSpec("worker_probe_app:flaky_app", "127.0.0.1", port, log_level="critical")
+    supervisor = WorkerSupervisor(spec, 2, poll_s=0.1)
+    thread = threading.Thread(target=supervisor.run, daemon=True)
+    thread.start()
+    try:
+        _wait_until(lambda: len(set(_pids_of_connections(port))) == 2)
+        marker.touch()
+        victim, survivor = supervisor.pids
+        os.kill(victim, signal.SIGKILL)
+        _wait_until(lambda: supervisor.failed_starts >= 2, timeout_s=30)
+        assert thread.is_alive()
+        assert set(_pids_of_connections(port)) == {survivor}
+        marker.unlink()
+        _wait_until(lambda: len(set(_pids_of_connections(port))) == 2, timeout_s=60)
+    finally:
+        supervisor.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
 def test_a_port_held_by_another_program_is_refused_before_any_worker_starts() -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -116,7 +146,7 @@ def test_an_app_that_cannot_start_stops_the_server_instead_of_restarting_forever
     with pytest.raises(WorkerStartupError, match="before it served"):
         supervisor.run()
     assert supervisor.restarts == 0
-    assert all(not os.path.exists(f"/proc/{pid}") for pid in supervisor.pids)
+    assert all(w.process.exitcode is not None for w in supervisor._running)  # all reaped
 
 
 def test_deepclick_serve_with_two_workers_answers_on_every_connection_and_sums_metrics(

@@ -20,3 +20,15 @@ def pid_app() -> FastAPI:
 
 def broken_app() -> FastAPI:
     raise RuntimeError("this app cannot start")
+
+
+BROKEN_MARKER_ENV = "WORKER_PROBE_BROKEN_MARKER"
+
+
+def flaky_app() -> FastAPI:
+    """:func:`pid_app`, unless the file named by ``$WORKER_PROBE_BROKEN_MARKER`` exists: then
+    the start-up fails (a worker replaced while something it needs is broken)."""
+    marker = os.environ.get(BROKEN_MARKER_ENV)
+    if marker and os.path.exists(marker):
+        raise RuntimeError(f"{marker} exists: this worker cannot start")
+    return pid_app()
