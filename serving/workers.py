@@ -33,6 +33,8 @@ from multiprocessing.synchronize import Event
 
 import uvicorn
 
+from deepclick.errors import DeepclickError
+
 logger = logging.getLogger("uvicorn.error")
 _spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no TF or JVM state forked
 
@@ -49,7 +51,7 @@ class WorkerSpec:
     timeout_graceful_shutdown: int = 10
 
 
-class WorkerStartupError(RuntimeError):
+class WorkerStartupError(DeepclickError):
     """A worker exited before it served a request: retrying would fail the same way."""
 
 
