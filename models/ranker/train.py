@@ -446,6 +446,7 @@ def train_ranker(
     logit_model = build_logit_model(
         spec, settings, similarity_stats=sim_stats, base_rate=float(fit_labels.mean())
     )
+    held_tensors = _tensors(logit_model, held_inputs)  # for the wide fit's C and the fit
     wide_metrics: dict[str, float] = {}
     if settings.architecture == "dcn_v2" and settings.wide and settings.wide_fit == "logistic":
         wide_inputs, wide_labels = fit_inputs, fit_labels
@@ -461,7 +462,7 @@ def train_ranker(
             dates=wide_dates,
             day_feature_min_days=settings.wide_day_feature_min_days,
             c_grid=settings.wide_c_grid,
-            held=(_tensors(logit_model, held_inputs), held_labels, correction),
+            held=(held_tensors, held_labels, correction),
         )
         wide_metrics["wide_rows"] = float(len(wide_labels))
 
@@ -471,7 +472,6 @@ def train_ranker(
         metrics=[keras.metrics.AUC(from_logits=True, name="auc")],
     )
     fit_tensors = _tensors(logit_model, fit_inputs)
-    held_tensors = _tensors(logit_model, held_inputs)
     build_before_fit(logit_model, fit_tensors, fit_labels)
     log.info(
         "training ranker %s on %d rows (%s), calibrating on %d rows",
