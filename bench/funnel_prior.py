@@ -59,7 +59,7 @@ def merged(primary: np.ndarray, secondary: np.ndarray, k: int, share: float) -> 
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--date", required=True)
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--shares", default="0,0.1,0.2")
     parser.add_argument("--half-life", type=float, default=0.0)
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     date = dt.date.fromisoformat(args.date)
     version = version_for(date)
     root = args.root.resolve()

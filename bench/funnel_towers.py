@@ -12,6 +12,12 @@ SavedModels serve. Usage (a state root whose daily run for D has published featu
         --variant 'inbatch={"uniform_negatives": 0}' --variant 'mixed={}' \\
         [--truth var/bench-quality/medium/raw/marketplace]
 
+``--match-requests N`` (generated data) also asks what each variant's score ``query·ad`` carries
+of the latent match (``bench/match_ceiling.py``): for N of D's requests every live ad is ranked by
+the true quality and price plus ``β`` times the score, alone and beside the match the fields
+carry, and the top-10 slates valued by the truth — the ranker takes that score as its only
+carrier of the per-entity match.
+
 ``--truth`` (a generated world) adds the oracle funnel: every live ad ranked by its true expected
 clicks for the query — the chance the logging policy shows it (popularity × bid for the untargeted
 share, best of ``targeting_candidates`` random live ads for the targeted share) times its true
@@ -33,7 +39,8 @@ import pyarrow.parquet as pq
 
 from bench.common import write_json
 from deepclick import layout
-from deepclick.publish import resolve, version_for
+from deepclick.layout import version_for
+from deepclick.publish import resolve
 from deepclick.settings import Settings
 from models.evaluation.retrieval_report import sample_clicks
 from models.feature_spec import load_feature_spec
@@ -124,6 +131,30 @@ def compare(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
     }
 
 
+def match_rows(
+    ceiling: Any, trained: TrainedTowers, ad_frame: pd.DataFrame, features: Path
+) -> dict[str, Any]:
+    """Slates (share of the oracle) of the true quality and price plus ``β·query·ad`` of these
+    towers, alone and beside the fields' match (:class:`bench.match_ceiling.MatchCeiling`)."""
+    from bench.match_ceiling import share_rows
+
+    query = query_vectors(trained, ceiling.requests, features)
+    vectors = trained.embed("ad", ad_frame)
+    row = {ad_id: i for i, ad_id in enumerate(ad_frame["ad_id"].astype(str))}
+    live_ids = np.asarray(ceiling.world.ad_ids)[ceiling.live].astype(str)
+    ads = np.zeros((len(live_ids), vectors.shape[1]), dtype=np.float32)
+    known = np.array([i in row for i in live_ids])
+    ads[known] = vectors[[row[i] for i in live_ids[known]]]
+    systems, betas = ceiling.tower_systems(query @ ads.T, (0.125, 0.25, 0.5, 1.0, 2.0, 4.0))
+    return {
+        "betas": betas,
+        "rows": {
+            r["match known as"]: [r["of_oracle"], r["ci_low"], r["ci_high"]]
+            for r in share_rows(ceiling, systems, 7)
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True, help="state root of the daily run")
@@ -134,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--betas", default="0,1,2,3")
     parser.add_argument("--all-days", action="store_true", help="towers on every training day")
     parser.add_argument("--truth", type=Path, help="generated world: add the oracle funnel")
+    parser.add_argument(
+        "--match-requests",
+        type=int,
+        default=0,
+        help="generated data: what each variant's score carries of the match, on N requests",
+    )
     args = parser.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
     settings = Settings(root=args.root)
@@ -164,6 +201,21 @@ def main(argv: list[str] | None = None) -> int:
             ),
             flush=True,
         )
+    ceiling = None
+    if args.match_requests > 0:
+        from bench.match_ceiling import match_ceiling
+        from pipelines.retrieval_eval import _world
+
+        world = _world(layout.truth_dir(settings.root, spec.dataset))
+        if world is None:
+            raise SystemExit(f"--match-requests needs a generated world under {settings.root}")
+        ceiling = match_ceiling(
+            world,
+            pd.read_parquet(features / "eval"),
+            dt.date.fromisoformat(args.date),
+            args.match_requests,
+            7,
+        )
     for variant in args.variant:
         name, _, overrides = variant.partition("=")
         tt = settings.two_tower.model_copy(update=json.loads(overrides or "{}"))
@@ -181,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                 for k, c in curve.items()
             )
             print(f"{name:24s} beta={beta:<4} {shown}  ({seconds:.0f} s)", flush=True)
+        if ceiling is not None:
+            results[f"{name} match"] = match_rows(ceiling, trained, ad_frame, features)
+            print(f"{name:24s} match carried: {results[f'{name} match']}", flush=True)
     path = write_json(f"funnel-towers-{version}", {"root": str(args.root), "results": results})
     print(f"written to {path}")
     return 0

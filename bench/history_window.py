@@ -90,7 +90,7 @@ def per_day_calibration(trained, rows: pd.DataFrame) -> dict[str, float]:
     return {day: round(float(r.p / r.y), 3) for day, r in sums.iterrows() if r.y}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--date", required=True)
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--skip-lr", action="store_true")
     parser.add_argument("--scale", choices=["demo", "medium"], help="build the state first")
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from pipelines.spark import get_spark
 
     settings = Settings(root=args.root)

@@ -185,7 +185,7 @@ def run_daily_size(
     return rows, {"target_date": target.isoformat(), "stage_metrics": metrics}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--impressions", type=int, nargs="+", default=[1_000_000])
     parser.add_argument("--days", type=int, default=10)
@@ -198,7 +198,7 @@ def main() -> None:
         default=0.1,
         help="ranker: share of non-clicks kept (--daily; corrected after training)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     spark_settings = SparkSettings(master="local[*]", driver_memory="8g", log_level="ERROR")
     if args.daily:
         daily(args, spark_settings)

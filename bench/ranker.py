@@ -76,11 +76,11 @@ def graph_ab(
     ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--impressions-per-day", type=int, default=50_000)
     parser.add_argument("--repeats", type=int, default=200)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-ranker-") as tmp:
         made = write_feature_folder(
             Path(tmp) / "features",

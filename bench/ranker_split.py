@@ -81,7 +81,7 @@ def true_clicks(settings: Settings, date: str, eval_rows: pd.DataFrame) -> float
     return float(eval_rows["event_id"].astype(str).map(lookup).sum())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--date", required=True)
@@ -93,7 +93,7 @@ def main() -> None:
         "--skip-lr", action="store_true", help="no one-hot LR fits (the evaluation has the peers)"
     )
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     settings = Settings(root=args.root)
     version = version_for(dt.date.fromisoformat(args.date))
     features = resolve(layout.warehouse(settings.root) / "features", version, what="features")

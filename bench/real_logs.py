@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--talkingdata",
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="start from an empty state root")
     parser.add_argument("--mlflow", action="store_true", help="track the run in MLflow")
     parser.add_argument("--verbose", action="store_true", help="library output on the console")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.source.exists():
         parser.error(f"--talkingdata {args.source} does not exist")
     console = Console()
