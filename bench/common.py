@@ -171,3 +171,28 @@ class PeakMemory:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.sample()
+
+
+def ranker_input_embeddings(root: Path, version: str) -> Path:
+    """D's embeddings whose scores the daily run's ranker trained on: the vectors of the towers
+    that left out the ranker's days when the served towers were refitted on the whole window
+    (``lifecycle.refit_towers``: ``artifacts/ranker_embeddings/<v>``), else the served ones.
+    A bench that retrains the ranker must read these, or its scores know the ranker's labels."""
+    from deepclick import layout
+    from deepclick.publish import NotPublishedError, resolve
+
+    try:
+        return resolve(layout.ranker_embeddings_dir(root), version, what="ranker embeddings")
+    except NotPublishedError:
+        return resolve(layout.embeddings_dir(root), version, what="embeddings")
+
+
+def on_served_scores(trained: Any, served: Any) -> Any:
+    """``trained`` (a ``models.ranker.train.TrainedRanker``) scoring rows with the ``served``
+    embeddings' scores, as the daily run's ranker scores D and serving: it trained on those of
+    :func:`ranker_input_embeddings`, which differ when the served towers were refitted."""
+    import dataclasses
+
+    if trained.similarity is None:
+        return trained
+    return dataclasses.replace(trained, similarity=served)

@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     features = resolve(layout.warehouse(settings.root) / "features", version, what="features")
     spec = load_feature_spec(features)
     dates = tuple(sorted(spec.train_dates))
-    if not args.all_days:
-        dates = training_days(settings, spec.train_dates).towers
+    if not args.all_days:  # the served towers' days (the whole window when refitted)
+        dates = training_days(settings, spec.train_dates).served
     rows = pd.read_parquet(features / "eval", columns=["user_id", "placement_id", "ad_id", "label"])
     clicks = sample_clicks(rows, args.queries, 7)
     clicked = clicks["ad_id"].astype(str).to_numpy()

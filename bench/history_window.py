@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.common import on_served_scores, ranker_input_embeddings
 from bench.ranker_split import one_hot_lr, true_clicks
 from candidates.store import read_embeddings
 from deepclick import layout
@@ -113,7 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     emb = resolve(
         layout.artifacts(settings.root) / "embeddings", version_for(date), what="embeddings"
     )
-    similarity = EmbeddingSimilarity(read_embeddings(emb))
+    similarity = EmbeddingSimilarity(read_embeddings(emb))  # D's scores, as served
+    fit_similarity = EmbeddingSimilarity(
+        read_embeddings(ranker_input_embeddings(settings.root, version_for(date)))
+    )
     seeds = args.seed or [settings.ranker.seed]
     results: dict[str, dict] = {}
     first: dict[int, np.ndarray] = {}
@@ -137,11 +141,11 @@ def main(argv: list[str] | None = None) -> None:
             trained = train_ranker(
                 spec,
                 cfg,
-                similarity=similarity if days.similarity else None,
+                similarity=fit_similarity if days.similarity else None,
                 progress=False,
                 dates=days.ranker,
             )
-            p = trained.predict(eval_rows)
+            p = on_served_scores(trained, similarity).predict(eval_rows)
             base = first.setdefault(seed, p)
             name = f"h{n}@seed{seed}"
             results[name] = {

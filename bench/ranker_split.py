@@ -33,6 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
 import models.preprocessing
+from bench.common import on_served_scores, ranker_input_embeddings
 from bench.ranker_variants import parse_variant, ranker_settings
 from candidates.store import read_embeddings
 from deepclick import layout
@@ -102,7 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     y = eval_rows[spec.label].to_numpy()
     truth = true_clicks(settings, args.date, eval_rows)
     emb = resolve(layout.artifacts(settings.root) / "embeddings", version, what="embeddings")
-    similarity = EmbeddingSimilarity(read_embeddings(emb))
+    similarity = EmbeddingSimilarity(read_embeddings(emb))  # D's scores, as served
+    fit_similarity = EmbeddingSimilarity(
+        read_embeddings(ranker_input_embeddings(settings.root, version))
+    )
     results = {}
     # every training row in pandas: only for the LR fits (at 10M scale that is 9M rows)
     train_all = None if args.skip_lr else pd.read_parquet(features / "training" / "ranking")
@@ -129,12 +133,13 @@ def main(argv: list[str] | None = None) -> None:
         trained = train_ranker(
             spec,
             cfg,
-            similarity=similarity if days.similarity else None,
+            similarity=fit_similarity if days.similarity else None,
             progress=False,
             dates=days.ranker,
         )
-        p = trained.predict(eval_rows)
-        before_head = 1.0 / (1.0 + np.exp(-trained.predict_logits(eval_rows)))
+        scoring = on_served_scores(trained, similarity)
+        p = scoring.predict(eval_rows)
+        before_head = 1.0 / (1.0 + np.exp(-scoring.predict_logits(eval_rows)))
         lr_same = None
         if train_all is not None:
             fit = train_all[train_all["date"].astype(str).isin(days.ranker)]

@@ -51,7 +51,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
-from bench.common import print_table, write_json
+from bench.common import on_served_scores, print_table, ranker_input_embeddings, write_json
 from bench.ranker_variants import parse_variant, ranker_settings
 from deepclick.settings import (
     MARKETPLACE_AD_FIELDS,
@@ -396,12 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     world = _world(ctx.truth_dir())
     if world is None:
         raise SystemExit(f"no world.npz under {ctx.truth_dir()}: slate_gap needs generated data")
-    similarity = EmbeddingSimilarity(read_embeddings(embeddings))
+    similarity = EmbeddingSimilarity(read_embeddings(embeddings))  # D's scores, as served
+    fit_similarity = EmbeddingSimilarity(
+        read_embeddings(ranker_input_embeddings(settings.root, version))
+    )
     days = split_training_days(
         spec.train_dates, settings.lifecycle.ranker_similarity, settings.lifecycle.ranker_days
     )
     split = load_split(spec, settings.ranker, days.ranker)
-    fit = with_similarities(split.fit, similarity)
+    fit = with_similarities(split.fit, fit_similarity)
     y_fit = fit[spec.label].to_numpy().astype(int)
     eval_rows = with_similarities(pd.read_parquet(features / "eval"), similarity)
     y = eval_rows[spec.label].to_numpy()
@@ -445,11 +448,11 @@ def main(argv: list[str] | None = None) -> int:
         trained = train_ranker(
             spec,
             cfg,
-            similarity=similarity if own.similarity else None,
+            similarity=fit_similarity if own.similarity else None,
             progress=False,
             dates=own.ranker,
         )
-        scorers[f"ranker_{name}"] = trained.predict
+        scorers[f"ranker_{name}"] = on_served_scores(trained, similarity).predict
         wide_of[f"ranker_{name}"] = {
             k: v for k, v in trained.metrics.items() if k.startswith("wide_")
         }

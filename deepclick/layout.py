@@ -124,6 +124,17 @@ def embeddings_dir(root: Path) -> Path:
     return artifacts(root) / "embeddings"
 
 
+def ranker_towers_dir(root: Path) -> Path:
+    """Towers refitted away from serving: those whose scores the ranker trains on, when the
+    served towers learn from the whole window (``lifecycle.refit_towers``)."""
+    return artifacts(root) / "ranker_towers"
+
+
+def ranker_embeddings_dir(root: Path) -> Path:
+    """The vectors of :func:`ranker_towers_dir`'s towers: the ranker's training inputs only."""
+    return artifacts(root) / "ranker_embeddings"
+
+
 def index_dir(root: Path) -> Path:
     return artifacts(root) / "index"
 
@@ -206,6 +217,14 @@ class DayLayout:
     @property
     def embeddings(self) -> Path:
         return embeddings_dir(self.root) / self.version
+
+    @property
+    def ranker_towers(self) -> Path:
+        return ranker_towers_dir(self.root) / self.version
+
+    @property
+    def ranker_embeddings(self) -> Path:
+        return ranker_embeddings_dir(self.root) / self.version
 
     @property
     def index(self) -> Path:

@@ -333,9 +333,25 @@ def _features_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     )
 
 
+def _training_days(ctx: DayContext) -> Any:
+    """D's split of the training window (``pipelines.training_days``), from its features."""
+    from models.feature_spec import load_feature_spec
+    from pipelines.towers import training_days
+
+    return training_days(ctx.settings, load_feature_spec(ctx.features).train_dates)
+
+
+def similarity_embeddings(ctx: DayContext) -> Path:
+    """The embeddings whose scores the ranker trains on: D's served ones, or, when the served
+    towers are refitted on the whole window, those of the towers that never saw its days."""
+    return ctx.ranker_embeddings if _training_days(ctx).refit else ctx.embeddings
+
+
 def _towers_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     from pipelines.towers import run_towers
 
+    if _training_days(ctx).refit:  # the ranker's towers first: the served ones end the stage
+        run_towers(ctx.settings, ctx.features, ctx.ranker_towers, served=False, progress=False)
     folder = run_towers(ctx.settings, ctx.features, ctx.towers, progress=False)
     manifest = read_manifest(folder)
     history = manifest.get("metrics", {}).get("history", {})
@@ -352,6 +368,18 @@ def _towers_run(ctx: DayContext, upstream: Upstream) -> Outcome:
 def _embed_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     from pipelines.embed import run_embed
 
+    if _training_days(ctx).refit:  # the ranker's inputs first: the served vectors end the stage
+        run_embed(
+            ctx.settings,
+            features=ctx.features,
+            towers=ctx.ranker_towers,
+            out=ctx.ranker_embeddings,
+            upstream={
+                "features": upstream["features"],
+                "towers": _manifest(ctx.ranker_towers, "embed", "ranker towers"),
+            },
+            spark=ctx.spark(),
+        )
     folder = run_embed(
         ctx.settings,
         features=ctx.features,
@@ -391,7 +419,7 @@ def _index_run(ctx: DayContext, upstream: Upstream) -> Outcome:
 def _ranker_inputs(ctx: DayContext) -> dict[str, Any]:
     found = {"features": _manifest(ctx.features, "ranker", "features")}
     if ctx.settings.lifecycle.ranker_similarity:
-        found["embeddings"] = _manifest(ctx.embeddings, "ranker", "embeddings")
+        found["embeddings"] = _manifest(similarity_embeddings(ctx), "ranker", "embeddings")
     return found
 
 
@@ -406,7 +434,11 @@ def _ranker_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     settings = ctx.settings
     spec = load_feature_spec(ctx.features)
     days = training_days(settings, spec.train_dates)
-    similarity = EmbeddingSimilarity(read_embeddings(ctx.embeddings)) if days.similarity else None
+    similarity = (
+        EmbeddingSimilarity(read_embeddings(similarity_embeddings(ctx)))
+        if days.similarity
+        else None
+    )
     trained = train_ranker(
         spec, settings.ranker, similarity=similarity, progress=False, dates=days.ranker
     )
@@ -987,7 +1019,11 @@ def _upstream(stage: str, *names: str) -> Callable[[DayContext], Upstream]:
 def _training_days_config(ctx: DayContext) -> dict[str, Any]:
     """What decides the towers' and the ranker's days (pipelines/training_days.py)."""
     cfg = ctx.settings.lifecycle
-    return {"similarity": cfg.ranker_similarity, "ranker_days": cfg.ranker_days}
+    return {
+        "similarity": cfg.ranker_similarity,
+        "ranker_days": cfg.ranker_days,
+        "refit_towers": cfg.refit_towers,
+    }
 
 
 def _section(name: str) -> Callable[[DayContext], dict[str, Any]]:

@@ -19,27 +19,39 @@ from pipelines.training_days import TrainingDays, split_training_days
 def training_days(settings: Settings, train_dates: Sequence[str]) -> TrainingDays:
     """The split of D's training days between the towers and the ranker the settings ask for."""
     cfg = settings.lifecycle
-    return split_training_days(train_dates, cfg.ranker_similarity, cfg.ranker_days)
+    return split_training_days(
+        train_dates, cfg.ranker_similarity, cfg.ranker_days, refit=cfg.refit_towers
+    )
 
 
-def run_towers(settings: Settings, features: Path, out: Path, *, progress: bool = True) -> Path:
+def run_towers(
+    settings: Settings,
+    features: Path,
+    out: Path,
+    *,
+    served: bool = True,
+    progress: bool = True,
+) -> Path:
     """Train on ``training/retrieval`` of the ``features`` folder, export every tower and publish
     them atomically as ``out`` (``<parent>/<version>``, named by the caller); return ``out``.
 
-    With ``lifecycle.ranker_similarity`` the towers leave out the window's last
-    ``lifecycle.ranker_days`` days, which the ranker trains on (pipelines/training_days.py).
+    ``served``: the towers that are served, else those whose scores the ranker trains on
+    (pipelines/training_days.py). They differ only with ``lifecycle.refit_towers``: the ranker's
+    towers leave out the window's last ``lifecycle.ranker_days`` days, the served ones do not.
     """
     from models.two_tower import export_towers, train_two_tower
 
     spec = load_feature_spec(features)
     days = training_days(settings, spec.train_dates)
-    trained = train_two_tower(spec, settings.two_tower, progress=progress, dates=days.towers)
+    dates = days.served if served else days.towers
+    trained = train_two_tower(spec, settings.two_tower, progress=progress, dates=dates)
     with publishing(out.parent, out.name) as staging:
         export_towers(trained, staging.path)
         staging.manifest.update(
             {
                 "inputs": {"features": spec.version},
-                "train_dates": list(days.towers),
+                "train_dates": list(dates),
+                "served": served,
                 "training_days": days.describe(),
                 "settings": settings.two_tower.model_dump(),
                 "counts": {"examples": trained.examples},

@@ -35,7 +35,7 @@ from rich.console import Console
 from test_airflow_dags import DAGS, airflow_db, airflow_home, restored_logging
 
 from deepclick import layout
-from deepclick.publish import current_version, sha256_file, verify
+from deepclick.publish import current_version, read_manifest, sha256_file, verify
 from deepclick.settings import (
     IndexSettings,
     LifecycleSettings,
@@ -56,7 +56,7 @@ from lifecycle.daily import (
     run_daily,
 )
 from lifecycle.registry import CHALLENGER, CHAMPION, PROMOTED, REFUSED, read_decisions, served_on
-from lifecycle.stages import STAGE_NAMES, paired_differences
+from lifecycle.stages import STAGE_NAMES, DayContext, get_stage, paired_differences
 from lifecycle.tfserving_repository import tfserving_repository
 from models.ranker.predictor import RANKER_MANIFEST
 
@@ -378,6 +378,30 @@ def test_a_better_challenger_is_promoted_and_served(world: World) -> None:
         assert loaded.versions["index"] == "20240103"
     finally:
         loaded.close()
+
+
+def test_the_served_towers_learn_from_the_whole_window_and_the_rankers_inputs_from_others(
+    world: World,
+) -> None:
+    """``lifecycle.refit_towers``: day 3's window holds days 1-2; the ranker trains on day 2's
+    scores from towers of day 1 only (no label leak), while the towers served (embeddings,
+    index, the ranker's scores on D and online) are refitted on both days."""
+    day = layout.DayLayout(world.settings.root, D3)
+    served, inputs = read_manifest(day.towers), read_manifest(day.ranker_towers)
+    assert served["train_dates"] == ["2024-01-01", "2024-01-02"] and served["served"]
+    assert inputs["train_dates"] == ["2024-01-01"] and not inputs["served"]
+    assert read_manifest(day.embeddings)["inputs"]["towers_created_at"] == served["created_at"]
+    ranker_vectors = read_manifest(day.ranker_embeddings)
+    assert ranker_vectors["inputs"]["towers_created_at"] == inputs["created_at"]
+    # the ranker stage reads (and fingerprints) the scores of the towers that never saw day 2
+    ctx = DayContext(world.settings, D3, "marketplace", layout.raw_dir(world.settings.root))
+    assert get_stage("ranker").inputs(ctx)["embeddings"] == ranker_vectors
+    recorded = json.loads((day.ranker / "deepclick_manifest.json").read_text())
+    assert recorded["training_days"]["towers"] == ["2024-01-01"]
+    assert recorded["training_days"]["ranker"] == ["2024-01-02"]
+    assert recorded["training_days"]["served_towers"] == ["2024-01-01", "2024-01-02"]
+    # the index is built on the refitted towers' vectors, which the release serves
+    assert get_stage("index").inputs(ctx)["embeddings"] == read_manifest(day.embeddings)
 
 
 def test_the_serving_day_is_not_republished_under_serving(world: World) -> None:

@@ -37,3 +37,23 @@ def test_one_day_leaves_the_ranker_without_scores() -> None:
     assert not days.similarity
     assert days.towers == days.ranker == WEEK[:1]
     assert "no two-tower scores" in days.why
+
+
+def test_refit_serves_towers_of_the_whole_window_and_keeps_the_rankers_inputs_apart() -> None:
+    days = split_training_days(WEEK, similarity=True, ranker_days=2, refit=True)
+    assert days.refit
+    assert days.towers == WEEK[:5] and days.ranker == WEEK[5:]  # the ranker's inputs: no leak
+    assert days.served == WEEK
+    assert days.describe()["served_towers"] == list(WEEK)
+
+
+@pytest.mark.parametrize(
+    ("window", "similarity", "refit"),
+    [(WEEK, True, False), (WEEK, False, True), (WEEK[:1], True, True)],
+)
+def test_one_towers_model_when_nothing_asks_for_a_refit(window, similarity, refit) -> None:
+    """Without refit, without the scores (the towers already learn from every day) or with a
+    single day, the served towers are the only towers."""
+    days = split_training_days(window, similarity=similarity, ranker_days=2, refit=refit)
+    assert not days.refit
+    assert days.served == days.towers
