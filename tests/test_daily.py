@@ -96,6 +96,7 @@ def small_settings(root: Path) -> Settings:
         ),
         index=IndexSettings(n_trees=5, recall_queries=50, recall_k=20, recall_floor=0.5),
         lifecycle=LifecycleSettings(
+            refit_towers=True,  # an option, off by default: the story covers its wiring
             recall_ks=[10, 50],
             gate_recall_k=50,
             recall_queries=500,
