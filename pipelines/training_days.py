@@ -16,7 +16,8 @@ training inputs still come from the towers that never saw its days. A score from
 two more days is the same kind of score, a little better informed (generated medium world, README
 "Models": funnel recall@500 1.00x -> 1.06x popularity, AUC and calibration on D level), but not
 always the same kind: on TalkingData the ranker over-predicted D with them (calibration 1.13 ->
-1.38), so it is an option, off by default.
+1.38; their scores spread 4-5x wider than the one-day towers' it standardised in training), so it
+is an option, off by default.
 """
 
 from __future__ import annotations
