@@ -173,26 +173,22 @@ class PeakMemory:
             self.sample()
 
 
-def ranker_input_embeddings(root: Path, version: str) -> Path:
-    """D's embeddings whose scores the daily run's ranker trained on: the vectors of the towers
-    that left out the ranker's days when the served towers were refitted on the whole window
-    (``lifecycle.refit_towers``: ``artifacts/ranker_embeddings/<v>``), else the served ones.
-    A bench that retrains the ranker must read these, or its scores know the ranker's labels."""
+def similarity_providers(root: Path, version: str) -> tuple[Any, Any]:
+    """The two-tower score providers of D for a bench that retrains the ranker: those its fit
+    rows read (the daily run's ranker trained on them) and those D and serving read. They are
+    two when the served towers were refitted on the whole window (``lifecycle.refit_towers``:
+    the fit's are ``artifacts/ranker_embeddings/<v>``), else one object twice. Scoring D with
+    a ranker trained on the first goes through ``models.ranker.train.on_served_scores``; reading
+    the served ones for the fit rows would give scores that know the ranker's labels."""
+    from candidates.store import read_embeddings
     from deepclick import layout
     from deepclick.publish import NotPublishedError, resolve
+    from models.ranker.similarity import EmbeddingSimilarity
 
+    served_folder = resolve(layout.embeddings_dir(root), version, what="embeddings")
+    served = EmbeddingSimilarity(read_embeddings(served_folder))
     try:
-        return resolve(layout.ranker_embeddings_dir(root), version, what="ranker embeddings")
+        fit_folder = resolve(layout.ranker_embeddings_dir(root), version, what="ranker embeddings")
     except NotPublishedError:
-        return resolve(layout.embeddings_dir(root), version, what="embeddings")
-
-
-def on_served_scores(trained: Any, served: Any) -> Any:
-    """``trained`` (a ``models.ranker.train.TrainedRanker``) scoring rows with the ``served``
-    embeddings' scores, as the daily run's ranker scores D and serving: it trained on those of
-    :func:`ranker_input_embeddings`, which differ when the served towers were refitted."""
-    import dataclasses
-
-    if trained.similarity is None:
-        return trained
-    return dataclasses.replace(trained, similarity=served)
+        return served, served
+    return EmbeddingSimilarity(read_embeddings(fit_folder)), served

@@ -31,12 +31,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.common import on_served_scores, ranker_input_embeddings
+from bench.common import similarity_providers
 from bench.ranker_split import one_hot_lr, true_clicks
-from candidates.store import read_embeddings
 from deepclick import layout
 from deepclick.layout import version_for
-from deepclick.publish import resolve
 from deepclick.settings import Settings
 from models.evaluation.ranking import (
     auc,
@@ -46,8 +44,7 @@ from models.evaluation.ranking import (
     calibration_ratio,
 )
 from models.feature_spec import load_feature_spec
-from models.ranker.similarity import EmbeddingSimilarity
-from models.ranker.train import train_ranker
+from models.ranker.train import on_served_scores, train_ranker
 from pipelines.features.runner import find_inputs, run_features
 from pipelines.training_days import split_training_days
 
@@ -111,13 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
         settings = settings.model_copy(update={"simulate": scales()[args.scale].simulate})
         build_state(settings, args.scale, date, spark)
-    emb = resolve(
-        layout.artifacts(settings.root) / "embeddings", version_for(date), what="embeddings"
-    )
-    similarity = EmbeddingSimilarity(read_embeddings(emb))  # D's scores, as served
-    fit_similarity = EmbeddingSimilarity(
-        read_embeddings(ranker_input_embeddings(settings.root, version_for(date)))
-    )
+    fit_similarity, similarity = similarity_providers(settings.root, version_for(date))
     seeds = args.seed or [settings.ranker.seed]
     results: dict[str, dict] = {}
     first: dict[int, np.ndarray] = {}

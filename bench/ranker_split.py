@@ -33,9 +33,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
 import models.preprocessing
-from bench.common import on_served_scores, ranker_input_embeddings
+from bench.common import similarity_providers
 from bench.ranker_variants import parse_variant, ranker_settings
-from candidates.store import read_embeddings
 from deepclick import layout
 from deepclick.layout import version_for
 from deepclick.publish import resolve
@@ -48,8 +47,7 @@ from models.evaluation.ranking import (
     calibration_ratio,
 )
 from models.feature_spec import load_feature_spec
-from models.ranker.similarity import EmbeddingSimilarity
-from models.ranker.train import train_ranker
+from models.ranker.train import on_served_scores, train_ranker
 from pipelines.training_days import split_training_days
 
 
@@ -102,11 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_rows = pd.read_parquet(features / "eval")
     y = eval_rows[spec.label].to_numpy()
     truth = true_clicks(settings, args.date, eval_rows)
-    emb = resolve(layout.artifacts(settings.root) / "embeddings", version, what="embeddings")
-    similarity = EmbeddingSimilarity(read_embeddings(emb))  # D's scores, as served
-    fit_similarity = EmbeddingSimilarity(
-        read_embeddings(ranker_input_embeddings(settings.root, version))
-    )
+    fit_similarity, similarity = similarity_providers(settings.root, version)
     results = {}
     # every training row in pandas: only for the LR fits (at 10M scale that is 9M rows)
     train_all = None if args.skip_lr else pd.read_parquet(features / "training" / "ranking")

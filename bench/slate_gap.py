@@ -51,7 +51,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
-from bench.common import on_served_scores, print_table, ranker_input_embeddings, write_json
+from bench.common import print_table, similarity_providers, write_json
 from bench.ranker_variants import parse_variant, ranker_settings
 from deepclick.settings import (
     MARKETPLACE_AD_FIELDS,
@@ -362,7 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="bench/results/<out>.json")
     args = parser.parse_args(argv)
 
-    from candidates.store import read_embeddings
     from deepclick import layout
     from deepclick.layout import DayLayout, challengers_dir, version_for
     from deepclick.settings import Settings
@@ -370,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     from lifecycle.replay import oracle_slates, popularity_lists, sample_requests, true_slates
     from lifecycle.stages import DayContext
     from models.feature_spec import load_feature_spec
-    from models.ranker.similarity import EmbeddingSimilarity
-    from models.ranker.train import load_split, train_ranker
+    from models.ranker.train import load_split, on_served_scores, train_ranker
     from pipelines.retrieval_eval import _world, training_counts
     from pipelines.simulate import live_ads
     from pipelines.training_days import split_training_days
@@ -396,10 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     world = _world(ctx.truth_dir())
     if world is None:
         raise SystemExit(f"no world.npz under {ctx.truth_dir()}: slate_gap needs generated data")
-    similarity = EmbeddingSimilarity(read_embeddings(embeddings))  # D's scores, as served
-    fit_similarity = EmbeddingSimilarity(
-        read_embeddings(ranker_input_embeddings(settings.root, version))
-    )
+    fit_similarity, similarity = similarity_providers(settings.root, version)
     days = split_training_days(
         spec.train_dates, settings.lifecycle.ranker_similarity, settings.lifecycle.ranker_days
     )

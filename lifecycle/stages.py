@@ -428,7 +428,7 @@ def _ranker_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     from models.feature_spec import load_feature_spec
     from models.ranker.export import export_ranker
     from models.ranker.similarity import EmbeddingSimilarity
-    from models.ranker.train import train_ranker
+    from models.ranker.train import on_served_scores, train_ranker
     from pipelines.towers import training_days
 
     settings = ctx.settings
@@ -442,6 +442,9 @@ def _ranker_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     trained = train_ranker(
         spec, settings.ranker, similarity=similarity, progress=False, dates=days.ranker
     )
+    if days.refit and similarity is not None:  # D and serving read the refitted towers' scores
+        served = EmbeddingSimilarity(read_embeddings(ctx.embeddings))
+        trained = on_served_scores(trained, served)
     # Not moving <model>/CURRENT: a challenger is not served until it is promoted.
     folder = export_ranker(
         trained,

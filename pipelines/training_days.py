@@ -15,9 +15,10 @@ served (embeddings, index, and the scores the ranker reads online and on D): the
 training inputs still come from the towers that never saw its days. A score from towers that saw
 two more days is the same kind of score, a little better informed (generated medium world, README
 "Models": funnel recall@500 1.00x -> 1.06x popularity, AUC and calibration on D level), but not
-always the same kind: on TalkingData the ranker over-predicted D with them (calibration 1.13 ->
-1.38; their scores spread 4-5x wider than the one-day towers' it standardised in training), so it
-is an option, off by default.
+always on the same scale: on TalkingData they spread 4-5x wider than the one-day towers' scores
+the ranker standardised in training, and read raw they made it over-predict D (calibration 1.13 ->
+1.38). The ranker stage therefore exports the ranker reading them on its trained scale
+(``models.ranker.train.on_served_scores``). An option, off by default until measured at 10M.
 """
 
 from __future__ import annotations

@@ -401,6 +401,8 @@ def test_the_served_towers_learn_from_the_whole_window_and_the_rankers_inputs_fr
     assert recorded["training_days"]["towers"] == ["2024-01-01"]
     assert recorded["training_days"]["ranker"] == ["2024-01-02"]
     assert recorded["training_days"]["served_towers"] == ["2024-01-01", "2024-01-02"]
+    # exported to read the served towers' scores on the scale it trained on (on_served_scores)
+    assert recorded["metrics"]["served_sim_user_ad_std_ratio"] > 0
     # the index is built on the refitted towers' vectors, which the release serves
     assert get_stage("index").inputs(ctx)["embeddings"] == read_manifest(day.embeddings)
 

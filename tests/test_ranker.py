@@ -42,6 +42,7 @@ from models.ranker.train import (
     fit_row_counts,
     load_split,
     memory_bounded_rate,
+    on_served_scores,
     split_for_calibration,
     train_ranker,
 )
@@ -70,6 +71,19 @@ class PlantedSimilarity:
         groups = np.array([self.truth.user_group.get(u, -1) for u in user_ids])
         categories = np.array([self.truth.ad_category.get(a, -2) for a in ad_ids])
         return (groups == categories).astype(np.float32), np.zeros(len(ad_ids), np.float32)
+
+
+class RescaledSimilarity:
+    """Another towers fit's scores: the same ordering on another scale (``scale·s + shift``),
+    as towers trained on more days score (lifecycle.refit_towers)."""
+
+    def __init__(self, inner: PlantedSimilarity, scale: float, shift: float) -> None:
+        self.inner, self.scale, self.shift = inner, scale, shift
+        self.version = inner.version
+
+    def scores(self, user_ids, placement_ids, ad_ids) -> tuple[np.ndarray, np.ndarray]:
+        user_ad, context_ad = self.inner.scores(user_ids, placement_ids, ad_ids)
+        return self.scale * user_ad + self.shift, self.scale * context_ad + self.shift
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +172,21 @@ def test_similarity_scores_are_inputs_when_given(
     assert set(SIMILARITY_INPUTS) <= set(sampled.input_names)
     assert not set(SIMILARITY_INPUTS) & set(trained.input_names)
     assert auc(eval_rows["label"], sampled.predict(eval_rows)) > 0.75
+
+
+def test_served_scores_on_another_scale_are_read_on_the_trained_one(
+    sampled: TrainedRanker, eval_rows: pd.DataFrame
+) -> None:
+    """Served towers refitted on more days score on a wider scale than those the ranker
+    standardised in training; read raw, their scores sit at the clip and the ranker
+    over-predicts (TalkingData: calibration 1.13 -> 1.38). Standardised by their own statistics
+    on the ranker's fit rows, the same ordering reaches the network as in training."""
+    served = RescaledSimilarity(sampled.similarity, scale=5.0, shift=2.0)
+    reread = on_served_scores(sampled, served)
+    assert reread.similarity is served
+    np.testing.assert_allclose(reread.predict(eval_rows), sampled.predict(eval_rows), atol=1e-5)
+    raw = replace(sampled, similarity=served).predict(eval_rows)
+    assert np.abs(raw - sampled.predict(eval_rows)).max() > 0.01  # what it fixes
 
 
 def test_one_training_day_holds_out_a_seeded_share_for_calibration() -> None:

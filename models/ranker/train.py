@@ -18,7 +18,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import keras
@@ -536,4 +536,39 @@ def train_ranker(
         baseline=baseline,
         metrics=metrics,
         history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+    )
+
+
+def on_served_scores(trained: TrainedRanker, served: SimilarityProvider) -> TrainedRanker:
+    """``trained`` reading the two-tower scores of ``served`` embeddings, standardised by their
+    own statistics on its fit rows, so the network sees them on the scale it was trained on.
+
+    Why: the served towers may be another fit than those whose scores the ranker learned from
+    (``lifecycle.refit_towers``: refitted on the whole window). Their ordering is the same kind,
+    their scale is not — on TalkingData the one-day towers spread the ranker's rows 0.03, the
+    three-day towers D's 0.12-0.18 — and read through the training statistics, most of D's
+    scores land at the standardisation's clip and the ranker over-predicts. The weights (wide
+    part and calibration head included) are the trained ones; only the constants that
+    standardise the scores change. Without scores, or for the very provider it trained on, the
+    ranker is returned as it is.
+    """
+    if trained.similarity is None or served is trained.similarity:
+        return trained
+
+    def score_stats(provider: SimilarityProvider) -> dict[str, NumericStats]:
+        inputs = frame_to_inputs(trained.spec, trained.split.fit, similarity=provider)
+        return {n: NumericStats.fitted(n, inputs[n]) for n in SIMILARITY_INPUTS}
+
+    stats, before = score_stats(served), score_stats(trained.similarity)
+    logit_model = build_logit_model(trained.spec, trained.settings, similarity_stats=stats)
+    logit_model.set_weights(trained.logit_model.get_weights())
+    metrics = dict(trained.metrics)
+    for name in SIMILARITY_INPUTS:  # how far apart the two scales were (1: the same)
+        metrics[f"served_{name}_std_ratio"] = stats[name].std / max(before[name].std, 1e-12)
+    return replace(
+        trained,
+        model=with_calibration(logit_model, trained.head),
+        logit_model=logit_model,
+        similarity=served,
+        metrics=metrics,
     )
