@@ -341,10 +341,11 @@ def _training_days(ctx: DayContext) -> Any:
     return training_days(ctx.settings, load_feature_spec(ctx.features).train_dates)
 
 
-def similarity_embeddings(ctx: DayContext) -> Path:
-    """The embeddings whose scores the ranker trains on: D's served ones, or, when the served
-    towers are refitted on the whole window, those of the towers that never saw its days."""
-    return ctx.ranker_embeddings if _training_days(ctx).refit else ctx.embeddings
+def similarity_embeddings(ctx: DayContext, days: Any) -> Path:
+    """The embeddings whose scores the ranker trains on under the split ``days``: D's served
+    ones, or, when the served towers are refitted on the whole window, those of the towers that
+    never saw its days."""
+    return ctx.ranker_embeddings if days.refit else ctx.embeddings
 
 
 def _towers_run(ctx: DayContext, upstream: Upstream) -> Outcome:
@@ -419,7 +420,8 @@ def _index_run(ctx: DayContext, upstream: Upstream) -> Outcome:
 def _ranker_inputs(ctx: DayContext) -> dict[str, Any]:
     found = {"features": _manifest(ctx.features, "ranker", "features")}
     if ctx.settings.lifecycle.ranker_similarity:
-        found["embeddings"] = _manifest(similarity_embeddings(ctx), "ranker", "embeddings")
+        folder = similarity_embeddings(ctx, _training_days(ctx))
+        found["embeddings"] = _manifest(folder, "ranker", "embeddings")
     return found
 
 
@@ -435,7 +437,7 @@ def _ranker_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     spec = load_feature_spec(ctx.features)
     days = training_days(settings, spec.train_dates)
     similarity = (
-        EmbeddingSimilarity(read_embeddings(similarity_embeddings(ctx)))
+        EmbeddingSimilarity(read_embeddings(similarity_embeddings(ctx, days)))
         if days.similarity
         else None
     )

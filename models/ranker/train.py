@@ -555,16 +555,16 @@ def on_served_scores(trained: TrainedRanker, served: SimilarityProvider) -> Trai
     if trained.similarity is None or served is trained.similarity:
         return trained
 
-    def score_stats(provider: SimilarityProvider) -> dict[str, NumericStats]:
-        inputs = frame_to_inputs(trained.spec, trained.split.fit, similarity=provider)
-        return {n: NumericStats.fitted(n, inputs[n]) for n in SIMILARITY_INPUTS}
-
-    stats, before = score_stats(served), score_stats(trained.similarity)
+    inputs = frame_to_inputs(trained.spec, trained.split.fit, similarity=served)
+    stats = {n: NumericStats.fitted(n, inputs[n]) for n in SIMILARITY_INPUTS}
+    trained_scale = {  # what the network was trained on, as its standardisation holds it
+        s["name"]: s["std"] for s in trained.logit_model.get_layer("standardize").stats
+    }
     logit_model = build_logit_model(trained.spec, trained.settings, similarity_stats=stats)
     logit_model.set_weights(trained.logit_model.get_weights())
     metrics = dict(trained.metrics)
     for name in SIMILARITY_INPUTS:  # how far apart the two scales were (1: the same)
-        metrics[f"served_{name}_std_ratio"] = stats[name].std / max(before[name].std, 1e-12)
+        metrics[f"served_{name}_std_ratio"] = stats[name].std / max(trained_scale[name], 1e-12)
     return replace(
         trained,
         model=with_calibration(logit_model, trained.head),
