@@ -1,0 +1,326 @@
+"""How close any ranker can come to the oracle AUC with what the window's logs show (issue 10).
+
+The oracle AUC scores D's rows by the world's true click logit, which holds a part of every
+user, placement and ad that no field shows (``pipelines.simulate.world``: a bias and a latent
+factor drawn per entity beside the ones its profile, page type, slot, category and brand
+explain). A ranker can learn those parts only from the entity's own impressions in the window. This
+bench scores D's rows by the world's very equation with each entity's own part
+
+- known exactly (the oracle), or
+- left out: the fields' projection alone (``bench.match_ceiling.project``; what a model
+  without any history reaches at best), or
+- estimated from the training window's clicks as its posterior mode under the world's own prior
+  (a Gaussian of the residuals' variance; Newton steps per entity, users, placements and ads
+  fitted in turn with the others held at their current estimates).
+
+The last is a near-Bayes estimator that knows the world's equation and every field's effect
+exactly and learns only the entities' own parts from the window: what the ranker could reach if
+it modelled the world perfectly. It is not a strict bound (a posterior mode, Gaussian priors for
+the heavy-tailed ad quality), but a ranker trained on the same rows would have to beat the
+world's own structure to exceed it. D's evaluation rows are scored as the evaluation scored them,
+so the ranker and its peers stand beside the ceilings on the same rows (paired bootstrap).
+
+Usage (needs D's features and evaluation folders and the world's truth)::
+
+    python -m bench.auc_ceiling --root var/bench-quality/large --date 2024-01-08
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+
+from bench.common import print_table, write_json
+from bench.match_ceiling import project
+
+SIDES = ("user", "placement", "ad")
+ROW_COLUMNS = ["label", "user_id", "placement_id", "ad_id", "ctx__hour"]
+MAX_STEP = 1.0
+"""Largest change of any own part in one Newton step: the first steps from zero can overshoot
+for an entity whose few rows all click."""
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The per-entity terms of the world's logit: each side's bias and latent factor."""
+
+    user_bias: np.ndarray
+    user_factor: np.ndarray
+    placement_bias: np.ndarray
+    placement_factor: np.ndarray
+    ad_bias: np.ndarray
+    ad_factor: np.ndarray
+
+    def bias(self, side: str) -> np.ndarray:
+        return getattr(self, f"{side}_bias")
+
+    def factor(self, side: str) -> np.ndarray:
+        return getattr(self, f"{side}_factor")
+
+    def with_side(self, side: str, bias: np.ndarray, factor: np.ndarray) -> Parts:
+        return dataclasses.replace(self, **{f"{side}_bias": bias, f"{side}_factor": factor})
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Impressions as world indices: user, placement, ad, UTC hour, and the click."""
+
+    user: np.ndarray
+    placement: np.ndarray
+    ad: np.ndarray
+    hour: np.ndarray
+    label: np.ndarray
+
+    def index(self, side: str) -> np.ndarray:
+        return getattr(self, side)
+
+
+def true_parts(world: Any) -> Parts:
+    return Parts(
+        user_bias=world.user_bias.astype(float),
+        user_factor=world.user_factor.astype(float),
+        placement_bias=world.placement_bias.astype(float),
+        placement_factor=world.placement_factor.astype(float),
+        ad_bias=world.ad_quality.astype(float),
+        ad_factor=world.ad_factor.astype(float),
+    )
+
+
+def field_parts(world: Any) -> Parts:
+    """Every entity's bias and factor replaced by their least-squares fit on its fields."""
+    fields = {
+        "user": [
+            world.user_gender,
+            world.user_age,
+            world.user_pvalue,
+            world.user_shopping,
+            world.user_occupation,
+            world.user_segid,
+        ],
+        "placement": [world.placement_page, world.placement_slot, world.placement_position],
+        "ad": [world.ad_cate, world.ad_brand],
+    }
+    truth = true_parts(world)
+    projected = {}
+    for side, columns in fields.items():
+        both = np.column_stack([truth.bias(side), truth.factor(side)])
+        fit = project(both, columns)
+        projected[f"{side}_bias"], projected[f"{side}_factor"] = fit[:, 0], fit[:, 1:]
+    return Parts(**projected)
+
+
+def logit(world: Any, parts: Parts, rows: Rows) -> np.ndarray:
+    """The world's click logit of ``rows`` with ``parts`` in place of the true entity terms."""
+    u, p, a = rows.user, rows.placement, rows.ad
+    query = parts.user_factor[u] + parts.placement_factor[p]
+    return (
+        world.intercept
+        + parts.user_bias[u]
+        + parts.placement_bias[p]
+        + world.hour_effect[rows.hour]
+        + parts.ad_bias[a]
+        + world.price_affinity * (world.user_pvalue[u] - 2.0) * world.ad_log_price_z[a]
+        + world.scale * np.einsum("ij,ij->i", query, parts.ad_factor[a])
+    )
+
+
+def own_part_variance(world: Any, truth: Parts, fields: Parts, side: str) -> np.ndarray:
+    """The prior variance of one entity's own part, [bias, factor dims]: the residuals' spread
+    (the factor's dimensions pooled, as the world draws them alike)."""
+    bias = float(np.var(truth.bias(side) - fields.bias(side)))
+    factor = float(np.var(truth.factor(side) - fields.factor(side)))
+    return np.array([bias] + [factor] * world.latent_dim)
+
+
+def _design(world: Any, parts: Parts, rows: Rows, side: str) -> np.ndarray:
+    """Each row's derivative of the logit by the side's own [bias, factor]."""
+    if side == "ad":
+        partner = parts.user_factor[rows.user] + parts.placement_factor[rows.placement]
+    else:
+        partner = parts.ad_factor[rows.ad]
+    return np.column_stack([np.ones(len(rows.label)), world.scale * partner])
+
+
+def fit_side(
+    world: Any,
+    parts: Parts,
+    fields: Parts,
+    rows: Rows,
+    side: str,
+    prior: np.ndarray,
+    own: np.ndarray,
+    steps: int,
+) -> np.ndarray:
+    """The side's own parts (``[entities, 1 + d]``) at their posterior mode given ``rows``'
+    clicks, everything else of ``parts`` held fixed; ``own`` is the starting point."""
+    group = rows.index(side)
+    n = len(fields.bias(side))
+    x = _design(world, parts, rows, side)
+    base = logit(world, parts.with_side(side, fields.bias(side), fields.factor(side)), rows)
+    k = x.shape[1]
+    precision = 1.0 / prior
+    seen = np.bincount(group, minlength=n) > 0
+    for _ in range(steps):
+        eta = base + np.einsum("ij,ij->i", x, own[group])
+        p = 1.0 / (1.0 + np.exp(-eta))
+        residual, weight = rows.label - p, p * (1.0 - p)
+        grad = np.column_stack(
+            [np.bincount(group, residual * x[:, j], minlength=n) for j in range(k)]
+        )
+        grad -= own * precision
+        hessian = np.zeros((n, k, k))
+        for i in range(k):
+            for j in range(i, k):
+                hessian[:, i, j] = hessian[:, j, i] = np.bincount(
+                    group, weight * x[:, i] * x[:, j], minlength=n
+                )
+        hessian[:, np.arange(k), np.arange(k)] += precision
+        own = own.copy()
+        step = np.linalg.solve(hessian[seen], grad[seen][..., None])[..., 0]
+        own[seen] += np.clip(step, -MAX_STEP, MAX_STEP)
+    return own
+
+
+def learned_parts(
+    world: Any, truth: Parts, fields: Parts, rows: Rows, sides: tuple[str, ...], rounds: int
+) -> Parts:
+    """``truth`` with ``sides``' own parts estimated from ``rows`` (fields plus posterior mode),
+    the sides fitted in turn for ``rounds`` rounds."""
+    parts = truth
+    own = {}
+    for side in sides:
+        own[side] = np.zeros((len(fields.bias(side)), 1 + world.latent_dim))
+        parts = parts.with_side(side, fields.bias(side), fields.factor(side))
+    for _ in range(rounds):
+        for side in sides:
+            prior = own_part_variance(world, truth, fields, side)
+            own[side] = fit_side(world, parts, fields, rows, side, prior, own[side], steps=3)
+            parts = parts.with_side(
+                side, fields.bias(side) + own[side][:, 0], fields.factor(side) + own[side][:, 1:]
+            )
+    return parts
+
+
+def rows_of(world: Any, frame: pd.DataFrame) -> Rows:
+    from pipelines.simulate import index_of
+
+    return Rows(
+        user=index_of(world, "user", frame["user_id"].to_numpy(dtype=str)),
+        placement=index_of(world, "placement", frame["placement_id"].to_numpy(dtype=str)),
+        ad=index_of(world, "ad", frame["ad_id"].to_numpy(dtype=str)),
+        hour=frame["ctx__hour"].to_numpy(dtype=np.int64),
+        label=frame["label"].to_numpy(dtype=float),
+    )
+
+
+def auc_rows(
+    label: np.ndarray, scores: dict[str, np.ndarray], reference: str, samples: int
+) -> list[dict[str, Any]]:
+    """AUC of every scorer with its bootstrap interval and its paired difference from
+    ``reference`` (same resamples, so far tighter than the two intervals)."""
+    from models.evaluation.ranking import auc, auc_difference_interval, auc_interval
+
+    out = []
+    for name, score in scores.items():
+        low, high = auc_interval(label, score, samples=samples)
+        row = {"scorer": name, "auc": round(auc(label, score), 4)}
+        row.update(ci_low=round(low, 4), ci_high=round(high, 4))
+        if name != reference:
+            diff, d_low, d_high = auc_difference_interval(
+                label, score, scores[reference], samples=samples
+            )
+            row.update(vs_ranker=round(diff, 4), vs_low=round(d_low, 4), vs_high=round(d_high, 4))
+        out.append(row)
+    return out
+
+
+RANKER = "the ranker (evaluation's scores)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deepclick import layout
+    from pipelines.retrieval_eval import _world
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, required=True, help="state folder of the dataset")
+    parser.add_argument("--date", required=True, help="D, YYYY-MM-DD")
+    parser.add_argument("--dataset", default="marketplace")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over users, placements, ads")
+    parser.add_argument("--bootstrap", type=int, default=100, help="AUC resamples")
+    args = parser.parse_args(argv)
+    console = Console()
+
+    date = dt.date.fromisoformat(args.date)
+    world = _world(layout.truth_dir(args.root, args.dataset))
+    if world is None:
+        raise SystemExit(f"no world.npz under {args.root}: auc_ceiling needs generated data")
+    day = layout.DayLayout(args.root, date)
+    eval_frame = pd.read_parquet(day.eval_rows, columns=["event_id", *ROW_COLUMNS])
+    predictions = pd.read_parquet(
+        layout.evaluations_dir(args.root) / day.version / "ranking" / "predictions.parquet"
+    )
+    if not np.array_equal(predictions["label"].to_numpy(), eval_frame["label"].to_numpy()):
+        raise SystemExit("the evaluation's predictions are not D's evaluation rows in order")
+    evaluation = rows_of(world, eval_frame)
+    truth, fields = true_parts(world), field_parts(world)
+    truth_p = pd.read_parquet(layout.truth_dir(args.root, args.dataset) / f"{date}.parquet")
+    oracle = logit(world, truth, evaluation)
+    # The equation must be the world's: the oracle's logit against the simulator's own p_click.
+    p_click = truth_p.set_index("impression_id")["p_click"].reindex(eval_frame["event_id"])
+    gap = np.abs(1.0 / (1.0 + np.exp(-oracle)) - p_click.to_numpy()).max()
+    if not gap < 1e-4:
+        raise SystemExit(f"the oracle's equation is not the world's: max |p - p_click| {gap}")
+
+    console.print("reading the training window's rows")
+    training = rows_of(
+        world, pd.read_parquet(day.features / "training" / "ranking", columns=ROW_COLUMNS)
+    )
+    scores: dict[str, np.ndarray] = {RANKER: predictions["ranker"].to_numpy()}
+    scores["one-hot LR (peer)"] = predictions["logistic_regression"].to_numpy()
+    scores["GBDT (peer)"] = predictions["gbdt"].to_numpy()
+    scores["oracle: every entity's own part known"] = oracle
+    scores["no entity's own part (fields only)"] = logit(world, fields, evaluation)
+    for side in SIDES:
+        without = truth.with_side(side, fields.bias(side), fields.factor(side))
+        scores[f"all known but the {side}s' own parts"] = logit(world, without, evaluation)
+        console.print(f"estimating the {side}s' own parts from the window")
+        learned = learned_parts(world, truth, fields, training, (side,), rounds=1)
+        scores[f"all known, the {side}s' own parts learned"] = logit(world, learned, evaluation)
+    console.print("estimating every entity's own part from the window")
+    learned = learned_parts(world, truth, fields, training, SIDES, rounds=args.rounds)
+    scores["equation known, every own part learned (the ceiling)"] = logit(
+        world, learned, evaluation
+    )
+    console.print(f"AUC with {args.bootstrap} bootstrap resamples")
+    rows = auc_rows(evaluation.label, scores, RANKER, args.bootstrap)
+    print_table(
+        f"AUC ceilings on {args.date}: {len(evaluation.label):,} rows, "
+        f"{int(evaluation.label.sum()):,} clicks; window {len(training.label):,} rows",
+        rows,
+    )
+    path = write_json(
+        f"auc_ceiling-{args.root.name}-{date:%Y%m%d}",
+        {
+            "root": str(args.root),
+            "date": args.date,
+            "rows": len(evaluation.label),
+            "clicks": int(evaluation.label.sum()),
+            "training_rows": len(training.label),
+            "rounds": args.rounds,
+            "scorers": rows,
+        },
+    )
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
