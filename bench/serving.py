@@ -1108,12 +1108,18 @@ def sequential_requests(port: int, bodies: Sequence[bytes]) -> list[tuple[float,
 
 def process_cpu_s(pids: Sequence[int]) -> float:
     """User + system CPU seconds used so far by ``pids`` (all their threads), from /proc."""
+    return sum(process_cpu_parts_s(pids))
+
+
+def process_cpu_parts_s(pids: Sequence[int]) -> tuple[float, float]:
+    """User and system (kernel: sockets, epoll, scheduling) CPU seconds used so far by
+    ``pids``, from /proc: where a server's CPU outside the ranking goes."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    user = system = 0
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user / tick, system / tick
 
 
 def stage_breakdown(port: int, pids: Sequence[int], bodies: Sequence[bytes], n: int = 300) -> dict:
@@ -1209,8 +1215,10 @@ def run_server_and_load(
         load(port, path, bodies, max(concurrencies), min(200, requests), 20.0)  # warm up
         pids = [child.pid, *worker_pids(child.pid)]
         for concurrency in concurrencies:
-            cpu = process_cpu_s(pids)
+            user, system = process_cpu_parts_s(pids)
             result = load(port, path, bodies, concurrency, requests, args.seconds)
+            user_after, system_after = process_cpu_parts_s(pids)
+            per_request = 1000 / result["requests"]
             rows.append(
                 {
                     "name": (kind if kind != "api" else f"rank/{backend}") + label,
@@ -1218,8 +1226,9 @@ def run_server_and_load(
                     "concurrency": concurrency,
                     **result,
                     "server_cpu_ms_per_request": round(
-                        (process_cpu_s(pids) - cpu) * 1000 / result["requests"], 3
+                        (user_after + system_after - user - system) * per_request, 3
                     ),
+                    "server_kernel_ms_per_request": round((system_after - system) * per_request, 3),
                     "startup_s": round(startup, 1),
                     "load_avg": round(os.getloadavg()[0], 1),
                 }
