@@ -134,6 +134,33 @@ class MatchCeiling:
         )
 
 
+def learned_slates(ceiling: MatchCeiling, root: Path, date: dt.date) -> np.ndarray:
+    """Slates of the world's equation with every field's effect known and every entity's own
+    part (bias and factor) learned from the training window's clicks
+    (``bench.auc_ceiling.learned_parts``): the slate a near-Bayes ranker of these rows serves."""
+    from bench.auc_ceiling import (
+        ROW_COLUMNS,
+        SIDES,
+        field_parts,
+        learned_parts,
+        rows_of,
+        true_parts,
+    )
+    from deepclick import layout
+
+    world = ceiling.world
+    training = pd.read_parquet(
+        layout.DayLayout(root, date).features / "training" / "ranking", columns=ROW_COLUMNS
+    )
+    truth, fields = true_parts(world), field_parts(world)
+    learned = learned_parts(world, truth, fields, rows_of(world, training), SIDES, rounds=2)
+    live = ceiling.live
+    context = learned.user_factor[ceiling.users] + learned.placement_factor[ceiling.placements]
+    quality = (learned.ad_bias - world.ad_quality)[live][None, :]  # replaces the true quality
+    return ceiling.slates(context, learned.ad_factor, quality)
+
+
+LEARNED = "equation known, every own part learned from the window (near-Bayes)"
 TOWERS_ALONE = "two-tower score (best beta)"
 TOWERS_BESIDE_FIELDS = "fields x category, brand + two-tower score (best beta)"
 
@@ -246,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "not at all (quality + price)": (None, None),
     }
     systems = {name: ceiling.slates(*parts) for name, parts in scorers.items()}
+    systems[LEARNED] = learned_slates(ceiling, args.root, date)
     towers = two_tower_scores(args.root, date, world, ceiling.requests, ceiling.live)
     with_towers, betas = ceiling.tower_systems(towers, [float(b) for b in args.betas.split(",")])
     systems.update(with_towers)
@@ -257,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         rows,
     )
     path = write_json(
-        f"match_ceiling-{date:%Y%m%d}",
+        f"match_ceiling-{args.root.name}-{date:%Y%m%d}",
         {
             "root": str(args.root),
             "date": args.date,

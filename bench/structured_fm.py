@@ -1,0 +1,208 @@
+"""Does a model built with the world's own structure, learned from the window's rows alone,
+reach the slate of the near-Bayes estimator? (issue 10)
+
+``bench.match_ceiling``'s near-Bayes row knows every field's effect exactly and learns only each
+entity's own part from the window. A model has to learn the fields' effects too. This bench
+trains the simplest model whose form *is* the world's equation: a logistic regression over every
+field (ids included) plus a rank-``d`` product of a query side (the user's profile fields and the
+placement's fields and id) with an ad side (ad id, category, brand, campaign, advertiser), plus
+the price taste (``pvalue × log price``), fitted by Adam with L2 on every impression of the
+window. Its inputs are the observable fields only (read from the world's entity arrays, the same
+values the logs' entity columns carry). Reported: AUC on D's rows and the top-10 slate over every
+live ad for the requests of ``bench.slate_gap``, as a share of the oracle.
+
+Usage (needs D's features folder and the world's truth)::
+
+    python -m bench.structured_fm --root var/bench-quality/medium --date 2024-01-08
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench.common import print_table, write_json
+
+
+def field_codes(fields: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """Each field's values as dense codes (``[entities, fields]``) and each field's vocabulary
+    size."""
+    codes, sizes = [], []
+    for values in fields:
+        vocabulary, index = np.unique(values, return_inverse=True)
+        codes.append(index)
+        sizes.append(len(vocabulary))
+    return np.stack(codes, axis=1).astype(np.int32), sizes
+
+
+def entity_fields(world: Any) -> dict[str, list[np.ndarray]]:
+    """The observable fields of each side of the world's equation."""
+    return {
+        "user": [
+            world.user_gender,
+            world.user_age,
+            world.user_pvalue,
+            world.user_shopping,
+            world.user_occupation,
+            world.user_segid,
+            world.user_new_class,
+        ],
+        "placement": [
+            world.placement_page,
+            world.placement_slot,
+            world.placement_position,
+            np.arange(world.num_placements),
+        ],
+        "ad": [
+            np.arange(world.num_ads),
+            world.ad_cate,
+            world.ad_brand,
+            world.ad_campaign,
+            world.ad_customer,
+        ],
+    }
+
+
+def build_model(sizes: dict[str, list[int]], dim: int, l2: float) -> Any:
+    """logit = b + Σ field weights + hour + price taste + query(user, placement) · ad, with
+    each field's embedding holding its weight in column 0 and its factor in the rest."""
+    import keras
+    import tensorflow as tf
+
+    regularizer = keras.regularizers.L2(l2)
+
+    class StructuredFM(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tables = {
+                side: [
+                    keras.layers.Embedding(n, dim + 1, embeddings_regularizer=regularizer)
+                    for n in sizes[side]
+                ]
+                for side in ("user", "placement", "ad")
+            }
+            self.hour = keras.layers.Embedding(24, 1)
+            self.price = keras.layers.Dense(1)
+            self.bias = self.add_weight(shape=(), initializer=keras.initializers.Constant(-3.5))
+
+        def side(self, name: str, codes: Any) -> Any:
+            return sum(table(codes[:, i]) for i, table in enumerate(self.tables[name]))
+
+        def call(self, x: dict[str, Any]) -> Any:
+            query = self.side("user", x["user"]) + self.side("placement", x["placement"])
+            ad = self.side("ad", x["ad"])
+            price = self.price(tf.concat([x["taste"] * x["log_price"], x["log_price"]], 1))
+            return (
+                self.bias
+                + query[:, 0]
+                + ad[:, 0]
+                + self.hour(x["hour"])[:, 0]
+                + price[:, 0]
+                + tf.reduce_sum(query[:, 1:] * ad[:, 1:], axis=1)
+            )
+
+    return StructuredFM()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, required=True, help="state folder of the dataset")
+    parser.add_argument("--date", required=True, help="D, YYYY-MM-DD")
+    parser.add_argument("--dataset", default="marketplace")
+    parser.add_argument("--dim", type=int, default=8, help="rank of the query x ad product")
+    parser.add_argument("--l2", type=float, default=1e-5, help="L2 on every embedding table")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=300, help="replayed requests of D")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    import keras
+    import tensorflow as tf
+
+    from bench.auc_ceiling import ROW_COLUMNS, Rows, rows_of
+    from bench.match_ceiling import match_ceiling, share_rows
+    from deepclick import layout
+    from lifecycle.replay import SLOTS, true_slates
+    from models.evaluation.ranking import auc, auc_interval
+    from pipelines.retrieval_eval import _world
+
+    date = dt.date.fromisoformat(args.date)
+    world = _world(layout.truth_dir(args.root, args.dataset))
+    if world is None:
+        raise SystemExit(f"no world.npz under {args.root}: structured_fm needs generated data")
+    day = layout.DayLayout(args.root, date)
+    training = rows_of(
+        world, pd.read_parquet(day.features / "training" / "ranking", columns=ROW_COLUMNS)
+    )
+    eval_frame = pd.read_parquet(day.eval_rows)
+    evaluation = rows_of(world, eval_frame[ROW_COLUMNS])
+    encoded = {side: field_codes(f) for side, f in entity_fields(world).items()}
+    codes = {side: c for side, (c, _) in encoded.items()}
+
+    def inputs(rows: Rows) -> dict[str, np.ndarray]:
+        return {
+            "user": codes["user"][rows.user],
+            "placement": codes["placement"][rows.placement],
+            "ad": codes["ad"][rows.ad],
+            "hour": rows.hour.astype(np.int32),
+            "taste": (world.user_pvalue[rows.user] - 2.0).astype(np.float32)[:, None],
+            "log_price": world.ad_log_price_z[rows.ad].astype(np.float32)[:, None],
+        }
+
+    keras.utils.set_random_seed(args.seed)
+    model = build_model({s: n for s, (_, n) in encoded.items()}, args.dim, args.l2)
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.003),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+    )
+    data = (
+        tf.data.Dataset.from_tensor_slices((inputs(training), training.label.astype(np.float32)))
+        .shuffle(200_000, seed=args.seed)
+        .batch(1024)
+    )
+    started = time.perf_counter()
+    model.fit(data, epochs=args.epochs, verbose=0)
+    seconds = time.perf_counter() - started
+    scores = model.predict(inputs(evaluation), batch_size=8192, verbose=0)
+    low, high = auc_interval(evaluation.label, scores)
+
+    ceiling = match_ceiling(world, eval_frame, date, args.requests, args.seed)
+    live = ceiling.live
+    ad = model.side("ad", codes["ad"][live]).numpy()
+    query = (
+        model.side("user", codes["user"][ceiling.users])
+        + model.side("placement", codes["placement"][ceiling.placements])
+    ).numpy()
+    weights = model.price.kernel.numpy()[:, 0]
+    taste = (world.user_pvalue[ceiling.users] - 2.0)[:, None]
+    log_price = world.ad_log_price_z[live][None, :]
+    score = (
+        ad[None, :, 0] + query[:, 1:] @ ad[:, 1:].T + (weights[0] * taste + weights[1]) * log_price
+    )
+    top = np.argsort(-score, axis=1)[:, :SLOTS]
+    slates = true_slates(world, ceiling.requests, [world.ad_ids[live[t]].tolist() for t in top])
+    (slate,) = share_rows(ceiling, {"structured FM": slates}, args.seed)
+    row = {
+        "model": f"structured FM, d {args.dim}, L2 {args.l2:g}, {args.epochs} epochs",
+        "auc": round(auc(evaluation.label, scores), 4),
+        "auc_ci": f"[{low:.4f}, {high:.4f}]",
+        "slate_of_oracle": slate["of_oracle"],
+        "slate_ci": f"[{slate['ci_low']}, {slate['ci_high']}]",
+        "fit_s": round(seconds, 1),
+    }
+    print_table(f"{args.root.name}, D {args.date}: {len(training.label):,} window rows", [row])
+    path = write_json(f"structured_fm-{args.root.name}-{date:%Y%m%d}", {**vars(args), **row})
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
