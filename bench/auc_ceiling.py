@@ -32,14 +32,18 @@ import argparse
 import dataclasses
 import datetime as dt
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from rich.console import Console
 
-from bench.common import print_table, write_json
+from bench.common import (
+    add_generated_state_arguments,
+    generated_world,
+    print_table,
+    write_json,
+)
 from bench.match_ceiling import project
 
 SIDES = ("user", "placement", "ad")
@@ -98,14 +102,7 @@ def true_parts(world: Any) -> Parts:
 def field_parts(world: Any) -> Parts:
     """Every entity's bias and factor replaced by their least-squares fit on its fields."""
     fields = {
-        "user": [
-            world.user_gender,
-            world.user_age,
-            world.user_pvalue,
-            world.user_shopping,
-            world.user_occupation,
-            world.user_segid,
-        ],
+        "user": world.user_profile,
         "placement": [world.placement_page, world.placement_slot, world.placement_position],
         "ad": [world.ad_cate, world.ad_brand],
     }
@@ -265,21 +262,16 @@ def ranker_beside(
 
 def main(argv: list[str] | None = None) -> int:
     from deepclick import layout
-    from pipelines.retrieval_eval import _world
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, required=True, help="state folder of the dataset")
-    parser.add_argument("--date", required=True, help="D, YYYY-MM-DD")
-    parser.add_argument("--dataset", default="marketplace")
+    add_generated_state_arguments(parser)
     parser.add_argument("--rounds", type=int, default=2, help="rounds over users, placements, ads")
     parser.add_argument("--bootstrap", type=int, default=100, help="AUC resamples")
     args = parser.parse_args(argv)
     console = Console()
 
     date = dt.date.fromisoformat(args.date)
-    world = _world(layout.truth_dir(args.root, args.dataset))
-    if world is None:
-        raise SystemExit(f"no world.npz under {args.root}: auc_ceiling needs generated data")
+    world = generated_world(args.root, args.dataset, "auc_ceiling")
     day = layout.DayLayout(args.root, date)
     eval_frame = pd.read_parquet(day.eval_rows, columns=["event_id", *ROW_COLUMNS])
     predictions = pd.read_parquet(

@@ -3,6 +3,7 @@ on the console and a JSON record in ``bench/results/<name>.json`` for later comp
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import json
@@ -192,3 +193,23 @@ def similarity_providers(root: Path, version: str) -> tuple[Any, Any]:
     except NotPublishedError:
         return served, served
     return EmbeddingSimilarity(read_embeddings(fit_folder)), served
+
+
+def add_generated_state_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--root``, ``--date`` and ``--dataset`` of a bench that reads day D's state of a
+    generated dataset (its features, evaluation and the world's truth)."""
+    parser.add_argument("--root", type=Path, required=True, help="state folder of the dataset")
+    parser.add_argument("--date", required=True, help="D, YYYY-MM-DD")
+    parser.add_argument("--dataset", default="marketplace")
+
+
+def generated_world(root: Path, dataset: str, bench: str) -> Any:
+    """The world of ``dataset`` under ``root``; the bench exits naming what is missing when the
+    dataset was not generated (a real log has no truth to compare with)."""
+    from deepclick import layout
+    from pipelines.retrieval_eval import _world
+
+    world = _world(layout.truth_dir(root, dataset))
+    if world is None:
+        raise SystemExit(f"no world.npz under {root}: {bench} needs generated data")
+    return world

@@ -35,7 +35,12 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.sparse.linalg import lsqr
 
-from bench.common import print_table, write_json
+from bench.common import (
+    add_generated_state_arguments,
+    generated_world,
+    print_table,
+    write_json,
+)
 
 
 def project(factor: np.ndarray, fields: Sequence[np.ndarray]) -> np.ndarray:
@@ -176,17 +181,7 @@ def match_ceiling(world: Any, eval_rows: pd.DataFrame, date: dt.date, requests: 
     place = world.placement_factor.astype(float)
     ad = world.ad_factor.astype(float)
     fields = {
-        "user": project(
-            user,
-            [
-                world.user_gender,
-                world.user_age,
-                world.user_pvalue,
-                world.user_shopping,
-                world.user_occupation,
-                world.user_segid,
-            ],
-        ),
+        "user": project(user, world.user_profile),
         "placement": project(place, [world.placement_page, world.placement_slot]),
         "ad": project(ad, [world.ad_cate, world.ad_brand]),
     }
@@ -236,12 +231,9 @@ def share_rows(
 
 def main(argv: list[str] | None = None) -> int:
     from deepclick import layout
-    from pipelines.retrieval_eval import _world
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, required=True, help="state folder of the dataset")
-    parser.add_argument("--date", required=True, help="D, YYYY-MM-DD")
-    parser.add_argument("--dataset", default="marketplace")
+    add_generated_state_arguments(parser)
     parser.add_argument("--requests", type=int, default=300, help="replayed requests of D")
     parser.add_argument("--seed", type=int, default=7, help="request sample and bootstrap seed")
     parser.add_argument(
@@ -252,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     date = dt.date.fromisoformat(args.date)
-    world = _world(layout.truth_dir(args.root, args.dataset))
-    if world is None:
-        raise SystemExit(f"no world.npz under {args.root}: match_ceiling needs generated data")
+    world = generated_world(args.root, args.dataset, "match_ceiling")
     eval_rows = pd.read_parquet(layout.DayLayout(args.root, date).eval_rows)
     ceiling = match_ceiling(world, eval_rows, date, args.requests, args.seed)
     print(f"variance explained by the fields: {ceiling.explained}")

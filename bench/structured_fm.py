@@ -22,13 +22,17 @@ import argparse
 import datetime as dt
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from bench.common import print_table, write_json
+from bench.common import (
+    add_generated_state_arguments,
+    generated_world,
+    print_table,
+    write_json,
+)
 
 
 def field_codes(fields: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
@@ -45,15 +49,7 @@ def field_codes(fields: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
 def entity_fields(world: Any) -> dict[str, list[np.ndarray]]:
     """The observable fields of each side of the world's equation."""
     return {
-        "user": [
-            world.user_gender,
-            world.user_age,
-            world.user_pvalue,
-            world.user_shopping,
-            world.user_occupation,
-            world.user_segid,
-            world.user_new_class,
-        ],
+        "user": [*world.user_profile, world.user_new_class],
         "placement": [
             world.placement_page,
             world.placement_slot,
@@ -113,9 +109,7 @@ def build_model(sizes: dict[str, list[int]], dim: int, l2: float) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, required=True, help="state folder of the dataset")
-    parser.add_argument("--date", required=True, help="D, YYYY-MM-DD")
-    parser.add_argument("--dataset", default="marketplace")
+    add_generated_state_arguments(parser)
     parser.add_argument("--dim", type=int, default=8, help="rank of the query x ad product")
     parser.add_argument("--l2", type=float, default=1e-5, help="L2 on every embedding table")
     parser.add_argument("--epochs", type=int, default=3)
@@ -132,12 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     from deepclick import layout
     from lifecycle.replay import SLOTS, true_slates
     from models.evaluation.ranking import auc, auc_interval
-    from pipelines.retrieval_eval import _world
 
     date = dt.date.fromisoformat(args.date)
-    world = _world(layout.truth_dir(args.root, args.dataset))
-    if world is None:
-        raise SystemExit(f"no world.npz under {args.root}: structured_fm needs generated data")
+    world = generated_world(args.root, args.dataset, "structured_fm")
     day = layout.DayLayout(args.root, date)
     training = rows_of(
         world, pd.read_parquet(day.features / "training" / "ranking", columns=ROW_COLUMNS)

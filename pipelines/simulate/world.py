@@ -181,6 +181,19 @@ class World:
         """Every field as a numpy array (scalars 0-d), the form saved in ``world.npz``."""
         return {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
 
+    @property
+    def user_profile(self) -> list[np.ndarray]:
+        """The observable fields a user's taste is drawn from (``_users``): what a model can know
+        of a user without their history."""
+        return [
+            self.user_gender,
+            self.user_age,
+            self.user_pvalue,
+            self.user_shopping,
+            self.user_occupation,
+            self.user_segid,
+        ]
+
     @classmethod
     def from_arrays(cls, arrays: dict[str, Any]) -> World:
         """The inverse of :meth:`to_arrays`; a missing array names the field."""
