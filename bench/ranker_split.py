@@ -51,6 +51,17 @@ from models.ranker.train import on_served_scores, train_ranker
 from pipelines.training_days import split_training_days
 
 
+def served_scores(root: Path, version: str, labels: np.ndarray) -> np.ndarray:
+    """The served ranker's scores of D's evaluation rows, as D's evaluation stored them; refused
+    unless they are those very rows in that order."""
+    stored = pd.read_parquet(
+        layout.evaluations_dir(root) / version / "ranking" / "predictions.parquet"
+    )
+    if not np.array_equal(stored["label"].to_numpy(), labels):
+        raise SystemExit("the evaluation's predictions are not D's evaluation rows in order")
+    return stored["ranker"].to_numpy()
+
+
 def one_hot_lr(spec, fit: pd.DataFrame, test: pd.DataFrame) -> np.ndarray:
     cats = [f.name for f in spec.categorical]
     nums = [f.name for f in spec.numeric]
@@ -91,6 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--skip-lr", action="store_true", help="no one-hot LR fits (the evaluation has the peers)"
     )
+    parser.add_argument(
+        "--against-served",
+        action="store_true",
+        help="also pair each variant with the served ranker's scores of D (the evaluation's "
+        "predictions.parquet): what the variant would change, without training the base again",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     settings = Settings(root=args.root)
@@ -108,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = args.seed or [settings.ranker.seed]
     variants = args.variant or ["base"]
     first: np.ndarray | None = None
+    served = served_scores(settings.root, version, y) if args.against_served else None
     for seed, variant in ((s, v) for s in seeds for v in variants):
         name, pairs = parse_variant(variant)
         if len(seeds) > 1:
@@ -145,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
             "auc": round(auc(y, p), 4),
             "auc_ci": [round(low, 4), round(high, 4)],
             "auc_minus_first": [round(v, 4) for v in diff],
+            "auc_minus_served": None
+            if served is None
+            else [round(v, 4) for v in auc_difference_interval(y, p, served)],
             "clip": models.preprocessing.CLIP_STD,
             "calibration": round(float(calibration_ratio(y, p)), 3),
             "calibration_ci": [round(float(v), 3) for v in calibration_interval(y, p)],
