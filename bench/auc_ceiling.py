@@ -40,6 +40,7 @@ from rich.console import Console
 
 from bench.common import (
     add_generated_state_arguments,
+    evaluated_predictions,
     generated_world,
     print_table,
     write_json,
@@ -193,14 +194,14 @@ def learned_parts(
     """``truth`` with ``sides``' own parts estimated from ``rows`` (fields plus posterior mode),
     the sides fitted in turn for ``rounds`` rounds."""
     parts = truth
-    own = {}
+    own, prior = {}, {}
     for side in sides:
         own[side] = np.zeros((len(fields.bias(side)), 1 + world.latent_dim))
+        prior[side] = own_part_variance(world, truth, fields, side)
         parts = parts.with_side(side, fields.bias(side), fields.factor(side))
     for _ in range(rounds):
         for side in sides:
-            prior = own_part_variance(world, truth, fields, side)
-            own[side] = fit_side(world, parts, fields, rows, side, prior, own[side], steps=3)
+            own[side] = fit_side(world, parts, fields, rows, side, prior[side], own[side], steps=3)
             parts = parts.with_side(
                 side, fields.bias(side) + own[side][:, 0], fields.factor(side) + own[side][:, 1:]
             )
@@ -274,11 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     world = generated_world(args.root, args.dataset, "auc_ceiling")
     day = layout.DayLayout(args.root, date)
     eval_frame = pd.read_parquet(day.eval_rows, columns=["event_id", *ROW_COLUMNS])
-    predictions = pd.read_parquet(
-        layout.evaluations_dir(args.root) / day.version / "ranking" / "predictions.parquet"
-    )
-    if not np.array_equal(predictions["label"].to_numpy(), eval_frame["label"].to_numpy()):
-        raise SystemExit("the evaluation's predictions are not D's evaluation rows in order")
+    predictions = evaluated_predictions(args.root, day.version, eval_frame["label"].to_numpy())
     evaluation = rows_of(world, eval_frame)
     truth, fields = true_parts(world), field_parts(world)
     truth_p = pd.read_parquet(layout.truth_dir(args.root, args.dataset) / f"{date}.parquet")

@@ -213,3 +213,18 @@ def generated_world(root: Path, dataset: str, bench: str) -> Any:
     if world is None:
         raise SystemExit(f"no world.npz under {root}: {bench} needs generated data")
     return world
+
+
+def evaluated_predictions(root: Path, version: str, labels: np.ndarray) -> Any:
+    """D's per-row scores as D's evaluation stored them (the ranker and its peers,
+    ``models.evaluation.report.PREDICTIONS_FILE``); refused unless they are the rows of
+    ``labels`` in that order, since a pairing with other rows would judge noise."""
+    import pandas as pd
+
+    from deepclick import layout
+    from models.evaluation.report import PREDICTIONS_FILE
+
+    stored = pd.read_parquet(layout.evaluations_dir(root) / version / "ranking" / PREDICTIONS_FILE)
+    if not np.array_equal(stored["label"].to_numpy(), np.asarray(labels)):
+        raise SystemExit("the evaluation's predictions are not D's evaluation rows in order")
+    return stored

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from bench.common import write_json
+from bench.common import generated_world, write_json
 from deepclick import layout
 from deepclick.layout import version_for
 from deepclick.publish import resolve
@@ -204,13 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = None
     if args.match_requests > 0:
         from bench.match_ceiling import match_ceiling
-        from pipelines.retrieval_eval import _world
 
-        world = _world(layout.truth_dir(settings.root, spec.dataset))
-        if world is None:
-            raise SystemExit(f"--match-requests needs a generated world under {settings.root}")
         ceiling = match_ceiling(
-            world,
+            generated_world(settings.root, spec.dataset, "--match-requests"),
             pd.read_parquet(features / "eval"),
             dt.date.fromisoformat(args.date),
             args.match_requests,

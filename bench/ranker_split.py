@@ -33,7 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
 import models.preprocessing
-from bench.common import similarity_providers
+from bench.common import evaluated_predictions, similarity_providers
 from bench.ranker_variants import parse_variant, ranker_settings
 from deepclick import layout
 from deepclick.layout import version_for
@@ -54,12 +54,7 @@ from pipelines.training_days import split_training_days
 def served_scores(root: Path, version: str, labels: np.ndarray) -> np.ndarray:
     """The served ranker's scores of D's evaluation rows, as D's evaluation stored them; refused
     unless they are those very rows in that order."""
-    stored = pd.read_parquet(
-        layout.evaluations_dir(root) / version / "ranking" / "predictions.parquet"
-    )
-    if not np.array_equal(stored["label"].to_numpy(), labels):
-        raise SystemExit("the evaluation's predictions are not D's evaluation rows in order")
-    return stored["ranker"].to_numpy()
+    return evaluated_predictions(root, version, labels)["ranker"].to_numpy()
 
 
 def one_hot_lr(spec, fit: pd.DataFrame, test: pd.DataFrame) -> np.ndarray:
