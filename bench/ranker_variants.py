@@ -3,7 +3,8 @@
 Shared by ``bench/ranker_split.py`` and ``bench/slate_gap.py`` so a variant means the same in both.
 Values take the type of the setting they replace: ``1``/``true`` for booleans, ``/``-separated
 lists (``hidden_units=64/32``, ``crosses=cms_segid*cate_id/page_type*brand``), ``crosses=world``
-for :data:`deepclick.settings.MARKETPLACE_CROSSES` and ``crosses=none`` for no crosses.
+for :data:`deepclick.settings.MARKETPLACE_CROSSES` and ``crosses=none`` for no crosses;
+``/``-separated ``key:value`` pairs for mappings (``wide_prior_scale=ad_id:2/user_id:1``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def ranker_settings(base: RankerSettings, pairs: Mapping[str, str]) -> RankerSet
             update[key] = value in ("1", "true")
         elif isinstance(current, list):
             update[key] = _list(value)
+        elif isinstance(current, dict):
+            update[key] = dict(item.split(":", 1) for item in value.split("/") if item)
         else:
             update[key] = type(current)(value)
     return RankerSettings.model_validate({**base.model_dump(), **update})

@@ -267,6 +267,14 @@ class RankerSettings(_Section):
         "+0.0037, slate -0.009) and 0.3 on TalkingData (AUC +0.006, calibration 1.13 vs 1.16). "
         "One fit per value: the 10M ranker stage pays for each (README 'Model quality')",
     )
+    wide_prior_scale: dict[str, PositiveFloat] = Field(
+        default_factory=dict,
+        description="feature name -> prior std of its wide weights relative to the others' "
+        "(its one-hot columns are scaled by it before the L2 fit, so its weights' prior "
+        "variance is C x scale^2); a feature the spec lacks is ignored. An id seen on dozens "
+        "of rows can carry a larger own effect than the shared C lets it (the ad quality's "
+        "heavy tail, pipelines/simulate/world.py)",
+    )
     wide_days: Literal["ranker", "all"] = Field(
         "all",
         description="rows the wide part is fitted on (wide_fit logistic): the ranker's own fit "

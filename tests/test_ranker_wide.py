@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from feature_folder import FeatureFolder, write_feature_folder
 from sklearn.linear_model import LogisticRegression
 
@@ -21,7 +22,15 @@ from models.evaluation.ranking import auc
 from models.ranker.inputs import frame_to_inputs
 from models.ranker.model import build_logit_model
 from models.ranker.train import _tensors, predict, train_ranker
-from models.ranker.wide import average_day_constant, average_unseen, fit_wide, wide_design
+from models.ranker.wide import (
+    average_day_constant,
+    average_unseen,
+    feature_column_scale,
+    fit_wide,
+    solve_wide,
+    wide_design,
+    wide_layers,
+)
 
 SETTINGS = RankerSettings(batch_size=256, epochs=2, cross_layers=1, dropout=0.3, baseline=False)
 
@@ -153,3 +162,49 @@ def test_the_wide_strength_is_chosen_by_held_out_log_loss_and_its_solution_is_th
     p = 1.0 / (1.0 + np.exp(-predict(model, held_tensors)))
     expected = -np.mean(held_labels * np.log(p) + (1 - held_labels) * np.log(1 - p))
     assert abs(losses[0.1] - expected) < 1e-4
+
+
+def test_a_column_scale_is_the_l2_prior_of_those_columns() -> None:
+    """Scaling every column by s fits the same model as C·s² (the penalty is on the fitted
+    weights, the returned ones are s times them): the identity ``wide_prior_scale`` rests on."""
+    rng = np.random.default_rng(0)
+    n, k = 3000, 40
+    column = rng.integers(0, k, n)
+    design = sp.csr_matrix((np.ones(n), (np.arange(n), column)), shape=(n, k))
+    labels = (rng.random(n) < 1 / (1 + np.exp(-(rng.normal(0, 1, k)[column] - 1)))).astype(int)
+    scaled = solve_wide(design, [k], labels, c=0.05, seed=7, column_scale=np.full(k, 2.0))
+    wider = solve_wide(design, [k], labels, c=0.2, seed=7)
+    # equal up to L-BFGS's stopping tolerance
+    np.testing.assert_allclose(scaled.logits(design), wider.logits(design), atol=1e-2)
+    plain = solve_wide(design, [k], labels, c=0.05, seed=7)
+    assert np.std(scaled.blocks[0]) > 1.2 * np.std(plain.blocks[0])
+
+
+def test_a_prior_scale_widens_only_the_named_features_weights(folder: FeatureFolder) -> None:
+    """``prior_scale={"ad_id": 3}``: the ad ids' wide weights are the regression's on the design
+    with their columns tripled (then tripled back), every other table keeps the shared prior; a
+    name the spec lacks changes nothing."""
+    rows = folder.table("training/ranking")
+    labels = rows["label"].to_numpy()
+
+    def fitted(prior_scale: dict[str, float]):
+        model = build_logit_model(folder.spec, SETTINGS, base_rate=float(labels.mean()))
+        tensors = _tensors(model, frame_to_inputs(folder.spec, rows))
+        fit_wide(model, tensors, labels, c=0.1, seed=7, prior_scale=prior_scale)
+        return model, tensors
+
+    model, tensors = fitted({"ad_id": 3.0})
+    tables, _ = wide_layers(model)
+    scale = feature_column_scale(tables, wide_design(model, tensors).shape[1], {"ad_id": 3.0})
+    assert scale is not None and set(np.unique(scale)) == {1.0, 3.0}
+    design = wide_design(model, tensors)
+    reference = LogisticRegression(C=0.1, max_iter=500).fit(design @ sp.diags(scale), labels)
+    np.testing.assert_allclose(
+        predict(model, tensors), reference.decision_function(design @ sp.diags(scale)), atol=2e-3
+    )
+    plain, plain_tensors = fitted({})
+    unknown, _ = fitted({"no_such_feature": 3.0})
+    np.testing.assert_allclose(predict(unknown, plain_tensors), predict(plain, plain_tensors))
+    ad = model.get_layer("wide__ad_id").get_weights()[0]
+    ad_plain = plain.get_layer("wide__ad_id").get_weights()[0]
+    assert np.std(ad) > 1.5 * np.std(ad_plain)

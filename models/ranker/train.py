@@ -463,6 +463,7 @@ def train_ranker(
             day_feature_min_days=settings.wide_day_feature_min_days,
             c_grid=settings.wide_c_grid,
             held=(held_tensors, held_labels, correction),
+            prior_scale=settings.wide_prior_scale,
         )
         wide_metrics["wide_rows"] = float(len(wide_labels))
 

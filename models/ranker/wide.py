@@ -163,18 +163,27 @@ def solve_wide(
     seed: int,
     dates: np.ndarray | None = None,
     day_feature_min_days: int = 0,
+    column_scale: np.ndarray | None = None,
 ) -> WideSolution:
     """The L2 logistic regression (inverse strength ``c``) of ``labels`` on ``design``, split
     into the weight tables of ``sizes`` (in :func:`wide_layers` order) and post-processed as
     served: values absent from the rows get the feature's mean weight (:func:`average_unseen`),
     and, with ``dates``, rare values of day-constant features too (:func:`average_day_constant`).
+
+    ``column_scale`` (one factor per column of ``design``) gives each column its own prior: the
+    fit sees the column multiplied by ``s``, so the weight it returns (``s`` times the fitted
+    one) has prior variance ``c·s²`` under the same L2 penalty.
     """
+    fitted = design if column_scale is None else design @ sp.diags(column_scale).tocsr()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         lr = LogisticRegression(C=c, max_iter=WIDE_MAX_ITER, random_state=seed).fit(
-            design, np.asarray(labels).astype(int)
+            fitted, np.asarray(labels).astype(int)
         )
-    coef = lr.coef_.reshape(-1).astype(np.float32)
+    coef = lr.coef_.reshape(-1)
+    if column_scale is not None:
+        coef = coef * column_scale
+    coef = coef.astype(np.float32)
     support = np.asarray(design.sum(axis=0)).reshape(-1)
     blocks, start = [], 0
     for size in sizes:
@@ -189,6 +198,24 @@ def solve_wide(
         start += size
     numeric = coef[start:] if start < len(coef) else None
     return WideSolution(c, blocks, numeric, float(lr.intercept_[0]))
+
+
+def feature_column_scale(
+    tables: Sequence[keras.layers.Layer], columns: int, prior_scale: Mapping[str, float]
+) -> np.ndarray | None:
+    """One factor per column of :func:`wide_design`: ``prior_scale[feature]`` on the columns of
+    that feature's table, 1 elsewhere (crosses and numbers included); None when no table is
+    named (a spec without the feature keeps the plain fit)."""
+    scale = np.ones(columns)
+    start, named = 0, False
+    for table in tables:
+        size = int(table.input_dim)
+        feature = table.name.removeprefix(WIDE_PREFIX)
+        if table.name.startswith(WIDE_PREFIX) and feature in prior_scale:
+            scale[start : start + size] = prior_scale[feature]
+            named = True
+        start += size
+    return scale if named else None
 
 
 def held_out_logloss(solution: WideSolution, design: sp.csr_matrix, labels: np.ndarray,
@@ -210,6 +237,7 @@ def fit_wide(
     day_feature_min_days: int = 0,
     c_grid: Sequence[float] = (),
     held: tuple[Mapping[str, Any], np.ndarray, float] | None = None,
+    prior_scale: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Solve the wide part as an L2 logistic regression (inverse strength ``c``) on ``inputs``,
     write its weights into the model, set the output bias to its intercept, zero the deep
@@ -225,16 +253,21 @@ def fit_wide(
     (README "Model quality": 0.03 at demo and medium scale, 0.1 on TalkingData, whose held-out
     day, like D, is mostly users the fit never saw).
 
+    With ``prior_scale`` (feature name → factor), that feature's weights get a prior std the
+    factor times the others' (:func:`solve_wide`'s ``column_scale``).
+
     Returns the fit's intercept, its ``C``, the number of nonzero weights and, with a grid, each
     ``C``'s held-out log loss, for the training metrics.
     """
     tables, numeric = wide_layers(logit_model)
     sizes = [int(table.input_dim) for table in tables]
     design = wide_design(logit_model, inputs)
+    scale = feature_column_scale(tables, design.shape[1], prior_scale or {})
 
     def solve(strength: float) -> WideSolution:
         return solve_wide(design, sizes, labels, c=strength, seed=seed, dates=dates,
-                          day_feature_min_days=day_feature_min_days)  # fmt: skip
+                          day_feature_min_days=day_feature_min_days,
+                          column_scale=scale)  # fmt: skip
 
     scores: dict[str, float] = {}
     if len(c_grid) > 1 and held is not None:
