@@ -275,6 +275,13 @@ class RankerSettings(_Section):
         "of rows can carry a larger own effect than the shared C lets it (the ad quality's "
         "heavy tail, pipelines/simulate/world.py)",
     )
+    wide_refit_variance: dict[str, PositiveFloat] = Field(
+        default_factory=dict,
+        description="feature name -> prior variance of a random effect per value fitted on top "
+        "of the solved wide part (models/ranker/wide.py, refit_feature_weights): every other "
+        "weight stays, so new values (D's new ads) score as before; a feature the spec lacks "
+        "is ignored",
+    )
     wide_days: Literal["ranker", "all"] = Field(
         "all",
         description="rows the wide part is fitted on (wide_fit logistic): the ranker's own fit "

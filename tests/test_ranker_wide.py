@@ -27,6 +27,7 @@ from models.ranker.wide import (
     average_unseen,
     feature_column_scale,
     fit_wide,
+    refit_feature_weights,
     solve_wide,
     wide_design,
     wide_layers,
@@ -208,3 +209,65 @@ def test_a_prior_scale_widens_only_the_named_features_weights(folder: FeatureFol
     ad = model.get_layer("wide__ad_id").get_weights()[0]
     ad_plain = plain.get_layer("wide__ad_id").get_weights()[0]
     assert np.std(ad) > 1.5 * np.std(ad_plain)
+
+
+def test_a_refit_moves_only_the_named_tables_seen_values_to_their_posterior_mode() -> None:
+    """``refit_feature_weights``: every weight but the named table's stays; its seen values land
+    where the log posterior's gradient is zero (Gaussian prior of the given variance, the solved
+    logit as offset); a value with no rows keeps its weight."""
+    rng = np.random.default_rng(1)
+    n, k, other = 4000, 30, 5
+    ad = rng.integers(0, k - 1, n)  # the last value never occurs
+    group = rng.integers(0, other, n)
+    design = sp.hstack(
+        [
+            sp.csr_matrix((np.ones(n), (np.arange(n), ad)), shape=(n, k)),
+            sp.csr_matrix((np.ones(n), (np.arange(n), group)), shape=(n, other)),
+        ],
+        format="csr",
+    )
+    true_effect = rng.normal(0, 0.7, k)
+    labels = (rng.random(n) < 1 / (1 + np.exp(-(true_effect[ad] - 2)))).astype(int)
+    solved = solve_wide(design, [k, other], labels, c=0.001, seed=7)  # ids shrunk to ~0
+    refit = refit_feature_weights(solved, design, [k, other], labels, {0: 0.5})
+    np.testing.assert_array_equal(refit.blocks[1], solved.blocks[1])
+    assert refit.intercept == solved.intercept
+    assert refit.blocks[0][k - 1] == solved.blocks[0][k - 1]
+    p = 1 / (1 + np.exp(-refit.logits(design)))
+    effect = refit.blocks[0].astype(float) - solved.blocks[0]
+    gradient = np.bincount(ad, labels - p, minlength=k) - effect / 0.5
+    np.testing.assert_allclose(gradient[: k - 1], 0.0, atol=1e-3)
+    seen = np.arange(k - 1)
+    fitted_corr = np.corrcoef(refit.blocks[0][seen], true_effect[seen])[0, 1]
+    solved_spread = np.std(solved.blocks[0][seen])
+    assert fitted_corr > 0.8 and np.std(refit.blocks[0][seen]) > 3 * solved_spread
+
+
+def test_fit_wide_refits_the_named_feature_and_keeps_every_other_table(
+    folder: FeatureFolder,
+) -> None:
+    """``refit_variance={"ad_id": v}`` through the model: the user and feature tables hold the
+    plain fit's weights, the ad ids' move, and the refit's held-out log loss is reported."""
+    rows = folder.table("training/ranking")
+    fit, held = rows.iloc[: len(rows) * 3 // 4], rows.iloc[len(rows) * 3 // 4 :]
+    labels = fit["label"].to_numpy()
+
+    def fitted(refit: dict[str, float]):
+        model = build_logit_model(folder.spec, SETTINGS, base_rate=float(labels.mean()))
+        tensors = _tensors(model, frame_to_inputs(folder.spec, fit))
+        held_tensors = _tensors(model, frame_to_inputs(folder.spec, held))
+        metrics = fit_wide(model, tensors, labels, c=0.1, seed=7, refit_variance=refit,
+                           held=(held_tensors, held["label"].to_numpy(), 0.0))  # fmt: skip
+        return model, metrics
+
+    plain, plain_metrics = fitted({})
+    refit, metrics = fitted({"ad_id": 0.5})
+    assert "wide_refit_holdout_logloss" in metrics
+    assert "wide_refit_holdout_logloss" not in plain_metrics
+    for table in wide_layers(plain)[0]:
+        before = table.get_weights()[0]
+        after = refit.get_layer(table.name).get_weights()[0]
+        if table.name == "wide__ad_id":
+            assert np.abs(after - before).max() > 0.05
+        else:
+            np.testing.assert_array_equal(after, before)

@@ -464,6 +464,7 @@ def train_ranker(
             c_grid=settings.wide_c_grid,
             held=(held_tensors, held_labels, correction),
             prior_scale=settings.wide_prior_scale,
+            refit_variance=settings.wide_refit_variance,
         )
         wide_metrics["wide_rows"] = float(len(wide_labels))
 
