@@ -9,7 +9,11 @@ placement's fields and id) with an ad side (ad id, category, brand, campaign, ad
 the price taste (``pvalue × log price``), fitted by Adam with L2 on every impression of the
 window. Its inputs are the observable fields only (read from the world's entity arrays, the same
 values the logs' entity columns carry). Reported: AUC on D's rows and the top-10 slate over every
-live ad for the requests of ``bench.slate_gap``, as a share of the oracle.
+live ad for the requests of ``bench.slate_gap``, as a share of the oracle. With
+``--ad-effect-variance V`` also the same model plus a per-ad random effect (GLMix: the model's
+logit as offset, each ad's own effect at its posterior mode under a Gaussian prior of variance V,
+``models.ranker.wide.random_effects``), which tells whether the fit under-learns the ads' own
+quality.
 
 Usage (needs D's features folder and the world's truth)::
 
@@ -115,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=300, help="replayed requests of D")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--ad-effect-variance",
+        type=float,
+        action="append",
+        default=[],
+        help="also score with a per-ad random effect of this prior variance fitted on the "
+        "window's rows with the model's logit as offset (repeatable)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -126,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from deepclick import layout
     from lifecycle.replay import SLOTS, true_slates
     from models.evaluation.ranking import auc, auc_interval
+    from models.ranker.wide import random_effects
 
     date = dt.date.fromisoformat(args.date)
     world = generated_world(args.root, args.dataset, "structured_fm")
@@ -162,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     model.fit(data, epochs=args.epochs, verbose=0)
     seconds = time.perf_counter() - started
-    scores = model.predict(inputs(evaluation), batch_size=8192, verbose=0)
-    low, high = auc_interval(evaluation.label, scores)
+    scores = model.predict(inputs(evaluation), batch_size=8192, verbose=0).astype(float)
 
     ceiling = match_ceiling(world, eval_frame, date, args.requests, args.seed)
     live = ceiling.live
@@ -178,19 +190,34 @@ def main(argv: list[str] | None = None) -> int:
     score = (
         ad[None, :, 0] + query[:, 1:] @ ad[:, 1:].T + (weights[0] * taste + weights[1]) * log_price
     )
-    top = np.argsort(-score, axis=1)[:, :SLOTS]
-    slates = true_slates(world, ceiling.requests, [world.ad_ids[live[t]].tolist() for t in top])
-    (slate,) = share_rows(ceiling, {"structured FM": slates}, args.seed)
-    row = {
-        "model": f"structured FM, d {args.dim}, L2 {args.l2:g}, {args.epochs} epochs",
-        "auc": round(auc(evaluation.label, scores), 4),
-        "auc_ci": f"[{low:.4f}, {high:.4f}]",
-        "slate_of_oracle": slate["of_oracle"],
-        "slate_ci": f"[{slate['ci_low']}, {slate['ci_high']}]",
-        "fit_s": round(seconds, 1),
-    }
-    print_table(f"{args.root.name}, D {args.date}: {len(training.label):,} window rows", [row])
-    path = write_json(f"structured_fm-{args.root.name}-{date:%Y%m%d}", {**vars(args), **row})
+    name = f"structured FM, d {args.dim}, L2 {args.l2:g}, {args.epochs} epochs"
+    scored = {name: (scores, score)}
+    if args.ad_effect_variance:
+        offset = model.predict(inputs(training), batch_size=8192, verbose=0).astype(float)
+    for variance in args.ad_effect_variance:
+        effect = random_effects(offset, training.ad, training.label, world.num_ads, variance)
+        scored[f"{name} + per-ad random effect, variance {variance:g}"] = (
+            scores + effect[evaluation.ad],
+            score + effect[live][None, :],
+        )
+    rows = []
+    for label, (row_scores, slate_scores) in scored.items():
+        top = np.argsort(-slate_scores, axis=1)[:, :SLOTS]
+        slates = true_slates(world, ceiling.requests, [world.ad_ids[live[t]].tolist() for t in top])
+        (slate,) = share_rows(ceiling, {label: slates}, args.seed)
+        low, high = auc_interval(evaluation.label, row_scores)
+        rows.append(
+            {
+                "model": label,
+                "auc": round(auc(evaluation.label, row_scores), 4),
+                "auc_ci": f"[{low:.4f}, {high:.4f}]",
+                "slate_of_oracle": slate["of_oracle"],
+                "slate_ci": f"[{slate['ci_low']}, {slate['ci_high']}]",
+                "fit_s": round(seconds, 1),
+            }
+        )
+    print_table(f"{args.root.name}, D {args.date}: {len(training.label):,} window rows", rows)
+    path = write_json(f"structured_fm-{args.root.name}-{date:%Y%m%d}", {**vars(args), "rows": rows})
     print(f"written to {path}")
     return 0
 

@@ -271,16 +271,20 @@ class RankerSettings(_Section):
         default_factory=dict,
         description="feature name -> prior std of its wide weights relative to the others' "
         "(its one-hot columns are scaled by it before the L2 fit, so its weights' prior "
-        "variance is C x scale^2); a feature the spec lacks is ignored. An id seen on dozens "
-        "of rows can carry a larger own effect than the shared C lets it (the ad quality's "
-        "heavy tail, pipelines/simulate/world.py)",
+        "variance is C x scale^2); a feature the spec lacks is ignored. Off: {'ad_id': 3} won "
+        "the medium slate on seeds 7 / 8 (+0.017 [+0.011, +0.024] / +0.008 [+0.002, +0.015] "
+        "of the oracle, AUC within noise) but lost AUC at demo scale (-0.0036 [-0.0073, "
+        "-0.0006]) and on TalkingData (-0.012 [-0.026, -0.001]) (README 'Model quality', "
+        "session 15)",
     )
     wide_refit_variance: dict[str, PositiveFloat] = Field(
         default_factory=dict,
         description="feature name -> prior variance of a random effect per value fitted on top "
         "of the solved wide part (models/ranker/wide.py, refit_feature_weights): every other "
         "weight stays, so new values (D's new ads) score as before; a feature the spec lacks "
-        "is ignored",
+        "is ignored. Off: {'ad_id': 0.1} won the medium slate on seed 7 (+0.013 [+0.007, "
+        "+0.019]) and lost the demo slate on seed 8 (-0.011 [-0.016, -0.008], AUC -0.0027 "
+        "[-0.0049, -0.0009]) (README 'Model quality', session 15)",
     )
     wide_days: Literal["ranker", "all"] = Field(
         "all",
