@@ -206,21 +206,34 @@ def feature_column_scale(
     """One factor per column of :func:`wide_design`: ``prior_scale[feature]`` on the columns of
     that feature's table, 1 elsewhere (crosses and numbers included); None when no table is
     named (a spec without the feature keeps the plain fit)."""
+    named = named_tables(tables, prior_scale)
+    if not named:
+        return None
+    starts = np.concatenate([[0], np.cumsum([int(t.input_dim) for t in tables])])
     scale = np.ones(columns)
-    start, named = 0, False
-    for table in tables:
-        size = int(table.input_dim)
-        feature = table.name.removeprefix(WIDE_PREFIX)
-        if table.name.startswith(WIDE_PREFIX) and feature in prior_scale:
-            scale[start : start + size] = prior_scale[feature]
-            named = True
-        start += size
-    return scale if named else None
+    for position, factor in named.items():
+        scale[starts[position] : starts[position + 1]] = factor
+    return scale
+
+
+def named_tables(
+    tables: Sequence[keras.layers.Layer], values: Mapping[str, float]
+) -> dict[int, float]:
+    """Position (in :func:`wide_layers` order) → value, for each feature table whose feature
+    ``values`` names; crosses and names the model lacks are left out."""
+    return {
+        position: float(values[table.name.removeprefix(WIDE_PREFIX)])
+        for position, table in enumerate(tables)
+        if table.name.startswith(WIDE_PREFIX) and table.name.removeprefix(WIDE_PREFIX) in values
+    }
 
 
 REFIT_STEPS = 6
-"""Newton steps of :func:`refit_feature_weights`; one weight per value, so each step is exact
-up to the curvature's change and six leave the weights still to well under 1e-3."""
+"""Newton steps of :func:`random_effects`: one weight per value, so each step is exact up to the
+curvature's change, and six leave the weights still to well under 1e-3."""
+MAX_EFFECT_STEP = 1.0
+"""Largest change of one effect in one step: a value whose few rows all click must not jump
+from 0 far past its mode on the first step."""
 
 
 def random_effects(
@@ -234,7 +247,7 @@ def random_effects(
         p = 1.0 / (1.0 + np.exp(-(offset + effect[value])))
         gradient = np.bincount(value, labels - p, minlength=size) - effect / variance
         curvature = np.bincount(value, p * (1.0 - p), minlength=size) + 1.0 / variance
-        effect += gradient / curvature
+        effect += np.clip(gradient / curvature, -MAX_EFFECT_STEP, MAX_EFFECT_STEP)
     return effect
 
 
@@ -249,10 +262,10 @@ def refit_feature_weights(
     variance) moved to their posterior mode given every other weight: one Gaussian random
     effect per value, fitted by Newton steps on the fit rows with the solved logit as offset.
 
-    Why not just a wider prior in the joint fit (``prior_scale``): there, the ids also take over
-    what their campaign, brand and category weights carried, and the rows of D's new ads, which
-    only those weights can score, lost AUC (demo, session 15). Here every other weight stays as
-    solved, and a value the rows never showed keeps its weight.
+    The alternative to a wider prior in the joint fit (``prior_scale``), where the ids also take
+    over what their campaign, brand and category weights carried, which D's new ads need: here
+    every other weight stays as solved, and a value the rows never showed keeps its weight.
+    Neither won everywhere (README "Model quality", session 15), so both are off by default.
     """
     blocks = [block.astype(np.float64) for block in solution.blocks]
     starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -343,12 +356,7 @@ def fit_wide(
         solution = best[1]
     else:
         solution = solve(c)
-    named = {
-        position: float((refit_variance or {})[table.name.removeprefix(WIDE_PREFIX)])
-        for position, table in enumerate(tables)
-        if table.name.startswith(WIDE_PREFIX)
-        and table.name.removeprefix(WIDE_PREFIX) in (refit_variance or {})
-    }
+    named = named_tables(tables, refit_variance or {})
     if named:
         solution = refit_feature_weights(solution, design, sizes, labels, named)
         if held is not None:
