@@ -12,7 +12,8 @@ the ranker takes the two-tower scores, trained on the last ``ranker_days`` days)
 (without the scores, given explicitly: the ranker learns from the window's last ``ranker_days``
 days only) and ``clip`` (the shared preprocessing's clip of standardised numbers,
 ``models.preprocessing``; ``inf``: none). Each variant's AUC on D comes with its bootstrap 95%
-interval and the paired difference to the first variant (same rows, ``auc_difference_interval``).
+interval and the paired difference to the first variant (same rows, ``auc_difference_interval``);
+each variant's line goes to the console, all of them to ``bench/results/<--out>.json``.
 ``--seed`` (repeatable) trains every variant once per ranker seed and pairs each with the first
 variant of the same seed, so a choice is kept only when it wins on more than one seed.
 """
@@ -33,7 +34,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
 import models.preprocessing
-from bench.common import evaluated_predictions, similarity_providers
+from bench.common import evaluated_predictions, similarity_providers, write_json
 from bench.ranker_variants import parse_variant, ranker_settings
 from deepclick import layout
 from deepclick.layout import version_for
@@ -103,7 +104,11 @@ def main(argv: list[str] | None = None) -> None:
         help="also pair each variant with the served ranker's scores of D (the evaluation's "
         "predictions.parquet): what the variant would change, without training the base again",
     )
-    parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--out",
+        help="bench/results/<out>.json, as every bench names it (default "
+        "ranker_split-<root folder>-<version>)",
+    )
     args = parser.parse_args(argv)
     settings = Settings(root=args.root)
     version = version_for(dt.date.fromisoformat(args.date))
@@ -188,8 +193,11 @@ def main(argv: list[str] | None = None) -> None:
         lr_all = one_hot_lr(spec, train_all, eval_rows)
         results["lr_all_days"] = {"auc": round(auc(y, lr_all), 4)}
         print("lr_all_days", results["lr_all_days"], flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+    path = write_json(
+        args.out or f"ranker_split-{args.root.name}-{version}",
+        {"root": str(args.root), "date": args.date, "variants": results},
+    )
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":
