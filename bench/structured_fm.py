@@ -194,12 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     scored = {name: (scores, score)}
     if args.ad_effect_variance:
         offset = model.predict(inputs(training), batch_size=8192, verbose=0).astype(float)
-    for variance in args.ad_effect_variance:
-        effect = random_effects(offset, training.ad, training.label, world.num_ads, variance)
-        scored[f"{name} + per-ad random effect, variance {variance:g}"] = (
-            scores + effect[evaluation.ad],
-            score + effect[live][None, :],
-        )
+        for variance in args.ad_effect_variance:
+            effect = random_effects(offset, training.ad, training.label, world.num_ads, variance)
+            scored[f"{name} + per-ad random effect, variance {variance:g}"] = (
+                scores + effect[evaluation.ad],
+                score + effect[live][None, :],
+            )
     rows = []
     for label, (row_scores, slate_scores) in scored.items():
         top = np.argsort(-slate_scores, axis=1)[:, :SLOTS]

@@ -13,6 +13,7 @@ parts, whose output weight starts at zero, then learn only what the linear model
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -341,14 +342,19 @@ def fit_wide(
                           day_feature_min_days=day_feature_min_days,
                           column_scale=scale)  # fmt: skip
 
+    @functools.cache
+    def held_design() -> sp.csr_matrix:
+        """The held-out rows' design, built once for the grid and the refit's loss."""
+        assert held is not None
+        return wide_design(logit_model, held[0])
+
     scores: dict[str, float] = {}
     if len(c_grid) > 1 and held is not None:
-        held_inputs, held_labels, correction = held
-        held_design = wide_design(logit_model, held_inputs)
+        _, held_labels, correction = held
         best: tuple[float, WideSolution] | None = None
         for strength in sorted(set(c_grid)):
             candidate = solve(strength)
-            loss = held_out_logloss(candidate, held_design, held_labels, correction)
+            loss = held_out_logloss(candidate, held_design(), held_labels, correction)
             scores[f"wide_holdout_logloss_c{strength:g}"] = loss
             if best is None or loss < best[0]:
                 best = (loss, candidate)
@@ -361,7 +367,7 @@ def fit_wide(
         solution = refit_feature_weights(solution, design, sizes, labels, named)
         if held is not None:
             scores["wide_refit_holdout_logloss"] = held_out_logloss(
-                solution, wide_design(logit_model, held[0]), held[1], held[2]
+                solution, held_design(), held[1], held[2]
             )
     for table, block in zip(tables, solution.blocks, strict=True):
         table.set_weights([block.reshape(-1, 1)])
