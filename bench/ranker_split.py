@@ -26,6 +26,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -193,11 +194,18 @@ def main(argv: list[str] | None = None) -> None:
         lr_all = one_hot_lr(spec, train_all, eval_rows)
         results["lr_all_days"] = {"auc": round(auc(y, lr_all), 4)}
         print("lr_all_days", results["lr_all_days"], flush=True)
-    path = write_json(
-        args.out or f"ranker_split-{args.root.name}-{version}",
-        {"root": str(args.root), "date": args.date, "variants": results},
+    print(f"written to {write_results(args.out, args.root, args.date, version, results)}")
+
+
+def write_results(
+    out: str | None, root: Path, date: str, version: str, results: dict[str, Any]
+) -> Path:
+    """The variants' results as ``bench/results/<out>.json`` (default
+    ``ranker_split-<root folder>-<version>``), named as every bench names its record."""
+    return write_json(
+        out or f"ranker_split-{root.name}-{version}",
+        {"root": str(root), "date": date, "variants": results},
     )
-    print(f"written to {path}")
 
 
 if __name__ == "__main__":
