@@ -120,12 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=300, help="replayed requests of D")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
+        "--last-days",
+        type=int,
+        default=0,
+        help="fit on the window's last N days only (0: every day); the served ranker's network "
+        "sees the last ranker_days",
+    )
+    parser.add_argument(
         "--ad-effect-variance",
         type=float,
         action="append",
         default=[],
         help="also score with a per-ad random effect of this prior variance fitted on the "
         "window's rows with the model's logit as offset (repeatable)",
+    )
+    parser.add_argument(
+        "--out", help="bench/results/<out>.json (default structured_fm-<root folder>-<D>)"
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -143,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.date.fromisoformat(args.date)
     world = generated_world(args.root, args.dataset, "structured_fm")
     day = layout.DayLayout(args.root, date)
-    training = rows_of(
-        world, pd.read_parquet(day.features / "training" / "ranking", columns=ROW_COLUMNS)
-    )
+    window = pd.read_parquet(day.features / "training" / "ranking", columns=[*ROW_COLUMNS, "date"])
+    if args.last_days:
+        window = window[window["date"].isin(sorted(window["date"].unique())[-args.last_days :])]
+    training = rows_of(world, window[ROW_COLUMNS])
     eval_frame = pd.read_parquet(day.eval_rows)
     evaluation = rows_of(world, eval_frame[ROW_COLUMNS])
     encoded = {side: field_codes(f) for side, f in entity_fields(world).items()}
@@ -217,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     print_table(f"{args.root.name}, D {args.date}: {len(training.label):,} window rows", rows)
-    path = write_json(f"structured_fm-{args.root.name}-{date:%Y%m%d}", {**vars(args), "rows": rows})
+    path = write_json(
+        args.out or f"structured_fm-{args.root.name}-{date:%Y%m%d}", {**vars(args), "rows": rows}
+    )
     print(f"written to {path}")
     return 0
 
