@@ -133,7 +133,7 @@ def build_logit_model(
                 logit,
                 _wide(indices, dense, len(spec.numeric), settings, _crosses(spec, settings)),
             ]
-            match = _match(indices, match_sides(spec), settings)
+            match = _match(indices, match_sides(spec, settings.match_exclude), settings)
             if match is not None:
                 terms.append(match)
             logit = keras.layers.Add(name="wide_and_deep")(terms)
@@ -227,11 +227,12 @@ MATCH = "match"
 QUERY_ROLES = ("user", "context")
 
 
-def match_sides(spec: FeatureSpec) -> tuple[list[str], list[str]]:
+def match_sides(spec: FeatureSpec, exclude: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """The categorical features of the match term's two sides: the query (user and context
-    roles, what a request sends once) and the ad."""
-    query = [f.name for f in spec.categorical if f.role in QUERY_ROLES]
-    ad = [f.name for f in spec.categorical if f.role not in QUERY_ROLES]
+    roles, what a request sends once) and the ad, without those ``exclude`` names."""
+    taking_part = [f for f in spec.categorical if f.name not in set(exclude)]
+    query = [f.name for f in taking_part if f.role in QUERY_ROLES]
+    ad = [f.name for f in taking_part if f.role not in QUERY_ROLES]
     return query, ad
 
 

@@ -100,7 +100,7 @@ class _Side:
         stats: Sequence[dict[str, Any]],
         wide: bool,
         name: str,
-        match: bool = False,
+        match_dim: int = 0,
     ) -> None:
         self.categorical = list(categorical)
         self.numeric = [s["name"] for s in stats]
@@ -111,9 +111,17 @@ class _Side:
             if wide:
                 weight = np.asarray(model.get_layer(f"{WIDE_PREFIX}{feature}").get_weights()[0])
                 table = np.concatenate([table, weight.reshape(-1, 1)], axis=1)
-            if match:
-                vectors = np.asarray(model.get_layer(f"{MATCH_PREFIX}{feature}").get_weights()[0])
-                table = np.concatenate([table, vectors], axis=1)
+            if match_dim:  # a feature left out of the match term has zero vectors
+                vectors = _layer(model, f"{MATCH_PREFIX}{feature}")
+                table = np.concatenate(
+                    [
+                        table,
+                        np.asarray(vectors.get_weights()[0])
+                        if vectors is not None
+                        else np.zeros((table.shape[0], match_dim), np.float32),
+                    ],
+                    axis=1,
+                )
             blocks.append(table.astype(np.float32))
             offsets.append(start)
             start += table.shape[0]
@@ -179,20 +187,23 @@ class ServingRanker(keras.layers.Layer):
         order = [f.name for f in spec.categorical]
         self.categorical_order = order
         self.numeric_order = [s["name"] for s in stats]
+        matched = [layer for layer in model.layers if layer.name.startswith(MATCH_PREFIX)]
+        self.match_dim = int(matched[0].output_dim) if matched else 0
         query, _ = match_sides(spec)
-        self.match = any(layer.name.startswith(MATCH_PREFIX) for layer in model.layers)
-        if self.match and set(query) != {f for f in order if f in shared_set}:
-            raise ValueError(
-                "the match term's query side (the user and context features) must be the "
-                "inputs sent once per request"
-            )
+        for layer in matched:
+            feature = layer.name.removeprefix(MATCH_PREFIX)
+            if (feature in query) != (feature in shared_set):
+                raise ValueError(
+                    f"match feature {feature}: the match term's query side (the user and "
+                    "context features) must be the inputs sent once per request"
+                )
         self.shared_side = _Side(
             model,
             [f for f in order if f in shared_set],
             [s for s in stats if s["name"] in shared_set],
             self.wide,
             "shared",
-            self.match,
+            self.match_dim,
         )
         self.candidate_side = _Side(
             model,
@@ -200,7 +211,7 @@ class ServingRanker(keras.layers.Layer):
             [s for s in stats if s["name"] not in shared_set],
             self.wide,
             "candidate",
-            self.match,
+            self.match_dim,
         )
         for side in (self.shared_side, self.candidate_side):
             if side.values is not None:
@@ -277,7 +288,7 @@ class ServingRanker(keras.layers.Layer):
         logit = tf.squeeze(self.logit(tf.concat([crossed, deep], axis=1)), -1)
         if self.wide and rows is not None:
             logit = logit + tf.reduce_sum(rows[:, :, self.dim], axis=1)
-        if self.match and shared_rows is not None and candidate_rows is not None:
+        if self.match_dim and shared_rows is not None and candidate_rows is not None:
             # each side's vectors summed before the broadcast: the query once per request
             start = self.dim + (1 if self.wide else 0)
             query = tf.reduce_sum(shared_rows[:, :, start:], axis=1)
