@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.auc_ceiling import ROW_COLUMNS, Rows, rows_of
     from bench.match_ceiling import match_ceiling, share_rows
+    from bench.slate_gap import slate_terms
     from deepclick import layout
     from lifecycle.replay import SLOTS, true_slates
     from models.evaluation.ranking import auc, auc_interval
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for label, (row_scores, slate_scores) in scored.items():
         top = np.argsort(-slate_scores, axis=1)[:, :SLOTS]
-        slates = true_slates(world, ceiling.requests, [world.ad_ids[live[t]].tolist() for t in top])
+        picked = [world.ad_ids[live[t]].tolist() for t in top]
+        slates = true_slates(world, ceiling.requests, picked)
         (slate,) = share_rows(ceiling, {label: slates}, args.seed)
         low, high = auc_interval(evaluation.label, row_scores)
         rows.append(
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 "auc_ci": f"[{low:.4f}, {high:.4f}]",
                 "slate_of_oracle": slate["of_oracle"],
                 "slate_ci": f"[{slate['ci_low']}, {slate['ci_high']}]",
+                **slate_terms(world, ceiling.requests, picked),
                 "fit_s": round(seconds, 1),
             }
         )
