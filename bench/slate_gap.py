@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         scorers[f"ranker_{name}"] = on_served_scores(trained, similarity).predict
         wide_of[f"ranker_{name}"] = {
-            k: v for k, v in trained.metrics.items() if k.startswith(("wide_", "match_"))
+            k: v for k, v in trained.metrics.items() if k.startswith("wide_")
         }
         print(f"trained ranker_{name}: {pairs}; {wide_of[f'ranker_{name}']}", flush=True)
 

@@ -286,24 +286,6 @@ class RankerSettings(_Section):
         "+0.019]) and lost the demo slate on seed 8 (-0.011 [-0.016, -0.008], AUC -0.0027 "
         "[-0.0049, -0.0009]) (README 'Model quality', session 15)",
     )
-    match_dim: int = Field(
-        0,
-        ge=0,
-        description="rank of the query x ad factor term (dcn_v2 with wide and wide_fit "
-        "logistic; models/ranker/match.py): each categorical feature gets a vector, the user "
-        "and context ones are summed, the ad ones are summed, and their dot product joins the "
-        "logit. It is fitted after the wide part on the same rows (wide_days) and frozen "
-        "before the network, as the wide part is (0: off)",
-    )
-    match_exclude: list[str] = Field(
-        default_factory=lambda: ["user_id"],
-        description="categorical features left out of the match term (by name). Default the "
-        "user's own id: at medium scale a vector per user from ~9 fit rows each over-fitted "
-        "(match_dim 8 with it: slate -0.067 [-0.081, -0.055] of the oracle, AUC -0.011, "
-        "calibration on D 1.395); the user is matched through the profile fields",
-    )
-    match_l2: float = Field(1e-5, ge=0, description="L2 penalty on the match_dim vectors")
-    match_epochs: int = Field(3, ge=1, description="Adam epochs of the match term's fit")
     wide_days: Literal["ranker", "all"] = Field(
         "all",
         description="rows the wide part is fitted on (wide_fit logistic): the ranker's own fit "

@@ -67,10 +67,8 @@ def _inputs(folder: FeatureFolder) -> dict[str, np.ndarray]:
     [
         RankerSettings(baseline=False),
         RankerSettings(baseline=False, wide=False, cross_low_rank=4, hidden_units=[16]),
-        RankerSettings(baseline=False, match_dim=4),
-        RankerSettings(baseline=False, match_dim=3, match_exclude=[]),
     ],
-    ids=["default_wide", "low_rank_no_wide", "wide_and_match", "match_every_feature"],
+    ids=["default_wide", "low_rank_no_wide"],
 )
 def test_fused_graph_scores_equal_the_keras_model(
     folder: FeatureFolder, settings: RankerSettings

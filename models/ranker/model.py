@@ -7,8 +7,7 @@ Two architectures share the inputs and the preprocessing (:mod:`models.ranker.pr
   one dense unit over both gives the logit. With ``wide`` (default) a first-order part — one
   scalar per categorical value and per spec number, a one-hot logistic regression — is added to
   that logit (Wide & Deep); :mod:`models.ranker.wide` solves it first and the network learns the
-  residual. With ``match_dim`` a query x ad factor term (:func:`_match`) joins them, fitted
-  after the wide part and before the network (:mod:`models.ranker.match`).
+  residual.
 - ``deepfm``: first-order weights + a factorization machine over field embeddings + an MLP.
 
 Why DCN-v2 is the default — measured with :mod:`models.ranker.compare` (same inputs, split,
@@ -129,14 +128,12 @@ def build_logit_model(
     if settings.architecture == "dcn_v2":
         logit = _dcn_v2(embeddings, dense, settings, bias)
         if settings.wide:
-            terms = [
-                logit,
-                _wide(indices, dense, len(spec.numeric), settings, _crosses(spec, settings)),
-            ]
-            match = _match(indices, match_sides(spec, settings.match_exclude), settings)
-            if match is not None:
-                terms.append(match)
-            logit = keras.layers.Add(name="wide_and_deep")(terms)
+            logit = keras.layers.Add(name="wide_and_deep")(
+                [
+                    logit,
+                    _wide(indices, dense, len(spec.numeric), settings, _crosses(spec, settings)),
+                ]
+            )
     else:
         logit = _deepfm(indices, embeddings, dense, settings, bias)
     return keras.Model(inputs.raw, logit, name=f"ranker_{settings.architecture}")
@@ -220,59 +217,6 @@ def _wide(
             )
         )
     return keras.layers.Add(name="wide")(terms) if len(terms) > 1 else terms[0]
-
-
-MATCH_PREFIX = "match__"
-MATCH = "match"
-QUERY_ROLES = ("user", "context")
-
-
-def match_sides(spec: FeatureSpec, exclude: Sequence[str] = ()) -> tuple[list[str], list[str]]:
-    """The categorical features of the match term's two sides: the query (user and context
-    roles, what a request sends once) and the ad, without those ``exclude`` names."""
-    taking_part = [f for f in spec.categorical if f.name not in set(exclude)]
-    query = [f.name for f in taking_part if f.role in QUERY_ROLES]
-    ad = [f.name for f in taking_part if f.role not in QUERY_ROLES]
-    return query, ad
-
-
-def _match(
-    indices: Mapping[str, tuple[Any, int]],
-    sides: tuple[Sequence[str], Sequence[str]],
-    settings: RankerSettings,
-) -> Any | None:
-    """The query x ad factor term (``match_dim`` > 0): ``(Σ query vectors) · (Σ ad vectors)``,
-    one vector per categorical value — a factorization machine restricted to the pairs that
-    cross the two sides, the form of the marketplace's own user x ad match. None when it is off
-    or a side has no categorical feature.
-
-    Why: the DCN's crosses learn the match from the ranker days only (2 of the medium window's
-    7), and the structured FM fitted the same way on 2 days reached 0.48 of the oracle's
-    slate against 0.70 on all 7 (``bench.structured_fm --last-days``); this term is fitted with
-    the wide part on every training day (:mod:`models.ranker.match`).
-    """
-    query, ad = sides
-    if not settings.match_dim or not query or not ad:
-        return None
-
-    def side(names: Sequence[str], first: int) -> Any:
-        vectors = [
-            keras.layers.Embedding(
-                indices[name][1],
-                settings.match_dim,
-                # small (the FM's scale) and a seed per table, so no two tables start equal
-                embeddings_initializer=keras.initializers.RandomUniform(
-                    -0.05, 0.05, seed=settings.seed + first + i
-                ),
-                embeddings_regularizer=_l2(settings.match_l2),
-                name=f"{MATCH_PREFIX}{name}",
-            )(indices[name][0])
-            for i, name in enumerate(names)
-        ]
-        return keras.layers.Add()(vectors) if len(vectors) > 1 else vectors[0]
-
-    dot = keras.layers.Dot(axes=-1, name=MATCH)([side(query, 0), side(ad, len(query))])
-    return ops.squeeze(dot, -1)
 
 
 def _l2(value: float) -> keras.regularizers.Regularizer | None:

@@ -10,11 +10,9 @@ TensorFlow's per-op cost (``bench/serving``: 504 graph nodes per call, 26 gather
 
 :class:`ServingRanker` computes the same function from the same weights with fewer ops:
 
-- each categorical feature's embedding row and wide weight (and, with ``ranker.match_dim``, its
-  match vector) are one row of one table (``dim + 1 (+ match_dim)`` columns), and the features
-  of a side share one table with per-feature row offsets: the user-and-context side is one
-  gather, the candidate side one gather; the match term sums each side's vectors before the
-  shared side is broadcast, so the query vector is summed once per request;
+- each categorical feature's embedding row and wide weight are one row of one table
+  (``dim + 1`` columns), and the features of a side share one table with per-feature row offsets:
+  the user-and-context side is one gather, the candidate side one gather;
 - the user and context features are looked up, gathered and standardised once per request (a
   ``[1]`` batch) and broadcast to the candidates afterwards, not before;
 - the cross layers, the deep tower, the output layer and the calibration head are the trained
@@ -50,7 +48,7 @@ from models.feature_spec import FeatureSpec
 from models.preprocessing import Standardize
 from models.ranker.crosses import WIDE_CROSS_PREFIX, CrossIndex, cross_cell
 from models.ranker.layers import CalibrationHead, Cross
-from models.ranker.model import MATCH_PREFIX, WIDE_NUMERIC, WIDE_PREFIX, match_sides
+from models.ranker.model import WIDE_NUMERIC, WIDE_PREFIX
 from models.ranker.predictor import INDEX_SIGNATURES, packed_dtype
 
 PACKED_GROUPS = ("shared_strings", "shared_numbers", "candidate_strings", "candidate_numbers")
@@ -100,7 +98,6 @@ class _Side:
         stats: Sequence[dict[str, Any]],
         wide: bool,
         name: str,
-        match_dim: int = 0,
     ) -> None:
         self.categorical = list(categorical)
         self.numeric = [s["name"] for s in stats]
@@ -111,17 +108,6 @@ class _Side:
             if wide:
                 weight = np.asarray(model.get_layer(f"{WIDE_PREFIX}{feature}").get_weights()[0])
                 table = np.concatenate([table, weight.reshape(-1, 1)], axis=1)
-            if match_dim:  # a feature left out of the match term has zero vectors
-                vectors = _layer(model, f"{MATCH_PREFIX}{feature}")
-                table = np.concatenate(
-                    [
-                        table,
-                        np.asarray(vectors.get_weights()[0])
-                        if vectors is not None
-                        else np.zeros((table.shape[0], match_dim), np.float32),
-                    ],
-                    axis=1,
-                )
             blocks.append(table.astype(np.float32))
             offsets.append(start)
             start += table.shape[0]
@@ -148,8 +134,8 @@ class _Side:
         return tf.cast(index + self.offsets, tf.int32)
 
     def gather(self, index: tf.Tensor | None) -> tf.Tensor | None:
-        """``[batch, features, dim (+1) (+match_dim)]``: every feature's embedding (and wide
-        weight, and match vector) for the table rows of :meth:`index`."""
+        """``[batch, features, dim (+1)]``: every feature's embedding (and wide weight) for the
+        table rows of :meth:`index`."""
         if self.table is None or index is None:
             return None
         return tf.gather(self.table, index)
@@ -187,23 +173,12 @@ class ServingRanker(keras.layers.Layer):
         order = [f.name for f in spec.categorical]
         self.categorical_order = order
         self.numeric_order = [s["name"] for s in stats]
-        matched = [layer for layer in model.layers if layer.name.startswith(MATCH_PREFIX)]
-        self.match_dim = int(matched[0].output_dim) if matched else 0
-        query, _ = match_sides(spec)
-        for layer in matched:
-            feature = layer.name.removeprefix(MATCH_PREFIX)
-            if (feature in query) != (feature in shared_set):
-                raise ValueError(
-                    f"match feature {feature}: the match term's query side (the user and "
-                    "context features) must be the inputs sent once per request"
-                )
         self.shared_side = _Side(
             model,
             [f for f in order if f in shared_set],
             [s for s in stats if s["name"] in shared_set],
             self.wide,
             "shared",
-            self.match_dim,
         )
         self.candidate_side = _Side(
             model,
@@ -211,7 +186,6 @@ class ServingRanker(keras.layers.Layer):
             [s for s in stats if s["name"] not in shared_set],
             self.wide,
             "candidate",
-            self.match_dim,
         )
         for side in (self.shared_side, self.candidate_side):
             if side.values is not None:
@@ -268,9 +242,12 @@ class ServingRanker(keras.layers.Layer):
         # the candidates' first input; without strings, their table rows
         first = inputs.get(self.first_input, candidate_index)
         n = tf.shape(first)[:1]
-        shared_rows = self.shared_side.gather(shared_index)
-        candidate_rows = self.candidate_side.gather(candidate_index)
-        rows = self._join(shared_rows, candidate_rows, n, self.cat_perm)
+        rows = self._join(
+            self.shared_side.gather(shared_index),
+            self.candidate_side.gather(candidate_index),
+            n,
+            self.cat_perm,
+        )
         dense = self._join(
             self.shared_side.numbers(inputs), self.candidate_side.numbers(inputs), n, self.num_perm
         )
@@ -288,12 +265,6 @@ class ServingRanker(keras.layers.Layer):
         logit = tf.squeeze(self.logit(tf.concat([crossed, deep], axis=1)), -1)
         if self.wide and rows is not None:
             logit = logit + tf.reduce_sum(rows[:, :, self.dim], axis=1)
-        if self.match_dim and shared_rows is not None and candidate_rows is not None:
-            # each side's vectors summed before the broadcast: the query once per request
-            start = self.dim + (1 if self.wide else 0)
-            query = tf.reduce_sum(shared_rows[:, :, start:], axis=1)
-            ad = tf.reduce_sum(candidate_rows[:, :, start:], axis=1)
-            logit = logit + tf.reduce_sum(query * ad, axis=1)
         if self.wide_crosses.table is not None:
             index = self._join(shared_index, candidate_index, n, self.cat_perm)
             logit = logit + self.wide_crosses(index)

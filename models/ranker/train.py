@@ -42,7 +42,6 @@ from models.ranker.inputs import (
     frame_to_inputs,
 )
 from models.ranker.layers import CalibrationHead
-from models.ranker.match import fit_match
 from models.ranker.model import build_logit_model, head_config, with_calibration
 from models.ranker.wide import fit_wide
 
@@ -454,10 +453,9 @@ def train_ranker(
         wide_dates = fit_rows["date"].to_numpy()
         if _wide_reads_every_day(settings, dates):
             wide_inputs, wide_labels, wide_dates = _wide_rows(spec, settings, logit_model)
-        wide_tensors = _tensors(logit_model, wide_inputs)
         wide_metrics = fit_wide(
             logit_model,
-            wide_tensors,
+            _tensors(logit_model, wide_inputs),
             wide_labels,
             c=settings.wide_c,
             seed=settings.seed,
@@ -469,16 +467,6 @@ def train_ranker(
             refit_variance=settings.wide_refit_variance,
         )
         wide_metrics["wide_rows"] = float(len(wide_labels))
-        wide_metrics.update(
-            fit_match(
-                logit_model,
-                _dataset(wide_tensors, wide_labels, settings.batch_size, settings.seed),
-                epochs=settings.match_epochs,
-                learning_rate=settings.learning_rate,
-                held=(_dataset(held_tensors, held_labels, PREDICT_BATCH, None), correction),
-                verbose=1 if progress else 0,
-            )
-        )
 
     logit_model.compile(
         optimizer=keras.optimizers.Adam(settings.learning_rate),
