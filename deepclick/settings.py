@@ -286,14 +286,6 @@ class RankerSettings(_Section):
         "+0.019]) and lost the demo slate on seed 8 (-0.011 [-0.016, -0.008], AUC -0.0027 "
         "[-0.0049, -0.0009]) (README 'Model quality', session 15)",
     )
-    wide_refit_evidence: bool = Field(
-        False,
-        description="with wide_refit_variance: each named variance is a ceiling, and the "
-        "variance used is the one of a grid below it (each a quarter of the last) under which "
-        "the fit rows are most likely (Laplace-approximated marginal likelihood of the random "
-        "effects; models/ranker/wide.py, evidence_variance), so values with few rows get "
-        "effects near zero",
-    )
     wide_days: Literal["ranker", "all"] = Field(
         "all",
         description="rows the wide part is fitted on (wide_fit logistic): the ranker's own fit "

@@ -465,7 +465,6 @@ def train_ranker(
             held=(held_tensors, held_labels, correction),
             prior_scale=settings.wide_prior_scale,
             refit_variance=settings.wide_refit_variance,
-            refit_evidence=settings.wide_refit_evidence,
         )
         wide_metrics["wide_rows"] = float(len(wide_labels))
 

@@ -252,56 +252,13 @@ def random_effects(
     return effect
 
 
-REFIT_GRID_STEPS = 7
-"""Variances :func:`evidence_variance` weighs: the ceiling and six more, each a quarter of the
-last (down to 1/4096 of the ceiling, where the effects are all but zero)."""
-
-
-def refit_variance_grid(ceiling: float) -> list[float]:
-    """The variances :func:`evidence_variance` chooses among, largest first."""
-    return [ceiling / 4.0**step for step in range(REFIT_GRID_STEPS)]
-
-
-def effect_log_evidence(
-    offset: np.ndarray, value: np.ndarray, labels: np.ndarray, size: int, variance: float
-) -> float:
-    """The log marginal likelihood of the rows under per-value random effects of prior
-    ``variance`` (Laplace's approximation at :func:`random_effects`' mode; constant terms
-    dropped): the log likelihood at the mode, minus the prior's penalty, minus half the log of
-    ``1 + variance × curvature`` per value with rows — the price of each effect's freedom."""
-    effect = random_effects(offset, value, labels, size, variance)
-    eta = offset + effect[value]
-    likelihood = float(np.sum(labels * eta - np.logaddexp(0.0, eta)))
-    p = 1.0 / (1.0 + np.exp(-eta))
-    curvature = np.bincount(value, p * (1.0 - p), minlength=size)
-    seen = np.bincount(value, minlength=size) > 0
-    penalty = float(np.sum(effect[seen] ** 2)) / (2.0 * variance)
-    return likelihood - penalty - 0.5 * float(np.sum(np.log1p(variance * curvature[seen])))
-
-
-def evidence_variance(
-    offset: np.ndarray, value: np.ndarray, labels: np.ndarray, size: int, ceiling: float
-) -> float:
-    """The variance of :func:`refit_variance_grid` with the greatest
-    :func:`effect_log_evidence`: the spread of effects the rows support (empirical Bayes), so a
-    log with few rows per value gets effects near zero and one with many gets them in full.
-
-    Why: a fixed variance 0.1 for the ads' effects won the medium slate (about 50 rows per ad)
-    and lost at demo scale (12), session 15."""
-    return max(
-        refit_variance_grid(ceiling),
-        key=lambda v: effect_log_evidence(offset, value, labels, size, v),
-    )
-
-
 def refit_feature_weights(
     solution: WideSolution,
     design: sp.csr_matrix,
     sizes: Sequence[int],
     labels: np.ndarray,
     variances: Mapping[int, float],
-    evidence: bool = False,
-) -> tuple[WideSolution, dict[int, float]]:
+) -> WideSolution:
     """``solution`` with the weights of the tables ``variances`` names (table position → prior
     variance) moved to their posterior mode given every other weight: one Gaussian random
     effect per value, fitted by Newton steps on the fit rows with the solved logit as offset.
@@ -310,25 +267,17 @@ def refit_feature_weights(
     over what their campaign, brand and category weights carried, which D's new ads need: here
     every other weight stays as solved, and a value the rows never showed keeps its weight.
     Neither won everywhere (README "Model quality", session 15), so both are off by default.
-
-    With ``evidence``, each named variance is a ceiling and the variance used is
-    :func:`evidence_variance`'s choice. Returns the solution and the variance used per table.
     """
     blocks = [block.astype(np.float64) for block in solution.blocks]
     starts = np.concatenate([[0], np.cumsum(sizes)])
     eta = solution.logits(design).astype(np.float64)
     y = np.asarray(labels, dtype=np.float64)
-    used: dict[int, float] = {}
     for position, variance in variances.items():
         index = design[:, starts[position] : starts[position + 1]].tocsr()
         if index.nnz != design.shape[0]:
             raise ValueError(f"wide table {position} is not one categorical value per row")
         value = index.indices
-        size = int(sizes[position])
-        if evidence:
-            variance = evidence_variance(eta, value, y, size, variance)
-        used[position] = variance
-        effect = random_effects(eta, value, y, size, variance)
+        effect = random_effects(eta, value, y, int(sizes[position]), variance)
         blocks[position] = blocks[position] + effect
         eta = eta + effect[value]
     return WideSolution(
@@ -336,7 +285,7 @@ def refit_feature_weights(
         [block.astype(np.float32) for block in blocks],
         solution.numeric,
         solution.intercept,
-    ), used
+    )
 
 
 def held_out_logloss(solution: WideSolution, design: sp.csr_matrix, labels: np.ndarray,
@@ -360,7 +309,6 @@ def fit_wide(
     held: tuple[Mapping[str, Any], np.ndarray, float] | None = None,
     prior_scale: Mapping[str, float] | None = None,
     refit_variance: Mapping[str, float] | None = None,
-    refit_evidence: bool = False,
 ) -> dict[str, float]:
     """Solve the wide part as an L2 logistic regression (inverse strength ``c``) on ``inputs``,
     write its weights into the model, set the output bias to its intercept, zero the deep
@@ -379,8 +327,7 @@ def fit_wide(
     With ``prior_scale`` (feature name → factor), that feature's weights get a prior std the
     factor times the others' (:func:`solve_wide`'s ``column_scale``). With ``refit_variance``
     (feature name → variance), that feature's weights of the kept solution are then refitted as
-    random effects around it (:func:`refit_feature_weights`); with ``refit_evidence`` each of
-    those variances is a ceiling and the rows' evidence chooses the variance under it.
+    random effects around it (:func:`refit_feature_weights`).
 
     Returns the fit's intercept, its ``C``, the number of nonzero weights and, with a grid, each
     ``C``'s held-out log loss, for the training metrics.
@@ -417,12 +364,7 @@ def fit_wide(
         solution = solve(c)
     named = named_tables(tables, refit_variance or {})
     if named:
-        solution, used = refit_feature_weights(
-            solution, design, sizes, labels, named, evidence=refit_evidence
-        )
-        for position, variance in used.items():
-            feature = tables[position].name.removeprefix(WIDE_PREFIX)
-            scores[f"wide_refit_variance_{feature}"] = variance
+        solution = refit_feature_weights(solution, design, sizes, labels, named)
         if held is not None:
             scores["wide_refit_holdout_logloss"] = held_out_logloss(
                 solution, held_design(), held[1], held[2]
