@@ -286,17 +286,6 @@ class RankerSettings(_Section):
         "+0.019]) and lost the demo slate on seed 8 (-0.011 [-0.016, -0.008], AUC -0.0027 "
         "[-0.0049, -0.0009]) (README 'Model quality', session 15)",
     )
-    final_effect_variance: dict[str, PositiveFloat] = Field(
-        default_factory=dict,
-        description="feature name -> prior variance of a random effect per value fitted after "
-        "the network, with the whole model's logit as offset, and added to that feature's wide "
-        "weights (models/ranker/wide.py, add_final_effects; GLMix)",
-    )
-    final_effect_rows: Literal["fit", "wide"] = Field(
-        "fit",
-        description="rows the final effects are fitted on: the network's fit rows, or the wide "
-        "part's (every training day, the two-tower scores at their default)",
-    )
     wide_days: Literal["ranker", "all"] = Field(
         "all",
         description="rows the wide part is fitted on (wide_fit logistic): the ranker's own fit "

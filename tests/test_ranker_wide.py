@@ -23,7 +23,6 @@ from models.ranker.inputs import frame_to_inputs
 from models.ranker.model import build_logit_model
 from models.ranker.train import _tensors, predict, train_ranker
 from models.ranker.wide import (
-    add_final_effects,
     average_day_constant,
     average_unseen,
     feature_column_scale,
@@ -272,40 +271,3 @@ def test_fit_wide_refits_the_named_feature_and_keeps_every_other_table(
             assert np.abs(after - before).max() > 0.05
         else:
             np.testing.assert_array_equal(after, before)
-
-
-def test_final_effects_sit_at_their_posterior_mode_given_the_whole_models_logit(
-    folder: FeatureFolder,
-) -> None:
-    """``add_final_effects`` (GLMix after the network): only the named wide table changes, and
-    with the change the log posterior's gradient of every ad's effect is zero, the offset
-    being the trained model's own logit (network included)."""
-    rows = folder.table("training/ranking")
-    labels = rows["label"].to_numpy()
-    model = build_logit_model(folder.spec, SETTINGS, base_rate=float(labels.mean()))
-    tensors = _tensors(model, frame_to_inputs(folder.spec, rows))
-    fit_wide(model, tensors, labels, c=0.1, seed=7)
-    out = model.get_layer("logit")
-    kernel, bias = out.get_weights()
-    rng = np.random.default_rng(0)
-    out.set_weights([rng.normal(0, 0.3, kernel.shape).astype(kernel.dtype), bias])  # a network
-    before = {t.name: t.get_weights()[0].copy() for t in wide_layers(model)[0]}
-    offset = predict(model, tensors).astype(float)
-
-    metrics = add_final_effects(model, tensors, labels, {"ad_id": 0.2})
-
-    assert metrics == {"final_effect_rows": float(len(labels))}
-    for table in wide_layers(model)[0]:
-        if table.name != "wide__ad_id":
-            np.testing.assert_array_equal(table.get_weights()[0], before[table.name])
-    effect = (model.get_layer("wide__ad_id").get_weights()[0] - before["wide__ad_id"]).ravel()
-    index = wide_design(model, tensors)  # the ad ids' one-hot columns give each row's index
-    tables, _ = wide_layers(model)
-    start = sum(int(t.input_dim) for t in tables[: [t.name for t in tables].index("wide__ad_id")])
-    value = index[:, start : start + effect.size].tocsr().indices
-    p = 1 / (1 + np.exp(-(offset + effect[value])))
-    gradient = np.bincount(value, labels - p, minlength=effect.size) - effect / 0.2
-    np.testing.assert_allclose(gradient, 0.0, atol=1e-3)
-    assert np.abs(effect).max() > 0.05
-    np.testing.assert_allclose(predict(model, tensors), offset + effect[value], atol=1e-4)
-    assert add_final_effects(model, tensors, labels, {"no_such_feature": 0.2}) == {}

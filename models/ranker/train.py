@@ -43,7 +43,7 @@ from models.ranker.inputs import (
 )
 from models.ranker.layers import CalibrationHead
 from models.ranker.model import build_logit_model, head_config, with_calibration
-from models.ranker.wide import add_final_effects, fit_wide
+from models.ranker.wide import fit_wide
 
 log = logging.getLogger(__name__)
 
@@ -448,16 +448,14 @@ def train_ranker(
     )
     held_tensors = _tensors(logit_model, held_inputs)  # for the wide fit's C and the fit
     wide_metrics: dict[str, float] = {}
-    wide_rows: tuple[dict[str, Any], np.ndarray] | None = None
     if settings.architecture == "dcn_v2" and settings.wide and settings.wide_fit == "logistic":
         wide_inputs, wide_labels = fit_inputs, fit_labels
         wide_dates = fit_rows["date"].to_numpy()
         if _wide_reads_every_day(settings, dates):
             wide_inputs, wide_labels, wide_dates = _wide_rows(spec, settings, logit_model)
-        wide_rows = (_tensors(logit_model, wide_inputs), wide_labels)
         wide_metrics = fit_wide(
             logit_model,
-            wide_rows[0],
+            _tensors(logit_model, wide_inputs),
             wide_labels,
             c=settings.wide_c,
             seed=settings.seed,
@@ -489,13 +487,6 @@ def train_ranker(
         verbose=1 if progress else 0,
         callbacks=early_stopping(settings),
     )
-    if settings.final_effect_variance and wide_rows is not None:
-        effect_rows = (
-            wide_rows if settings.final_effect_rows == "wide" else (fit_tensors, fit_labels)
-        )
-        wide_metrics.update(
-            add_final_effects(logit_model, *effect_rows, settings.final_effect_variance)
-        )
     held_logits = predict(logit_model, held_inputs)
     recent = _calibration_rows(split, settings)
     head = fit_calibration(

@@ -288,39 +288,6 @@ def refit_feature_weights(
     )
 
 
-def add_final_effects(
-    logit_model: keras.Model,
-    inputs: Mapping[str, Any],
-    labels: np.ndarray,
-    variances: Mapping[str, float],
-) -> dict[str, float]:
-    """Add to each named feature's wide weights a random effect per value fitted with the
-    *whole trained model's* logit on ``inputs`` as offset (GLMix: the global model first, then
-    each value's own effect on top), so the exported model carries it with no new layer.
-
-    Why: a per-ad effect on top of the structured FM lifted the medium slate 0.699 → 0.744
-    (session 15), while the same effect on top of the wide part alone, before the network,
-    gave +0.013. Returns the rows read; {} when no table is named.
-    """
-    tables, _ = wide_layers(logit_model)
-    named = named_tables(tables, variances)
-    if not named:
-        return {}
-    indexes = [logit_model.get_layer(_index_layer(tables[p].name)).output for p in named]
-    probe = keras.Model(logit_model.input, [logit_model.output, *indexes])
-    offset, *values = probe.predict(dict(inputs), batch_size=8192, verbose=0)
-    offset = np.asarray(offset, dtype=np.float64).reshape(-1)
-    y = np.asarray(labels, dtype=np.float64)
-    for (position, variance), value in zip(named.items(), values, strict=True):
-        value = np.asarray(value, dtype=np.int64).reshape(-1)
-        table = tables[position]
-        effect = random_effects(offset, value, y, int(table.input_dim), variance)
-        weights = table.get_weights()[0]
-        table.set_weights([(weights + effect.reshape(-1, 1)).astype(weights.dtype)])
-        offset = offset + effect[value]
-    return {"final_effect_rows": float(len(y))}
-
-
 def held_out_logloss(solution: WideSolution, design: sp.csr_matrix, labels: np.ndarray,
                      correction: float) -> float:  # fmt: skip
     """Log loss of the wide part alone on held-out rows, its logits shifted by ``correction``
