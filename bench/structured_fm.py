@@ -70,9 +70,10 @@ def entity_fields(world: Any) -> dict[str, list[np.ndarray]]:
     }
 
 
-def build_model(sizes: dict[str, list[int]], dim: int, l2: float) -> Any:
+def build_model(sizes: dict[str, list[int]], dim: int, l2: float, price: bool = True) -> Any:
     """logit = b + Σ field weights + hour + price taste + query(user, placement) · ad, with
-    each field's embedding holding its weight in column 0 and its factor in the rest."""
+    each field's embedding holding its weight in column 0 and its factor in the rest. Without
+    ``price`` (a log with no price and taste) that term and its inputs are left out."""
     import keras
     import tensorflow as tf
 
@@ -89,7 +90,7 @@ def build_model(sizes: dict[str, list[int]], dim: int, l2: float) -> Any:
                 for side in ("user", "placement", "ad")
             }
             self.hour = keras.layers.Embedding(24, 1)
-            self.price = keras.layers.Dense(1)
+            self.price = keras.layers.Dense(1) if price else None
             self.bias = self.add_weight(shape=(), initializer=keras.initializers.Constant(-3.5))
 
         def side(self, name: str, codes: Any) -> Any:
@@ -98,15 +99,17 @@ def build_model(sizes: dict[str, list[int]], dim: int, l2: float) -> Any:
         def call(self, x: dict[str, Any]) -> Any:
             query = self.side("user", x["user"]) + self.side("placement", x["placement"])
             ad = self.side("ad", x["ad"])
-            price = self.price(tf.concat([x["taste"] * x["log_price"], x["log_price"]], 1))
-            return (
+            logit = (
                 self.bias
                 + query[:, 0]
                 + ad[:, 0]
                 + self.hour(x["hour"])[:, 0]
-                + price[:, 0]
                 + tf.reduce_sum(query[:, 1:] * ad[:, 1:], axis=1)
             )
+            if self.price is None:
+                return logit
+            price = self.price(tf.concat([x["taste"] * x["log_price"], x["log_price"]], 1))
+            return logit + price[:, 0]
 
     return StructuredFM()
 
