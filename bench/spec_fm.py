@@ -76,6 +76,46 @@ def hours(frame: pd.DataFrame) -> np.ndarray:
     return (hour.astype(int) % 24).astype(np.int32)
 
 
+def slate_frames(
+    args: argparse.Namespace, day: Any, date: dt.date
+) -> tuple[Any, Any, pd.DataFrame, pd.DataFrame]:
+    """The world, ``bench.slate_gap``'s sample of D's requests with every live ad, and the
+    fields of those requests (user and placement entity tables, the request's hour) and of the
+    live ads (the ad entity table), as the model reads them."""
+    from bench.common import generated_world
+    from bench.match_ceiling import match_ceiling
+
+    world = generated_world(args.root, "marketplace", "spec_fm")
+    ceiling = match_ceiling(world, pd.read_parquet(day.eval_rows), date, args.slate, args.seed)
+    entities = day.features / "entities"
+    requests = ceiling.requests[["user_id", "placement_id"]].astype(str)
+    request_frame = requests.merge(
+        pd.read_parquet(entities / "users"), on="user_id", how="left"
+    ).merge(pd.read_parquet(entities / "placements"), on="placement_id", how="left")
+    ads = pd.read_parquet(entities / "ads").set_index("ad_id")
+    ad_frame = ads.reindex(np.asarray(world.ad_ids)[ceiling.live]).rename_axis("ad_id")
+    return world, ceiling, request_frame, ad_frame.reset_index()
+
+
+def slate_share(world: Any, ceiling: Any, score: np.ndarray, seed: int) -> dict[str, Any]:
+    """The top-10 of ``score`` (``[requests, live ads]``) as a share of the oracle's slate, with
+    its interval and the picked ads' mean true quality and match."""
+    from bench.match_ceiling import share_rows
+    from bench.slate_gap import slate_terms
+    from lifecycle.replay import SLOTS, true_slates
+
+    top = np.argsort(-score, axis=1)[:, :SLOTS]
+    picked = [np.asarray(world.ad_ids)[ceiling.live[t]].tolist() for t in top]
+    (share,) = share_rows(ceiling, {"fm": true_slates(world, ceiling.requests, picked)}, seed)
+    terms = slate_terms(world, ceiling.requests, picked)
+    return {
+        "slate_of_oracle": share["of_oracle"],
+        "slate_ci": f"[{share['ci_low']}, {share['ci_high']}]",
+        "quality": terms["quality"],
+        "match": terms["match"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="state folder of the dataset")
@@ -90,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         help="also score with a per-ad random effect of this prior variance (repeatable)",
+    )
+    parser.add_argument(
+        "--slate",
+        type=int,
+        default=0,
+        help="on a generated dataset, also the top-10 slate over every live ad for this many of "
+        "D's requests (bench.slate_gap's sample), the fields read from the features folder's "
+        "entity tables, as a share of the oracle",
     )
     parser.add_argument("--out", help="bench/results/<out>.json (default spec_fm-<root>-<D>)")
     args = parser.parse_args(argv)
@@ -112,8 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     training = pd.read_parquet(day.features / "training" / "ranking", columns=["label", *names])
     evaluation = pd.read_parquet(day.eval_rows, columns=["label", *names])
     stored = evaluated_predictions(args.root, day.version, evaluation["label"].to_numpy())
-    (user_fit, user_eval), user_sizes = side_codes([training, evaluation], sides["user"])
-    (ad_fit, ad_eval), ad_sizes = side_codes([training, evaluation], sides["ad"])
+    extra_user: list[pd.DataFrame] = []
+    extra_ad: list[pd.DataFrame] = []
+    if args.slate:
+        world, ceiling, request_frame, ad_frame = slate_frames(args, day, date)
+        extra_user, extra_ad = [request_frame], [ad_frame]
+    (user_fit, user_eval, *user_slate), user_sizes = side_codes(
+        [training, evaluation, *extra_user], sides["user"]
+    )
+    (ad_fit, ad_eval, *ad_slate), ad_sizes = side_codes(
+        [training, evaluation, *extra_ad], sides["ad"]
+    )
 
     def inputs(user: np.ndarray, ad: np.ndarray, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         return {
@@ -139,19 +196,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     model.fit(data, epochs=args.epochs, verbose=0)
     eval_inputs = inputs(user_eval, ad_eval, evaluation)
-    scores = {
-        f"FM, d {args.dim}": model.predict(eval_inputs, batch_size=8192, verbose=0).astype(float)
-    }
+    fm = f"FM, d {args.dim}"
+    scores = {fm: model.predict(eval_inputs, batch_size=8192, verbose=0).astype(float)}
+    ad_id = sides["ad"].index("ad_id")
+    effects = {fm: np.zeros(ad_sizes[ad_id])}
     if args.ad_effect_variance:
-        ad_id = sides["ad"].index("ad_id")
         offset = model.predict(
             inputs(user_fit, ad_fit, training), batch_size=8192, verbose=0
         ).astype(float)
-        size = ad_sizes[ad_id]
         for variance in args.ad_effect_variance:
-            effect = random_effects(offset, ad_fit[:, ad_id], labels, size, variance)
-            scores[f"FM + per-ad effect, variance {variance:g}"] = (
-                scores[f"FM, d {args.dim}"] + effect[ad_eval[:, ad_id]]
+            name = f"FM + per-ad effect, variance {variance:g}"
+            effects[name] = random_effects(
+                offset, ad_fit[:, ad_id], labels, ad_sizes[ad_id], variance
+            )
+            scores[name] = scores[fm] + effects[name][ad_eval[:, ad_id]]
+    slates: dict[str, dict[str, Any]] = {}
+    if args.slate:
+        query = model.side("user", user_slate[0]).numpy()
+        ads = model.side("ad", ad_slate[0]).numpy()
+        base = ads[None, :, 0] + query[:, 1:] @ ads[:, 1:].T
+        for name, effect in effects.items():
+            slates[name] = slate_share(
+                world, ceiling, base + effect[ad_slate[0][:, ad_id]][None, :], args.seed
             )
     for column, label in (
         ("ranker", "served ranker"),
@@ -172,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 "auc": round(auc(y, score), 4),
                 "auc_ci": f"[{low:.4f}, {high:.4f}]",
                 "minus_ranker": "{:+.4f} [{:+.4f}, {:+.4f}]".format(*difference),
+                **slates.get(label, {}),
             }
         )
     print_table(
