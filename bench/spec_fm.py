@@ -97,25 +97,6 @@ def slate_frames(
     return world, ceiling, request_frame, ad_frame.reset_index()
 
 
-def slate_share(world: Any, ceiling: Any, score: np.ndarray, seed: int) -> dict[str, Any]:
-    """The top-10 of ``score`` (``[requests, live ads]``) as a share of the oracle's slate, with
-    its interval and the picked ads' mean true quality and match."""
-    from bench.match_ceiling import share_rows
-    from bench.slate_gap import slate_terms
-    from lifecycle.replay import SLOTS, true_slates
-
-    top = np.argsort(-score, axis=1)[:, :SLOTS]
-    picked = [np.asarray(world.ad_ids)[ceiling.live[t]].tolist() for t in top]
-    (share,) = share_rows(ceiling, {"fm": true_slates(world, ceiling.requests, picked)}, seed)
-    terms = slate_terms(world, ceiling.requests, picked)
-    return {
-        "slate_of_oracle": share["of_oracle"],
-        "slate_ci": f"[{share['ci_low']}, {share['ci_high']}]",
-        "quality": terms["quality"],
-        "match": terms["match"],
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="state folder of the dataset")
@@ -146,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import tensorflow as tf
 
-    from bench.structured_fm import build_model
+    from bench.structured_fm import build_model, slate_share
     from deepclick import layout
     from models.evaluation.ranking import auc, auc_difference_interval, auc_interval
     from models.feature_spec import load_feature_spec

@@ -114,6 +114,24 @@ def build_model(sizes: dict[str, list[int]], dim: int, l2: float, price: bool = 
     return StructuredFM()
 
 
+def slate_share(world: Any, ceiling: Any, score: np.ndarray, seed: int) -> dict[str, Any]:
+    """The top-10 of ``score`` (``[requests, live ads]``, the live ads of ``ceiling``) as a
+    share of the oracle's slate with its bootstrap interval, and the picked ads' mean true
+    quality, price and match terms (``bench.slate_gap.slate_terms``)."""
+    from bench.match_ceiling import share_rows
+    from bench.slate_gap import slate_terms
+    from lifecycle.replay import SLOTS, true_slates
+
+    top = np.argsort(-score, axis=1)[:, :SLOTS]
+    picked = [np.asarray(world.ad_ids)[ceiling.live[t]].tolist() for t in top]
+    (share,) = share_rows(ceiling, {"model": true_slates(world, ceiling.requests, picked)}, seed)
+    return {
+        "slate_of_oracle": share["of_oracle"],
+        "slate_ci": f"[{share['ci_low']}, {share['ci_high']}]",
+        **slate_terms(world, ceiling.requests, picked),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generated_state_arguments(parser)
@@ -147,10 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     from bench.auc_ceiling import ROW_COLUMNS, Rows, rows_of
-    from bench.match_ceiling import match_ceiling, share_rows
-    from bench.slate_gap import slate_terms
+    from bench.match_ceiling import match_ceiling
     from deepclick import layout
-    from lifecycle.replay import SLOTS, true_slates
     from models.evaluation.ranking import auc, auc_interval
     from models.ranker.wide import random_effects
 
@@ -217,19 +233,13 @@ def main(argv: list[str] | None = None) -> int:
             )
     rows = []
     for label, (row_scores, slate_scores) in scored.items():
-        top = np.argsort(-slate_scores, axis=1)[:, :SLOTS]
-        picked = [world.ad_ids[live[t]].tolist() for t in top]
-        slates = true_slates(world, ceiling.requests, picked)
-        (slate,) = share_rows(ceiling, {label: slates}, args.seed)
         low, high = auc_interval(evaluation.label, row_scores)
         rows.append(
             {
                 "model": label,
                 "auc": round(auc(evaluation.label, row_scores), 4),
                 "auc_ci": f"[{low:.4f}, {high:.4f}]",
-                "slate_of_oracle": slate["of_oracle"],
-                "slate_ci": f"[{slate['ci_low']}, {slate['ci_high']}]",
-                **slate_terms(world, ceiling.requests, picked),
+                **slate_share(world, ceiling, slate_scores, args.seed),
                 "fit_s": round(seconds, 1),
             }
         )
