@@ -80,8 +80,9 @@ def slate_frames(
     args: argparse.Namespace, day: Any, date: dt.date
 ) -> tuple[Any, Any, pd.DataFrame, pd.DataFrame]:
     """The world, ``bench.slate_gap``'s sample of D's requests with every live ad, and the
-    fields of those requests (user and placement entity tables, the request's hour) and of the
-    live ads (the ad entity table), as the model reads them."""
+    fields of those requests (user and placement entity tables; the hour's weight is the same
+    for every ad of a request, so it is left out) and of the live ads (the ad entity table), as
+    the model reads them. A user the tables lack has no profile: its fields read as missing."""
     from bench.common import generated_world
     from bench.match_ceiling import match_ceiling
 
