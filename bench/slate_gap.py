@@ -30,7 +30,8 @@ Usage (the features, embeddings, index and ranker of D must be published; e.g. t
 
 ``--variant name:key=value,...`` adds a ranker retrained here with those ``RankerSettings``
 (as in ``bench/ranker_split.py``; ``similarity=0``: without the two-tower scores, on every
-training day), scored the same way.
+training day), scored the same way. Each variant's slate and AUC are paired with the first
+variant of its ranker seed, and that first one with the served ranker (:func:`paired_bases`).
 """
 
 from __future__ import annotations
@@ -301,6 +302,18 @@ def all_ads_slates(
     return out, {k: round(v, 1) for k, v in seconds.items()}
 
 
+def paired_bases(variants: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """Which scorer each ranker variant (``(name, seed)``, in command-line order) is paired
+    with on the same requests: the first variant of its ranker seed (the same seed, so the
+    difference is the setting's), or the served ``ranker`` for that first variant itself."""
+    first_of_seed: dict[str, str] = {}
+    bases: dict[str, str] = {}
+    for name, seed in variants:
+        bases[f"ranker_{name}"] = first_of_seed.get(seed, "ranker")
+        first_of_seed.setdefault(seed, f"ranker_{name}")
+    return bases
+
+
 def slate_difference(
     slate: np.ndarray, base: np.ndarray, oracle: np.ndarray, *, samples: int = 500, seed: int = 7
 ) -> tuple[float, float, float]:
@@ -429,13 +442,15 @@ def main(argv: list[str] | None = None) -> int:
     scorers["truth_quality"] = truth_term_scorer(world, [3])
     scorers["truth_quality_price"] = truth_term_scorer(world, [3, 4])
     scorers["truth_match"] = truth_term_scorer(world, [5])
-    base_of: dict[str, str] = {}  # variant -> the first variant of the same ranker seed
+    base_of = paired_bases(
+        [
+            (name, pairs.get("seed", str(settings.ranker.seed)))
+            for name, pairs in map(parse_variant, args.variant)
+        ]
+    )
     wide_of: dict[str, dict[str, float]] = {}  # variant -> its wide fit's metrics (C chosen...)
     for variant in args.variant:
         name, pairs = parse_variant(variant)
-        seed = pairs.get("seed", str(settings.ranker.seed))
-        base_of[f"ranker_{name}"] = base_of.get(f"seed{seed}", f"ranker_{name}")
-        base_of.setdefault(f"seed{seed}", f"ranker_{name}")
         # similarity=0: no two-tower scores, so the ranker learns from every training day
         use_similarity = pairs.pop("similarity", "1") == "1"
         own = days if use_similarity else split_training_days(spec.train_dates, False, 0)

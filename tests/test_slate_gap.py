@@ -69,3 +69,18 @@ def test_top_slots_breaks_ties_by_candidate_order_like_rank():
     keys[[3, 11]] = 1.0
     assert top_slots(keys, ids)[:3] == ["a3", "a11", "a0"]
     assert len(top_slots(keys, ids)) == SLOTS
+
+
+def test_each_variant_is_paired_with_its_seeds_first_and_a_seeds_first_with_the_served_ranker():
+    """Regression (session 16): the first variant of a seed had no slate difference at all, so
+    a lone variant could be judged against the served ranker on AUC only."""
+    from bench.slate_gap import paired_bases
+
+    bases = paired_bases([("base", "7"), ("rf", "7"), ("base8", "8"), ("rf8", "8"), ("x", "9")])
+    assert bases == {
+        "ranker_base": "ranker",
+        "ranker_rf": "ranker_base",
+        "ranker_base8": "ranker",
+        "ranker_rf8": "ranker_base8",
+        "ranker_x": "ranker",
+    }
