@@ -35,20 +35,22 @@ import numpy as np
 import pandas as pd
 
 from bench.common import evaluated_predictions, print_table, write_json
+from models.feature_spec import ROLE_KEY
+from models.ranker.inputs import SHARED_ROLES
 
-LEFT_OUT = ("user_id", "ctx__dow")
+LEFT_OUT = (ROLE_KEY["user"], "ctx__dow")
 """Categorical features the model leaves out (see the module doc)."""
 HOUR = "ctx__hour"
-QUERY_ROLES = ("user", "context")
 
 
 def spec_sides(spec: Any) -> dict[str, list[str]]:
-    """The categorical features of each side of the model: ``user`` (the query: user and
-    context roles) and ``ad``; the hour and :data:`LEFT_OUT` are not among them."""
+    """The categorical features of each side of the model: ``user`` (the query: the roles a
+    request sends once, ``SHARED_ROLES``) and ``ad``; the hour and :data:`LEFT_OUT` are not
+    among them."""
     taking_part = [f for f in spec.categorical if f.name not in (*LEFT_OUT, HOUR)]
     return {
-        "user": [f.name for f in taking_part if f.role in QUERY_ROLES],
-        "ad": [f.name for f in taking_part if f.role not in QUERY_ROLES],
+        "user": [f.name for f in taking_part if f.role in SHARED_ROLES],
+        "ad": [f.name for f in taking_part if f.role not in SHARED_ROLES],
     }
 
 
@@ -93,8 +95,9 @@ def slate_frames(
     request_frame = requests.merge(
         pd.read_parquet(entities / "users"), on="user_id", how="left"
     ).merge(pd.read_parquet(entities / "placements"), on="placement_id", how="left")
-    ads = pd.read_parquet(entities / "ads").set_index("ad_id")
-    ad_frame = ads.reindex(np.asarray(world.ad_ids)[ceiling.live]).rename_axis("ad_id")
+    ad_key = ROLE_KEY["ad"]
+    ads = pd.read_parquet(entities / "ads").set_index(ad_key)
+    ad_frame = ads.reindex(np.asarray(world.ad_ids)[ceiling.live]).rename_axis(ad_key)
     return world, ceiling, request_frame, ad_frame.reset_index()
 
 
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_inputs = inputs(user_eval, ad_eval, evaluation)
     fm = f"FM, d {args.dim}"
     scores = {fm: model.predict(eval_inputs, batch_size=8192, verbose=0).astype(float)}
-    ad_id = sides["ad"].index("ad_id")
+    ad_id = sides["ad"].index(ROLE_KEY["ad"])
     effects = {fm: np.zeros(ad_sizes[ad_id])}
     if args.ad_effect_variance:
         offset = model.predict(
