@@ -21,6 +21,10 @@ The scorers, from what is served to what the data could allow at best:
   what perfect feature learning could reach from these rows (a handful of weights);
 - ``truth_quality``, ``truth_quality_price``, ``truth_match``: no fitting, the ads ordered by one
   term of the true ad score alone (which term the slate needs);
+- ``fm``, ``fm_effect_<V>``, ``ranker_fm_blend_<W>`` (with ``--fm``): ``bench.spec_fm``'s FM
+  fitted on every window row, alone, with a per-ad effect of prior variance ``V``, and blended
+  with the served ranker (``(1 - W)`` times its logit plus ``W`` times the FM's), paired with the
+  served ranker on the same requests;
 - ``oracle`` and ``popularity`` as in the replay.
 
 Usage (the features, embeddings, index and ranker of D must be published; e.g. the state of
@@ -72,6 +76,9 @@ from models.feature_spec import ROLE_KEY, FeatureSpec
 from models.ranker.inputs import SIMILARITY_INPUTS
 
 SLOTS = 10
+RANKER_P = "_ranker_p"
+"""The column that carries the served ranker's probability of each scored row (candidate rows
+and D's rows alike), for the scorers that blend with it."""
 
 Scorer = Callable[[pd.DataFrame], np.ndarray]
 
@@ -289,7 +296,7 @@ def all_ads_slates(
         if backend.frame is None or backend.ranker_scores is None:
             raise RuntimeError("the replay's request reached no ranker")
         out["ranker"].append(top_slots(backend.ranker_scores, ids))
-        pending.append(backend.frame)
+        pending.append(backend.frame.assign(**{RANKER_P: backend.ranker_scores}))
         if len(pending) == chunk or i == len(requests) - 1:
             rows = pd.concat(pending, ignore_index=True)
             for name, scorer in scorers.items():
@@ -300,6 +307,38 @@ def all_ads_slates(
             pending = []
             print(f"  {i + 1}/{len(requests)} requests", flush=True)
     return out, {k: round(v, 1) for k, v in seconds.items()}
+
+
+def fm_scorers(
+    spec: FeatureSpec,
+    features: Path,
+    variances: Sequence[float],
+    blends: Sequence[float],
+    *,
+    l2: float = 1e-5,
+    last_day: bool = True,
+) -> dict[str, Scorer]:
+    """``bench.spec_fm``'s FM fitted on every window row of ``features``: alone (``fm``), with
+    each per-ad effect (``fm_effect_<V>``), and blended with the served ranker's logit
+    (``ranker_fm_blend_<W>``, the FM with the last effect; the rows carry :data:`RANKER_P`)."""
+    from bench.spec_fm import blend_with_ranker, fit_spec_fm, window_rows
+
+    tick = time.perf_counter()
+    rows = window_rows(features, spec, last_day=last_day)
+    fm = fit_spec_fm(spec, rows, l2=l2, variances=tuple(variances))
+    print(f"fm: fitted in {time.perf_counter() - tick:.0f} s", flush=True)
+
+    def probability(variance: float | None) -> Scorer:
+        return lambda rows: 1 / (1 + np.exp(-fm.logit(rows, variance)))
+
+    def blend(weight: float, variance: float | None) -> Scorer:
+        return lambda rows: blend_with_ranker(rows[RANKER_P], fm.logit(rows, variance), weight)
+
+    out = {"fm": probability(None)}
+    out.update({f"fm_effect_{v:g}": probability(v) for v in variances})
+    last = variances[-1] if variances else None
+    out.update({f"ranker_fm_blend_{w:g}": blend(w, last) for w in blends})
+    return out
 
 
 def paired_bases(variants: Sequence[tuple[str, str]]) -> dict[str, str]:
@@ -372,6 +411,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-peers", action="store_true", help="no LR scorers (only rankers and truth terms)"
     )
+    parser.add_argument(
+        "--fm",
+        action="store_true",
+        help="also bench.spec_fm's FM, fitted on every window row (scorer fm)",
+    )
+    parser.add_argument(
+        "--fm-effect-variance",
+        type=float,
+        action="append",
+        default=[],
+        help="with --fm: also the FM plus a per-ad effect of this prior variance (repeatable)",
+    )
+    parser.add_argument(
+        "--fm-without-last-day",
+        action="store_true",
+        help="with --fm: fit it without the window's last day (the ranker's held-out day)",
+    )
+    parser.add_argument(
+        "--fm-l2", type=float, default=1e-5, help="with --fm: L2 on the FM's tables (1e-5)"
+    )
+    parser.add_argument(
+        "--fm-blend",
+        type=float,
+        action="append",
+        default=[],
+        help="with --fm: also (1 - W) x the served ranker's logit + W x the FM's (with the last "
+        "--fm-effect-variance) (repeatable)",
+    )
     parser.add_argument("--out", default=None, help="bench/results/<out>.json")
     args = parser.parse_args(argv)
 
@@ -442,6 +509,17 @@ def main(argv: list[str] | None = None) -> int:
     scorers["truth_quality"] = truth_term_scorer(world, [3])
     scorers["truth_quality_price"] = truth_term_scorer(world, [3, 4])
     scorers["truth_match"] = truth_term_scorer(world, [5])
+    if args.fm:
+        scorers.update(
+            fm_scorers(
+                spec,
+                features,
+                args.fm_effect_variance,
+                args.fm_blend,
+                l2=args.fm_l2,
+                last_day=not args.fm_without_last_day,
+            )
+        )
     base_of = paired_bases(
         [
             (name, pairs.get("seed", str(settings.ranker.seed)))
@@ -494,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.ranker.predictor import InProcessPredictor
 
     ranker_p = InProcessPredictor(ranker_folder).predict_frame(eval_rows, similarity=similarity)
+    eval_rows[RANKER_P] = np.asarray(ranker_p, dtype=np.float64)
     oracle_ids, oracle_p = oracle_slates(world, requests, date)
     slates: dict[str, np.ndarray] = {ORACLE: oracle_p}
     slates[POPULARITY] = true_slates(world, requests, [overall[:SLOTS]] * len(requests))

@@ -16,7 +16,11 @@ It is fitted by Adam on every training row of D's features folder. With ``--ad-e
 each ad also gets a random effect fitted with the model's logit as offset
 (``models.ranker.wide.random_effects``). Reported: AUC on D's evaluation rows with its interval,
 and the paired AUC difference against the served ranker, beside the ranker, the LR and GBDT peers
-and the ad prior, as D's evaluation stored them.
+and the ad prior, as D's evaluation stored them. With ``--blend W``, also the ensemble of the
+served ranker and the FM (``(1 - W)`` times the ranker's logit plus ``W`` times the FM's).
+
+:func:`fit_spec_fm` is the one home of this model: ``bench.slate_gap --fm`` ranks its replayed
+requests with it, so the FM's slates are paired with the ranker's on the same requests.
 
 Usage (needs D's features folder and D's evaluation)::
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,38 +41,47 @@ import pandas as pd
 
 from bench.common import evaluated_predictions, print_table, write_json
 from models.feature_spec import ROLE_KEY
-from models.ranker.inputs import SHARED_ROLES
-
-LEFT_OUT = (ROLE_KEY["user"], "ctx__dow")
-"""Categorical features the model leaves out (see the module doc)."""
-HOUR = "ctx__hour"
+from models.ranker.fm import HOUR, fm_sides
 
 
 def spec_sides(spec: Any) -> dict[str, list[str]]:
-    """The categorical features of each side of the model: ``user`` (the query: the roles a
-    request sends once, ``SHARED_ROLES``) and ``ad``; the hour and :data:`LEFT_OUT` are not
-    among them."""
-    taking_part = [f for f in spec.categorical if f.name not in (*LEFT_OUT, HOUR)]
-    return {
-        "user": [f.name for f in taking_part if f.role in SHARED_ROLES],
-        "ad": [f.name for f in taking_part if f.role not in SHARED_ROLES],
-    }
+    """The categorical features of each side of the model, as the ranker's window FM reads them
+    (:func:`models.ranker.fm.fm_sides`): ``user`` (the query) and ``ad``; the hour has a weight
+    of its own (:func:`hours`), and :data:`models.ranker.fm.LEFT_OUT` are not read."""
+    sides = fm_sides(spec)
+    return {"user": sides.query, "ad": sides.ad}
 
 
-def side_codes(
-    frames: list[pd.DataFrame], features: list[str]
-) -> tuple[list[np.ndarray], list[int]]:
-    """Each frame's values of ``features`` as dense codes ``[rows, features]`` shared across the
-    frames (a value first seen in a later frame gets a code of its own, never trained), and
-    each feature's number of codes."""
-    lengths = [len(f) for f in frames]
-    columns, sizes = [], []
+def _text(column: pd.Series) -> pd.Series:
+    """A categorical column as the strings both the fit and the scored rows read (a missing
+    value as the empty string)."""
+    return column.astype(str).where(column.notna(), "")
+
+
+def vocabularies(frame: pd.DataFrame, features: list[str]) -> dict[str, pd.Index]:
+    """Each feature's values in ``frame`` (the fit's rows), in order of first appearance."""
+    return {name: pd.Index(pd.unique(_text(frame[name]))) for name in features}
+
+
+def vocabulary_codes(
+    frame: pd.DataFrame, features: list[str], vocab: dict[str, pd.Index]
+) -> np.ndarray:
+    """``frame``'s values of ``features`` as codes ``[rows, features]`` of ``vocab``; a value the
+    vocabulary lacks reads as ``len(vocab[feature])``, the feature's one unknown code (its
+    vector is never trained)."""
+    columns = []
     for name in features:
-        codes, uniques = pd.factorize(pd.concat([f[name].astype(str) for f in frames]))
-        columns.append(codes)
-        sizes.append(len(uniques))
-    stacked = np.stack(columns, axis=1).astype(np.int32)
-    return np.split(stacked, np.cumsum(lengths)[:-1]), sizes
+        codes = vocab[name].get_indexer(_text(frame[name]))
+        columns.append(np.where(codes < 0, len(vocab[name]), codes))
+    return np.stack(columns, axis=1).astype(np.int32)
+
+
+def blend_with_ranker(ranker_p: np.ndarray, fm_logit: np.ndarray, weight: float) -> np.ndarray:
+    """The probability of ``(1 - weight) * logit(ranker) + weight * fm_logit``: an ensemble of
+    the served ranker and the FM, judged by rank (AUC, slates), not by calibration."""
+    p = np.clip(np.asarray(ranker_p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    logit = (1 - weight) * np.log(p / (1 - p)) + weight * np.asarray(fm_logit, dtype=np.float64)
+    return 1 / (1 + np.exp(-logit))
 
 
 def hours(frame: pd.DataFrame) -> np.ndarray:
@@ -76,6 +90,98 @@ def hours(frame: pd.DataFrame) -> np.ndarray:
         return np.zeros(len(frame), dtype=np.int32)
     hour = pd.to_numeric(frame[HOUR], errors="coerce").fillna(0).to_numpy()
     return (hour.astype(int) % 24).astype(np.int32)
+
+
+@dataclass
+class SpecFM:
+    """A fitted spec FM: its sides, the fit's vocabularies, the Keras model and, per prior
+    variance, each ad code's random effect (the unknown ad's is 0)."""
+
+    sides: dict[str, list[str]]
+    vocab: dict[str, pd.Index]
+    model: Any
+    effects: dict[float, np.ndarray] = field(default_factory=dict)
+
+    def codes(self, frame: pd.DataFrame, side: str) -> np.ndarray:
+        return vocabulary_codes(frame, self.sides[side], self.vocab)
+
+    def inputs(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        return {
+            "user": self.codes(frame, "user"),
+            "placement": np.zeros((len(frame), 0), np.int32),
+            "ad": self.codes(frame, "ad"),
+            "hour": hours(frame),
+        }
+
+    def ad_codes(self, frame: pd.DataFrame) -> np.ndarray:
+        """Each row's code of the ad's id (the index of its random effect)."""
+        return vocabulary_codes(frame, [ROLE_KEY["ad"]], self.vocab)[:, 0]
+
+    def logit(self, frame: pd.DataFrame, variance: float | None = None) -> np.ndarray:
+        """The FM's logit of every row of ``frame`` (any frame with the spec's columns: the
+        window, D's rows, a replayed request's candidates), plus the ad's random effect of
+        prior ``variance`` when given."""
+        out = self.model.predict(self.inputs(frame), batch_size=8192, verbose=0).astype(float)
+        if variance is None:
+            return out
+        return out + self.effects[variance][self.ad_codes(frame)]
+
+
+def fit_spec_fm(
+    spec: Any,
+    window: pd.DataFrame,
+    *,
+    dim: int = 8,
+    l2: float = 1e-5,
+    epochs: int = 3,
+    seed: int = 7,
+    variances: tuple[float, ...] = (),
+) -> SpecFM:
+    """The FM fitted by Adam on ``window`` (every training row: the spec's label and the
+    sides' columns), then one per-ad random effect per prior variance with the FM's logit as
+    offset (``models.ranker.wide.random_effects``)."""
+    import keras
+    import tensorflow as tf
+
+    from bench.structured_fm import build_model
+    from models.ranker.wide import random_effects
+
+    sides = spec_sides(spec)
+    vocab = vocabularies(window, [*sides["user"], *sides["ad"]])
+    sizes = {side: [len(vocab[n]) + 1 for n in names] for side, names in sides.items()}
+    keras.utils.set_random_seed(seed)
+    model = build_model({**sizes, "placement": []}, dim, l2, price=False)
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.003),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+    )
+    fm = SpecFM(sides, vocab, model)
+    labels = window[spec.label].to_numpy().astype(np.float32)
+    data = (
+        tf.data.Dataset.from_tensor_slices((fm.inputs(window), labels))
+        .shuffle(200_000, seed=seed)
+        .batch(1024)
+    )
+    model.fit(data, epochs=epochs, verbose=0)
+    if variances:
+        offset = fm.logit(window)
+        ads = fm.ad_codes(window)
+        for variance in variances:
+            fm.effects[variance] = random_effects(
+                offset, ads, labels, len(vocab[ROLE_KEY["ad"]]) + 1, variance
+            )
+    return fm
+
+
+def window_rows(features: Path, spec: Any, *, last_day: bool = True) -> pd.DataFrame:
+    """Every training row of a features folder (the whole window), with the columns the FM
+    reads; without ``last_day``, the window's last day (the ranker's held-out day) left out."""
+    sides = spec_sides(spec)
+    names = [*sides["user"], *sides["ad"], *([HOUR] if HOUR in spec.names else [])]
+    rows = pd.read_parquet(features / "training" / "ranking", columns=[spec.label, "date", *names])
+    if not last_day:
+        rows = rows[rows["date"] < rows["date"].max()]
+    return rows.drop(columns="date").reset_index(drop=True)
 
 
 def slate_frames(
@@ -124,86 +230,57 @@ def main(argv: list[str] | None = None) -> int:
         "D's requests (bench.slate_gap's sample), the fields read from the features folder's "
         "entity tables, as a share of the oracle",
     )
+    parser.add_argument(
+        "--blend",
+        type=float,
+        action="append",
+        default=[],
+        help="also the ensemble (1 - W) x ranker logit + W x FM logit on D's rows, the FM with "
+        "the last --ad-effect-variance (repeatable; slates: bench.slate_gap --fm-blend)",
+    )
     parser.add_argument("--out", help="bench/results/<out>.json (default spec_fm-<root>-<D>)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-    import keras
-    import tensorflow as tf
-
-    from bench.structured_fm import build_model, slate_share
+    from bench.structured_fm import slate_share
     from deepclick import layout
     from models.evaluation.ranking import auc, auc_difference_interval, auc_interval
     from models.feature_spec import load_feature_spec
-    from models.ranker.wide import random_effects
 
     date = dt.date.fromisoformat(args.date)
     day = layout.DayLayout(args.root, date)
     spec = load_feature_spec(day.features)
-    sides = spec_sides(spec)
-    names = [*sides["user"], *sides["ad"], *([HOUR] if HOUR in spec.names else [])]
-    training = pd.read_parquet(day.features / "training" / "ranking", columns=["label", *names])
-    evaluation = pd.read_parquet(day.eval_rows, columns=["label", *names])
-    stored = evaluated_predictions(args.root, day.version, evaluation["label"].to_numpy())
-    extra_user: list[pd.DataFrame] = []
-    extra_ad: list[pd.DataFrame] = []
-    if args.slate:
-        world, ceiling, request_frame, ad_frame = slate_frames(args, day, date)
-        extra_user, extra_ad = [request_frame], [ad_frame]
-    (user_fit, user_eval, *user_slate), user_sizes = side_codes(
-        [training, evaluation, *extra_user], sides["user"]
+    training = window_rows(day.features, spec)
+    evaluation = pd.read_parquet(day.eval_rows, columns=list(training.columns))
+    stored = evaluated_predictions(args.root, day.version, evaluation[spec.label].to_numpy())
+    fm = fit_spec_fm(
+        spec,
+        training,
+        dim=args.dim,
+        l2=args.l2,
+        epochs=args.epochs,
+        seed=args.seed,
+        variances=tuple(args.ad_effect_variance),
     )
-    (ad_fit, ad_eval, *ad_slate), ad_sizes = side_codes(
-        [training, evaluation, *extra_ad], sides["ad"]
-    )
-
-    def inputs(user: np.ndarray, ad: np.ndarray, frame: pd.DataFrame) -> dict[str, np.ndarray]:
-        return {
-            "user": user,
-            "placement": np.zeros((len(frame), 0), np.int32),
-            "ad": ad,
-            "hour": hours(frame),
-        }
-
-    keras.utils.set_random_seed(args.seed)
-    model = build_model(
-        {"user": user_sizes, "placement": [], "ad": ad_sizes}, args.dim, args.l2, price=False
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(0.003),
-        loss=keras.losses.BinaryCrossentropy(from_logits=True),
-    )
-    labels = training["label"].to_numpy().astype(np.float32)
-    data = (
-        tf.data.Dataset.from_tensor_slices((inputs(user_fit, ad_fit, training), labels))
-        .shuffle(200_000, seed=args.seed)
-        .batch(1024)
-    )
-    model.fit(data, epochs=args.epochs, verbose=0)
-    eval_inputs = inputs(user_eval, ad_eval, evaluation)
-    fm = f"FM, d {args.dim}"
-    scores = {fm: model.predict(eval_inputs, batch_size=8192, verbose=0).astype(float)}
-    ad_id = sides["ad"].index(ROLE_KEY["ad"])
-    effects = {fm: np.zeros(ad_sizes[ad_id])}
-    if args.ad_effect_variance:
-        offset = model.predict(
-            inputs(user_fit, ad_fit, training), batch_size=8192, verbose=0
-        ).astype(float)
-        for variance in args.ad_effect_variance:
-            name = f"FM + per-ad effect, variance {variance:g}"
-            effects[name] = random_effects(
-                offset, ad_fit[:, ad_id], labels, ad_sizes[ad_id], variance
-            )
-            scores[name] = scores[fm] + effects[name][ad_eval[:, ad_id]]
+    name_of: dict[str, float | None] = {f"FM, d {args.dim}": None}
+    for variance in args.ad_effect_variance:
+        name_of[f"FM + per-ad effect, variance {variance:g}"] = variance
+    scores = {name: fm.logit(evaluation, v) for name, v in name_of.items()}
+    blended = fm.logit(evaluation, args.ad_effect_variance[-1] if args.ad_effect_variance else None)
+    for weight in args.blend:
+        scores[f"ranker/FM blend, FM weight {weight:g}"] = blend_with_ranker(
+            stored["ranker"].to_numpy(), blended, weight
+        )
     slates: dict[str, dict[str, Any]] = {}
     if args.slate:
-        query = model.side("user", user_slate[0]).numpy()
-        ads = model.side("ad", ad_slate[0]).numpy()
+        world, ceiling, request_frame, ad_frame = slate_frames(args, day, date)
+        query = fm.model.side("user", fm.codes(request_frame, "user")).numpy()
+        ads = fm.model.side("ad", fm.codes(ad_frame, "ad")).numpy()
         base = ads[None, :, 0] + query[:, 1:] @ ads[:, 1:].T
-        for name, effect in effects.items():
-            slates[name] = slate_share(
-                world, ceiling, base + effect[ad_slate[0][:, ad_id]][None, :], args.seed
-            )
+        ad_codes = fm.ad_codes(ad_frame)
+        for name, variance in name_of.items():
+            effect = 0.0 if variance is None else fm.effects[variance][ad_codes][None, :]
+            slates[name] = slate_share(world, ceiling, base + effect, args.seed)
     for column, label in (
         ("ranker", "served ranker"),
         ("logistic_regression", "LR peer"),
@@ -212,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if column in stored:
             scores[label] = stored[column].to_numpy()
-    y = evaluation["label"].to_numpy()
+    y = evaluation[spec.label].to_numpy()
     rows = []
     for label, score in scores.items():
         low, high = auc_interval(y, score)

@@ -328,6 +328,25 @@ class RankerSettings(_Section):
         description="largest weight table of one cross; a pair with more value combinations is "
         "hashed into this many rows",
     )
+    fm_blend: float = Field(
+        0.3,
+        ge=0,
+        lt=1,
+        description="weight w of the window FM in the served logit, (1 - w) x calibrated ranker "
+        "+ w x FM (models/ranker/fm.py: an FM with per-ad effects fitted on every training "
+        "day and the held-out rows, then frozen; deepfm ignores it); 0: no FM. 0.3 against 0 "
+        "on the same requests and rows: medium top-10 slate +0.030 [+0.024, +0.037] of the oracle, "
+        "AUC +0.0014 [+0.0005, +0.0026]; demo seed 7 +0.010 [+0.005, +0.015], AUC +0.0098 "
+        "[+0.0028, +0.0169], seed 8 +0.005 [-0.001, +0.012], AUC +0.0008; TalkingData AUC "
+        "+0.0004 [-0.0007, +0.0020]. 0.5 slates more at medium (+0.012 over 0.3) and less at "
+        "demo (-0.006), AUC -0.0010 / -0.0027 against 0.3 (README 'Model quality', session 17)",
+    )
+    fm_dim: int = Field(8, ge=1, description="rank of the FM's query x ad product")
+    fm_l2: float = Field(1e-5, ge=0, description="L2 on the FM's tables (per batch, as Keras)")
+    fm_epochs: int = Field(3, ge=1, description="Adam epochs of the FM over its rows")
+    fm_ad_effect_variance: float = Field(
+        0.3, ge=0, description="prior variance of the FM's per-ad random effect (0: none)"
+    )
     baseline: bool = Field(
         True, description="also train the hashed logistic-regression baseline on the same split"
     )

@@ -67,8 +67,10 @@ def _inputs(folder: FeatureFolder) -> dict[str, np.ndarray]:
     [
         RankerSettings(baseline=False),
         RankerSettings(baseline=False, wide=False, cross_low_rank=4, hidden_units=[16]),
+        RankerSettings(baseline=False, fm_blend=0.3),
+        RankerSettings(baseline=False, wide=False, fm_blend=0.6, fm_dim=3),
     ],
-    ids=["default_wide", "low_rank_no_wide"],
+    ids=["default_wide", "low_rank_no_wide", "window_fm", "window_fm_no_wide"],
 )
 def test_fused_graph_scores_equal_the_keras_model(
     folder: FeatureFolder, settings: RankerSettings

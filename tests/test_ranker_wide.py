@@ -33,7 +33,11 @@ from models.ranker.wide import (
     wide_layers,
 )
 
-SETTINGS = RankerSettings(batch_size=256, epochs=2, cross_layers=1, dropout=0.3, baseline=False)
+SETTINGS = RankerSettings(
+    batch_size=256, epochs=2, cross_layers=1, dropout=0.3, baseline=False, fm_blend=0.0
+)
+"""The wide part and the network alone: the window FM blended after them (``fm_blend``) has
+its own tests (tests/test_ranker_fm.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""``bench.spec_fm``'s pure parts: which features form each side, and codes shared by the fit
-and the scored rows (a value the fit never saw gets a code of its own, never trained)."""
+"""``bench.spec_fm``'s pure parts: which features form each side, the fit's vocabularies (a
+value the fit never saw reads as the feature's one unknown code, never trained) and the blend
+with the ranker."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import numpy as np
 import pandas as pd
 from feature_folder import write_feature_folder
 
-from bench.spec_fm import LEFT_OUT, hours, side_codes, spec_sides
+from bench.spec_fm import (
+    blend_with_ranker,
+    hours,
+    spec_sides,
+    vocabularies,
+    vocabulary_codes,
+)
+from models.ranker.fm import LEFT_OUT
 
 
 def test_the_sides_leave_out_the_user_id_the_weekday_and_the_hour(tmp_path) -> None:
@@ -22,13 +30,30 @@ def test_the_sides_leave_out_the_user_id_the_weekday_and_the_hour(tmp_path) -> N
     assert taken == set(roles) - {*LEFT_OUT, "ctx__hour"}
 
 
-def test_codes_are_shared_across_frames_and_a_new_value_gets_its_own() -> None:
-    fit = pd.DataFrame({"a": ["x", "y", "x"], "b": ["1", "1", "2"]})
-    scored = pd.DataFrame({"a": ["y", "z"], "b": ["2", "1"]})
-    (fit_codes, scored_codes), sizes = side_codes([fit, scored], ["a", "b"])
-    assert sizes == [3, 2]
-    np.testing.assert_array_equal(fit_codes, [[0, 0], [1, 0], [0, 1]])
-    np.testing.assert_array_equal(scored_codes, [[1, 1], [2, 0]])  # "z": code 2, unseen
+def test_codes_come_from_the_fit_and_an_unseen_value_reads_as_the_unknown_code() -> None:
+    fit = pd.DataFrame({"a": ["x", "y", "x"], "b": [1, 1, 2]})
+    scored = pd.DataFrame({"a": ["y", "z", None], "b": ["2", "1", "7"]})
+    vocab = vocabularies(fit, ["a", "b"])
+    assert [len(vocab[name]) for name in ("a", "b")] == [2, 2]
+    np.testing.assert_array_equal(
+        vocabulary_codes(fit, ["a", "b"], vocab), [[0, 0], [1, 0], [0, 1]]
+    )
+    # "z" and the missing value are unknown: code 2 = the vocabulary's size; 1 and "1" are one value
+    np.testing.assert_array_equal(
+        vocabulary_codes(scored, ["a", "b"], vocab), [[1, 1], [2, 0], [2, 2]]
+    )
+
+
+def test_the_blend_mixes_logits_and_keeps_each_end() -> None:
+    ranker = np.array([0.01, 0.2, 0.5])
+    fm_logit = np.array([2.0, -1.0, 0.0])
+    np.testing.assert_allclose(blend_with_ranker(ranker, fm_logit, 0.0), ranker)
+    np.testing.assert_allclose(
+        blend_with_ranker(ranker, fm_logit, 1.0), 1 / (1 + np.exp(-fm_logit))
+    )
+    half = blend_with_ranker(ranker, fm_logit, 0.5)
+    logit = np.log(ranker / (1 - ranker))
+    np.testing.assert_allclose(np.log(half / (1 - half)), (logit + fm_logit) / 2)
 
 
 def test_hours_wrap_into_the_day_and_default_to_zero() -> None:

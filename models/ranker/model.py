@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from deepclick.settings import RankerSettings
@@ -46,6 +47,17 @@ from models.ranker.crosses import (
     WIDE_CROSS_PREFIX,
     CrossIndex,
     resolve_crosses,
+)
+from models.ranker.fm import (
+    BLEND,
+    CALIBRATED_BLEND,
+    FM_LOGIT,
+    RANKER_LOGIT,
+    Blend,
+    CalibratedBlend,
+    fm_logit,
+    has_fm,
+    uses_fm,
 )
 from models.ranker.layers import (
     CalibrationHead,
@@ -136,7 +148,22 @@ def build_logit_model(
             )
     else:
         logit = _deepfm(indices, embeddings, dense, settings, bias)
+    if uses_fm(settings):
+        ranker = keras.layers.Identity(name=RANKER_LOGIT)(logit)
+        fm = fm_logit(spec, indices, settings.fm_dim, settings.fm_l2, _logit_of(base_rate))
+        logit = Blend(settings.fm_blend, name=BLEND)([ranker, fm])
     return keras.Model(inputs.raw, logit, name=f"ranker_{settings.architecture}")
+
+
+def network_model(logit_model: keras.Model) -> keras.Model:
+    """What the network trains on: ``logit_model`` itself, or, with the window FM blended in
+    (:mod:`models.ranker.fm`), the same layers up to the ranker's own logit (the FM is fitted
+    and frozen apart)."""
+    if not has_fm(logit_model):
+        return logit_model
+    return keras.Model(
+        logit_model.input, logit_model.get_layer(RANKER_LOGIT).output, name="ranker_network"
+    )
 
 
 WIDE_PREFIX = "wide__"
@@ -263,8 +290,18 @@ def _deepfm(
 
 
 def with_calibration(logit_model: keras.Model, head: CalibrationHead) -> keras.Model:
-    """The exported model: the same inputs and layers as ``logit_model``, output ``pctr``."""
-    return keras.Model(logit_model.input, head(logit_model.output), name="ranker_pctr")
+    """The exported model: the same inputs and layers as ``logit_model``, output ``pctr``; with
+    the window FM, the head calibrates the ranker's own logit and the FM is mixed in after it
+    (:class:`models.ranker.fm.CalibratedBlend`)."""
+    if not has_fm(logit_model):
+        return keras.Model(logit_model.input, head(logit_model.output), name="ranker_pctr")
+    ranker = head(logit_model.get_layer(RANKER_LOGIT).output)
+    blend = logit_model.get_layer(BLEND)
+    level = float(np.asarray(blend.level))
+    pctr = CalibratedBlend(blend.weight, head.correction, level, name=CALIBRATED_BLEND)(
+        [ranker, logit_model.get_layer(FM_LOGIT).output]
+    )
+    return keras.Model(logit_model.input, pctr, name="ranker_pctr")
 
 
 def head_config(head: CalibrationHead) -> dict[str, Any]:

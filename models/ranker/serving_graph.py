@@ -47,6 +47,7 @@ import tensorflow as tf
 from models.feature_spec import FeatureSpec
 from models.preprocessing import Standardize
 from models.ranker.crosses import WIDE_CROSS_PREFIX, CrossIndex, cross_cell
+from models.ranker.fm import CALIBRATED_BLEND, FM_LOGIT, fm_sides, fm_tables, has_fm
 from models.ranker.layers import CalibrationHead, Cross
 from models.ranker.model import WIDE_NUMERIC, WIDE_PREFIX
 from models.ranker.predictor import INDEX_SIGNATURES, packed_dtype
@@ -98,6 +99,7 @@ class _Side:
         stats: Sequence[dict[str, Any]],
         wide: bool,
         name: str,
+        fm: _FMColumns | None = None,
     ) -> None:
         self.categorical = list(categorical)
         self.numeric = [s["name"] for s in stats]
@@ -108,6 +110,8 @@ class _Side:
             if wide:
                 weight = np.asarray(model.get_layer(f"{WIDE_PREFIX}{feature}").get_weights()[0])
                 table = np.concatenate([table, weight.reshape(-1, 1)], axis=1)
+            if fm is not None:
+                table = np.concatenate([table, fm.columns(feature, table.shape[0])], axis=1)
             blocks.append(table.astype(np.float32))
             offsets.append(start)
             start += table.shape[0]
@@ -147,6 +151,42 @@ class _Side:
         return self.standardize([inputs[n] for n in self.numeric])
 
 
+class _FMColumns:
+    """The window FM (:mod:`models.ranker.fm`) as ``1 + 2 * dim`` more columns of each fused
+    table row: the value's weight, its vector in the query half or the ad half (zeros in the
+    other), so that one gather serves the network, the wide part and the FM alike. A feature the
+    FM does not read has zeros; the hour has its weight only."""
+
+    def __init__(self, model: keras.Model, spec: FeatureSpec) -> None:
+        self.tables = {name: np.asarray(t.get_weights()[0]) for name, t in fm_tables(model).items()}
+        self.roles = fm_sides(spec).roles
+        fm = model.get_layer(FM_LOGIT)
+        self.bias = float(np.asarray(fm.bias))
+        self.dim = max((t.shape[1] - 1 for t in self.tables.values()), default=0)
+        self.blend = model.get_layer(CALIBRATED_BLEND)
+
+    def columns(self, feature: str, rows: int) -> np.ndarray:
+        out = np.zeros((rows, 1 + 2 * self.dim), dtype=np.float32)
+        role = self.roles.get(feature)
+        if role is None:
+            return out
+        table = self.tables[feature]
+        out[:, 0] = table[:, 0]
+        if role == "query":
+            out[:, 1 : 1 + self.dim] = table[:, 1:]
+        elif role == "ad":
+            out[:, 1 + self.dim :] = table[:, 1:]
+        return out
+
+    def logit(self, rows: tf.Tensor, first: int) -> tf.Tensor:
+        """The FM's logit ``[N]`` from the gathered rows ``[N, features, columns]``, its
+        columns starting at ``first``."""
+        k = self.dim
+        summed = tf.reduce_sum(rows[:, :, first : first + 1 + 2 * k], axis=1)
+        match = tf.reduce_sum(summed[:, 1 : 1 + k] * summed[:, 1 + k :], axis=1)
+        return self.bias + summed[:, 0] + match
+
+
 class ServingRanker(keras.layers.Layer):
     """Raw inputs → calibrated ``pctr`` with the weights of a trained DCN-v2 ranker, shared
     (user and context) inputs ``[1]`` or ``[N]``, candidate inputs ``[N]``; see the module doc.
@@ -173,12 +213,14 @@ class ServingRanker(keras.layers.Layer):
         order = [f.name for f in spec.categorical]
         self.categorical_order = order
         self.numeric_order = [s["name"] for s in stats]
+        self.fm = _FMColumns(model, spec) if has_fm(model) else None
         self.shared_side = _Side(
             model,
             [f for f in order if f in shared_set],
             [s for s in stats if s["name"] in shared_set],
             self.wide,
             "shared",
+            self.fm,
         )
         self.candidate_side = _Side(
             model,
@@ -186,6 +228,7 @@ class ServingRanker(keras.layers.Layer):
             [s for s in stats if s["name"] not in shared_set],
             self.wide,
             "candidate",
+            self.fm,
         )
         for side in (self.shared_side, self.candidate_side):
             if side.values is not None:
@@ -271,6 +314,9 @@ class ServingRanker(keras.layers.Layer):
         if self.numeric_kernel is not None and dense is not None:
             width = int(self.numeric_kernel.shape[0])
             logit = logit + tf.squeeze(tf.matmul(dense[:, :width], self.numeric_kernel), -1)
+        if self.fm is not None and rows is not None and self.head is not None:
+            fm = self.fm.logit(rows, self.dim + (1 if self.wide else 0))
+            return self.fm.blend([self.head(logit), fm])
         return self.head(logit) if self.head is not None else logit
 
     def call_packed(

@@ -31,10 +31,11 @@ import tensorflow as tf
 from deepclick.errors import DeepclickError
 from deepclick.settings import RankerSettings
 from models.evaluation.ranking import auc, calibration_ratio, logloss
-from models.feature_spec import FeatureSpec
+from models.feature_spec import ROLE_KEY, FeatureSpec
 from models.fitting import build_before_fit
 from models.ranker.baselines import LogisticBaseline, train_baseline
 from models.ranker.calibration import fit_calibration, sampling_correction
+from models.ranker.fm import BLEND, FM_LOGIT, blend_level, fm_tables, has_fm, uses_fm
 from models.ranker.inputs import (
     SIMILARITY_INPUTS,
     NumericStats,
@@ -42,8 +43,8 @@ from models.ranker.inputs import (
     frame_to_inputs,
 )
 from models.ranker.layers import CalibrationHead
-from models.ranker.model import build_logit_model, head_config, with_calibration
-from models.ranker.wide import fit_wide
+from models.ranker.model import build_logit_model, head_config, network_model, with_calibration
+from models.ranker.wide import fit_wide, random_effects
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,13 @@ def _wide_reads_every_day(settings: RankerSettings, dates: Sequence[str] | None)
     )
 
 
+def _window_reads_every_day(settings: RankerSettings, dates: Sequence[str] | None) -> bool:
+    """Some part is fitted on every training day's fit rows: the wide part
+    (:func:`_wide_reads_every_day`) or the window FM (``fm_blend``), neither of which reads a
+    two-tower score."""
+    return _wide_reads_every_day(settings, dates) or (uses_fm(settings) and dates is not None)
+
+
 def load_split(
     spec: FeatureSpec, settings: RankerSettings, dates: Sequence[str] | None = None
 ) -> Split:
@@ -419,7 +427,7 @@ def train_ranker(
     keras.utils.set_random_seed(settings.seed)
     label = spec.label
     rows, clicks = fit_row_counts(
-        spec, settings, None if _wide_reads_every_day(settings, dates) else dates
+        spec, settings, None if _window_reads_every_day(settings, dates) else dates
     )
     rate = memory_bounded_rate(rows, clicks, settings.negative_sampling_rate, settings.max_fit_rows)
     if rate < settings.negative_sampling_rate:
@@ -448,11 +456,14 @@ def train_ranker(
     )
     held_tensors = _tensors(logit_model, held_inputs)  # for the wide fit's C and the fit
     wide_metrics: dict[str, float] = {}
+    window_inputs, window_labels = fit_inputs, fit_labels
+    window_dates = fit_rows["date"].to_numpy()
+    if _window_reads_every_day(settings, dates):
+        window_inputs, window_labels, window_dates = _wide_rows(spec, settings, logit_model)
     if settings.architecture == "dcn_v2" and settings.wide and settings.wide_fit == "logistic":
-        wide_inputs, wide_labels = fit_inputs, fit_labels
-        wide_dates = fit_rows["date"].to_numpy()
+        wide_inputs, wide_labels, wide_dates = fit_inputs, fit_labels, fit_rows["date"].to_numpy()
         if _wide_reads_every_day(settings, dates):
-            wide_inputs, wide_labels, wide_dates = _wide_rows(spec, settings, logit_model)
+            wide_inputs, wide_labels, wide_dates = window_inputs, window_labels, window_dates
         wide_metrics = fit_wide(
             logit_model,
             _tensors(logit_model, wide_inputs),
@@ -467,19 +478,35 @@ def train_ranker(
             refit_variance=settings.wide_refit_variance,
         )
         wide_metrics["wide_rows"] = float(len(wide_labels))
+    if has_fm(logit_model):  # every training day's fit rows and the held-out ones
+        held_sampled = downsample_negatives(
+            split.calibration, settings.negative_sampling_rate, settings.seed, label
+        )
+        wide_metrics.update(
+            fit_window_fm(
+                logit_model,
+                _concat_inputs(window_inputs, frame_to_inputs(spec, held_sampled), logit_model),
+                np.concatenate([window_labels, held_sampled[label].to_numpy()]),
+                settings,
+                held_inputs,
+                held_labels,
+            )
+        )
+    del window_inputs, window_labels, window_dates
 
-    logit_model.compile(
+    network = network_model(logit_model)
+    network.compile(
         optimizer=keras.optimizers.Adam(settings.learning_rate),
         loss=keras.losses.BinaryCrossentropy(from_logits=True),
         metrics=[keras.metrics.AUC(from_logits=True, name="auc")],
     )
-    fit_tensors = _tensors(logit_model, fit_inputs)
-    build_before_fit(logit_model, fit_tensors, fit_labels)
+    fit_tensors = _tensors(network, fit_inputs)
+    build_before_fit(network, fit_tensors, fit_labels)
     log.info(
         "training ranker %s on %d rows (%s), calibrating on %d rows",
         settings.architecture, len(fit_rows), ", ".join(split.fit_dates), len(split.calibration),
     )  # fmt: skip
-    history = logit_model.fit(
+    history = network.fit(
         _dataset(fit_tensors, fit_labels, settings.batch_size, settings.seed),
         validation_data=_dataset(held_tensors, held_labels, PREDICT_BATCH, None),
         epochs=settings.epochs,
@@ -487,7 +514,9 @@ def train_ranker(
         verbose=1 if progress else 0,
         callbacks=early_stopping(settings),
     )
-    held_logits = predict(logit_model, held_inputs)
+    held_logits = predict(network, held_inputs)  # the head calibrates the network's logit
+    if network is not logit_model:  # the blend's parts, each alone on the held-out rows
+        wide_metrics["network_holdout_auc"] = auc(held_labels, held_logits)
     recent = _calibration_rows(split, settings)
     head = fit_calibration(
         held_logits[recent],
@@ -496,6 +525,17 @@ def train_ranker(
         correction=correction,
         significance=settings.calibration_significance,
     )
+    if network is not logit_model:  # the blend's level, on the rows the head was fitted on
+        fm_model = keras.Model(logit_model.input, logit_model.get_layer(FM_LOGIT).output)
+        level = blend_level(
+            np.asarray(head(held_logits[recent])),
+            predict(fm_model, held_inputs)[recent],
+            held_labels[recent],
+            logit_model.get_layer(BLEND).weight,
+            head.correction,
+        )
+        logit_model.get_layer(BLEND).level.assign(level)
+        wide_metrics["fm_blend_level"] = level
     model = with_calibration(logit_model, head)
     calibrated = predict(model, held_inputs)
     uncorrected = 1.0 / (1.0 + np.exp(-held_logits))
@@ -539,6 +579,67 @@ def train_ranker(
         metrics=metrics,
         history={k: [float(v) for v in vs] for k, vs in history.history.items()},
     )
+
+
+def _concat_inputs(
+    first: dict[str, np.ndarray], second: dict[str, np.ndarray], model: keras.Model
+) -> dict[str, np.ndarray]:
+    """``model``'s inputs of two row sets, one after the other (an input ``second`` lacks, the
+    two-tower scores the window rows carry as NaN, is NaN there too)."""
+    n = len(next(iter(second.values())))
+    return {
+        name: np.concatenate([first[name], second.get(name, np.full(n, np.nan, dtype=np.float32))])
+        for name in model.input
+    }
+
+
+def fit_window_fm(
+    logit_model: keras.Model,
+    inputs: dict[str, np.ndarray],
+    labels: np.ndarray,
+    settings: RankerSettings,
+    held_inputs: dict[str, np.ndarray],
+    held_labels: np.ndarray,
+) -> dict[str, float]:
+    """Fit the window FM of ``logit_model`` (:mod:`models.ranker.fm`) on ``inputs`` (every
+    training day's fit rows) by Adam, add each ad's random effect to its weight (the FM's logit
+    as offset, prior ``fm_ad_effect_variance``), and freeze it. Returns its metrics: rows, and
+    its held-out AUC alone."""
+    fm_model = keras.Model(
+        logit_model.input, logit_model.get_layer(FM_LOGIT).output, name="window_fm"
+    )
+    fm_model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+    )
+    tensors = _tensors(fm_model, inputs)
+    build_before_fit(fm_model, tensors, labels)
+    fm_model.fit(
+        _dataset(tensors, labels, settings.batch_size, settings.seed),
+        epochs=settings.fm_epochs,
+        shuffle=False,  # the dataset shuffles itself, seeded
+        verbose=0,
+    )
+    tables = fm_tables(logit_model)
+    ad = ROLE_KEY["ad"]
+    metrics = {"fm_rows": float(len(labels))}
+    if settings.fm_ad_effect_variance > 0 and ad in tables:
+        offset = predict(fm_model, inputs).astype(np.float64)
+        lookup = keras.Model(logit_model.input, logit_model.get_layer(f"lookup__{ad}").output)
+        codes = predict(lookup, inputs).astype(np.int64)
+        table = tables[ad]
+        effect = random_effects(
+            offset, codes, labels.astype(np.float64), int(table.input_dim),
+            settings.fm_ad_effect_variance,
+        )  # fmt: skip
+        weights = np.asarray(table.get_weights()[0]).copy()
+        weights[:, 0] += effect.astype(weights.dtype)
+        table.set_weights([weights])
+        metrics["fm_ad_effect_sd"] = float(effect[np.unique(codes)].std())
+    for layer in [*tables.values(), logit_model.get_layer(FM_LOGIT)]:
+        layer.trainable = False
+    metrics["fm_holdout_auc"] = auc(held_labels, predict(fm_model, held_inputs))
+    return metrics
 
 
 def on_served_scores(trained: TrainedRanker, served: SimilarityProvider) -> TrainedRanker:
