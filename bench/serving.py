@@ -1282,7 +1282,8 @@ def concurrency_sweep(root: Path, args: argparse.Namespace, bodies: list[bytes])
 
 
 RANKER_VARIANTS: dict[str, dict[str, Any]] = {
-    "default (2 full-rank cross, deep 64-32)": {},
+    "default (2 full-rank cross, deep 64-32, window FM 0.3)": {},
+    "without the window FM": {"fm_blend": 0.0},
     "low-rank cross r=8": {"cross_low_rank": 8},
     "low-rank cross r=16": {"cross_low_rank": 16},
     "1 cross layer": {"cross_layers": 1},

@@ -460,7 +460,8 @@ def _ranker_run(ctx: DayContext, upstream: Upstream) -> Outcome:
     return Outcome(
         folder,
         RANKER_MANIFEST,
-        note=f"held-out AUC {metrics.get('holdout_auc', float('nan')):.4f}",
+        note=f"held-out AUC {metrics.get('holdout_auc', float('nan')):.4f}"
+        + (" (the network's; the window FM also fits those rows)" if "fm_rows" in metrics else ""),
         metrics=metrics,
         curves={f"train.{k}": list(v) for k, v in trained.history.items()},
         artifacts=[("ranker", folder / RANKER_MANIFEST)],

@@ -96,10 +96,18 @@ class FMLogit(keras.layers.Layer):
     or ``ad`` feature, ``[batch, 1]`` for a ``first`` one, in the order of ``roles``.
     """
 
-    def __init__(self, roles: Sequence[str], bias: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        roles: Sequence[str],
+        bias: float = 0.0,
+        features: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.roles = list(roles)
         self.bias_init = float(bias)
+        self.features = list(features)
+        """The feature of each input, in order (what :func:`fm_trainer` feeds)."""
 
     def build(self, input_shape: Any) -> None:
         self.bias = self.add_weight(
@@ -116,7 +124,12 @@ class FMLogit(keras.layers.Layer):
         return out
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "roles": self.roles, "bias": self.bias_init}
+        return {
+            **super().get_config(),
+            "roles": self.roles,
+            "bias": self.bias_init,
+            "features": self.features,
+        }
 
 
 @keras.saving.register_keras_serializable(package="deepclick")
@@ -202,7 +215,7 @@ def fm_logit(
     tensor, vocabulary size)); one ``fm__<feature>`` table per feature it reads."""
     sides = fm_sides(spec)
     regularizer = keras.regularizers.L2(l2) if l2 else None
-    tensors, roles = [], []
+    tensors, roles, features = [], [], []
     for name, role in sides.roles.items():
         index, size = indices[name]
         width = 1 if role == "first" else dim + 1
@@ -211,7 +224,28 @@ def fm_logit(
         )
         tensors.append(table(index))
         roles.append(role)
-    return FMLogit(roles, bias=bias, name=FM_LOGIT)(tensors)
+        features.append(name)
+    return FMLogit(roles, bias=bias, features=features, name=FM_LOGIT)(tensors)
+
+
+def fm_trainer(logit_model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """The FM of ``logit_model`` on integer inputs, for its fit: (``lookups``, raw inputs → each
+    FM feature's vocabulary index; ``trainer``, those indices → the FM's logit). Both share the
+    ranker's own layers (lookups, tables, :class:`FMLogit`), so training ``trainer`` trains the
+    ranker's FM. Why: the string lookups then run once per row instead of once per epoch
+    (medium: the ranker stage took 477 s with the FM fitted on strings, 207 s without it)."""
+    fm = logit_model.get_layer(FM_LOGIT)
+    tables = fm_tables(logit_model)
+    lookups = keras.Model(
+        logit_model.input,
+        {name: logit_model.get_layer(f"lookup__{name}").output for name in fm.features},
+        name="window_fm_lookups",
+    )
+    codes = {name: keras.Input(shape=(), dtype="int64", name=name) for name in fm.features}
+    trainer = keras.Model(
+        codes, fm([tables[name](codes[name]) for name in fm.features]), name="window_fm"
+    )
+    return lookups, trainer
 
 
 def fm_tables(model: keras.Model) -> dict[str, keras.layers.Layer]:

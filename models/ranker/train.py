@@ -35,7 +35,15 @@ from models.feature_spec import ROLE_KEY, FeatureSpec
 from models.fitting import build_before_fit
 from models.ranker.baselines import LogisticBaseline, train_baseline
 from models.ranker.calibration import fit_calibration, sampling_correction
-from models.ranker.fm import BLEND, FM_LOGIT, blend_level, fm_tables, has_fm, uses_fm
+from models.ranker.fm import (
+    BLEND,
+    FM_LOGIT,
+    blend_level,
+    fm_tables,
+    fm_trainer,
+    has_fm,
+    uses_fm,
+)
 from models.ranker.inputs import (
     SIMILARITY_INPUTS,
     NumericStats,
@@ -538,6 +546,12 @@ def train_ranker(
         wide_metrics["fm_blend_level"] = level
     model = with_calibration(logit_model, head)
     calibrated = predict(model, held_inputs)
+    if network is not logit_model:
+        # the window FM fitted these rows too: the held-out figures are the network's (with its
+        # head), the served blend's are in-sample and named so
+        wide_metrics["holdout_blend_auc_in_sample"] = auc(held_labels, calibrated)
+        wide_metrics["holdout_blend_calibration_ratio"] = calibration_ratio(held_labels, calibrated)
+        calibrated = np.asarray(head(held_logits))
     uncorrected = 1.0 / (1.0 + np.exp(-held_logits))
     corrected = 1.0 / (1.0 + np.exp(-(held_logits + correction)))
     metrics: dict[str, float] = {
@@ -602,20 +616,19 @@ def fit_window_fm(
     held_labels: np.ndarray,
 ) -> dict[str, float]:
     """Fit the window FM of ``logit_model`` (:mod:`models.ranker.fm`) on ``inputs`` (every
-    training day's fit rows) by Adam, add each ad's random effect to its weight (the FM's logit
-    as offset, prior ``fm_ad_effect_variance``), and freeze it. Returns its metrics: rows, and
-    its held-out AUC alone."""
-    fm_model = keras.Model(
-        logit_model.input, logit_model.get_layer(FM_LOGIT).output, name="window_fm"
-    )
-    fm_model.compile(
+    training day's fit rows and the held-out ones) by Adam on the rows' vocabulary indices (looked
+    up once, :func:`models.ranker.fm.fm_trainer`), add each ad's random effect to its weight (the
+    FM's logit as offset, prior ``fm_ad_effect_variance``), and freeze it. Returns its metrics:
+    rows, the effects' spread, and its AUC on the held-out rows (in-sample: it fitted them)."""
+    lookups, trainer = fm_trainer(logit_model)
+    codes = _codes(lookups, inputs)
+    trainer.compile(
         optimizer=keras.optimizers.Adam(settings.learning_rate),
         loss=keras.losses.BinaryCrossentropy(from_logits=True),
     )
-    tensors = _tensors(fm_model, inputs)
-    build_before_fit(fm_model, tensors, labels)
-    fm_model.fit(
-        _dataset(tensors, labels, settings.batch_size, settings.seed),
+    build_before_fit(trainer, codes, labels)
+    trainer.fit(
+        _dataset(codes, labels, settings.batch_size, settings.seed),
         epochs=settings.fm_epochs,
         shuffle=False,  # the dataset shuffles itself, seeded
         verbose=0,
@@ -624,22 +637,33 @@ def fit_window_fm(
     ad = ROLE_KEY["ad"]
     metrics = {"fm_rows": float(len(labels))}
     if settings.fm_ad_effect_variance > 0 and ad in tables:
-        offset = predict(fm_model, inputs).astype(np.float64)
-        lookup = keras.Model(logit_model.input, logit_model.get_layer(f"lookup__{ad}").output)
-        codes = predict(lookup, inputs).astype(np.int64)
+        offset = _predict_codes(trainer, codes).astype(np.float64)
         table = tables[ad]
         effect = random_effects(
-            offset, codes, labels.astype(np.float64), int(table.input_dim),
+            offset, codes[ad], labels.astype(np.float64), int(table.input_dim),
             settings.fm_ad_effect_variance,
         )  # fmt: skip
         weights = np.asarray(table.get_weights()[0]).copy()
         weights[:, 0] += effect.astype(weights.dtype)
         table.set_weights([weights])
-        metrics["fm_ad_effect_sd"] = float(effect[np.unique(codes)].std())
+        metrics["fm_ad_effect_sd"] = float(effect[np.unique(codes[ad])].std())
     for layer in [*tables.values(), logit_model.get_layer(FM_LOGIT)]:
         layer.trainable = False
-    metrics["fm_holdout_auc"] = auc(held_labels, predict(fm_model, held_inputs))
+    held = _predict_codes(trainer, _codes(lookups, held_inputs))
+    metrics["fm_holdout_auc_in_sample"] = auc(held_labels, held)
     return metrics
+
+
+def _codes(lookups: keras.Model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each FM feature's vocabulary index of every row (one pass of the string lookups)."""
+    data = tf.data.Dataset.from_tensor_slices(_tensors(lookups, inputs)).batch(PREDICT_BATCH)
+    parts = [lookups(batch, training=False) for batch in data]
+    return {name: np.concatenate([np.asarray(p[name]) for p in parts]) for name in parts[0]}
+
+
+def _predict_codes(model: keras.Model, codes: dict[str, np.ndarray]) -> np.ndarray:
+    data = tf.data.Dataset.from_tensor_slices(codes).batch(PREDICT_BATCH)
+    return np.concatenate([np.asarray(model(batch, training=False)).reshape(-1) for batch in data])
 
 
 def on_served_scores(trained: TrainedRanker, served: SimilarityProvider) -> TrainedRanker:
