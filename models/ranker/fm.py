@@ -17,10 +17,11 @@ The network is trained as before, on its own logit, and its calibration head is 
 held-out rows as before. The FM is fitted on every training day's rows and the held-out rows
 (the freshest day: without it the demo's FM falls from 0.50 to 0.37 of the oracle) and frozen.
 The exported probability mixes the two in logit space, ``(1 - w) * logit(calibrated ranker) +
-w * fm`` (:class:`CalibratedBlend`); the raw logit model ends in :class:`Blend` of the two raw
-logits. Why a blend and not the FM alone: measured on the same rows and requests, the FM alone
-loses AUC at every scale and the demo slate, the blend wins both at demo and medium scale
-(README "Model quality", session 17).
+w * fm`` (:class:`CalibratedBlend`), shifted so that it predicts as many held-out clicks as the
+calibrated network (:func:`blend_level`); the raw logit model ends in :class:`Blend` of the
+two raw logits. Why a blend and not the FM alone: measured on the same rows and requests, the
+FM alone loses AUC at every scale and the demo slate, the blend wins both at demo and medium
+scale (README "Model quality", session 17).
 """
 
 from __future__ import annotations
@@ -187,16 +188,19 @@ class CalibratedBlend(keras.layers.Layer):
 
 
 def blend_level(
-    ranker_p: np.ndarray, fm: np.ndarray, labels: np.ndarray, weight: float, correction: float
+    ranker_p: np.ndarray, fm: np.ndarray, clicks: float, weight: float, correction: float
 ) -> float:
-    """The intercept that makes the calibrated blend predict the held-out rows' clicks.
+    """The intercept that makes the calibrated blend predict ``clicks`` on the held-out rows:
+    the clicks the calibrated network itself predicts there (``ranker_p.sum()``).
 
     Why: each part is calibrated (the network by its head on these rows, the FM by its own fit),
     but a mix of logits is not: on the demo's held-out day the blend predicted 0.977 of the
-    clicks. One number, fitted on the rows the head was fitted on."""
+    clicks. The target is the network's own prediction, not the observed count, so that the
+    head's judgement of how far the held-out clicks can be trusted stands: on the demo's
+    2024-01-03 (64 held-out clicks, the head not applied) a level fitted to the observed count
+    moved D's calibration from 0.976 to 1.133 and the gate refused the day."""
     p = np.clip(np.asarray(ranker_p, dtype=np.float64), PROBABILITY_EPS, 1 - PROBABILITY_EPS)
     z = (1 - weight) * np.log(p / (1 - p)) + weight * (np.asarray(fm, np.float64) + correction)
-    clicks = float(np.sum(labels))
 
     def excess(level: float) -> float:
         return float(np.sum(1 / (1 + np.exp(-(z + level))))) - clicks

@@ -533,12 +533,13 @@ def train_ranker(
         correction=correction,
         significance=settings.calibration_significance,
     )
-    if network is not logit_model:  # the blend's level, on the rows the head was fitted on
+    if network is not logit_model:  # the blend's level: as many held-out clicks as the network
         fm_model = keras.Model(logit_model.input, logit_model.get_layer(FM_LOGIT).output)
+        network_p = np.asarray(head(held_logits[recent]))
         level = blend_level(
-            np.asarray(head(held_logits[recent])),
+            network_p,
             predict(fm_model, held_inputs)[recent],
-            held_labels[recent],
+            float(network_p.sum()),
             logit_model.get_layer(BLEND).weight,
             head.correction,
         )
