@@ -486,20 +486,20 @@ def train_ranker(
             refit_variance=settings.wide_refit_variance,
         )
         wide_metrics["wide_rows"] = float(len(wide_labels))
+    held_fm: np.ndarray | None = None  # the frozen FM's logit of the held-out rows
     if has_fm(logit_model):  # every training day's fit rows and the held-out ones
         held_sampled = downsample_negatives(
             split.calibration, settings.negative_sampling_rate, settings.seed, label
         )
-        wide_metrics.update(
-            fit_window_fm(
-                logit_model,
-                _concat_inputs(window_inputs, frame_to_inputs(spec, held_sampled), logit_model),
-                np.concatenate([window_labels, held_sampled[label].to_numpy()]),
-                settings,
-                held_inputs,
-                held_labels,
-            )
+        fm_metrics, held_fm = fit_window_fm(
+            logit_model,
+            _concat_inputs(window_inputs, frame_to_inputs(spec, held_sampled), logit_model),
+            np.concatenate([window_labels, held_sampled[label].to_numpy()]),
+            settings,
+            held_inputs,
+            held_labels,
         )
+        wide_metrics.update(fm_metrics)
     del window_inputs, window_labels, window_dates
 
     network = network_model(logit_model)
@@ -533,12 +533,11 @@ def train_ranker(
         correction=correction,
         significance=settings.calibration_significance,
     )
-    if network is not logit_model:  # the blend's level: as many held-out clicks as the network
-        fm_model = keras.Model(logit_model.input, logit_model.get_layer(FM_LOGIT).output)
+    if held_fm is not None:  # the blend's level: as many held-out clicks as the network
         network_p = np.asarray(head(held_logits[recent]))
         level = blend_level(
             network_p,
-            predict(fm_model, held_inputs)[recent],
+            held_fm[recent],
             float(network_p.sum()),
             logit_model.get_layer(BLEND).weight,
             head.correction,
@@ -615,12 +614,13 @@ def fit_window_fm(
     settings: RankerSettings,
     held_inputs: dict[str, np.ndarray],
     held_labels: np.ndarray,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], np.ndarray]:
     """Fit the window FM of ``logit_model`` (:mod:`models.ranker.fm`) on ``inputs`` (every
     training day's fit rows and the held-out ones) by Adam on the rows' vocabulary indices (looked
     up once, :func:`models.ranker.fm.fm_trainer`), add each ad's random effect to its weight (the
-    FM's logit as offset, prior ``fm_ad_effect_variance``), and freeze it. Returns its metrics:
-    rows, the effects' spread, and its AUC on the held-out rows (in-sample: it fitted them)."""
+    FM's logit as offset, prior ``fm_ad_effect_variance``), and freeze it. Returns its metrics
+    (rows, the effects' spread, its AUC on the held-out rows: in-sample, it fitted them) and the
+    frozen FM's logit of the held-out rows, which the blend's level reads."""
     lookups, trainer = fm_trainer(logit_model)
     codes = _codes(lookups, inputs)
     trainer.compile(
@@ -652,7 +652,7 @@ def fit_window_fm(
         layer.trainable = False
     held = _predict_codes(trainer, _codes(lookups, held_inputs))
     metrics["fm_holdout_auc_in_sample"] = auc(held_labels, held)
-    return metrics
+    return metrics, held
 
 
 def _codes(lookups: keras.Model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
