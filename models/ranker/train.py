@@ -346,13 +346,37 @@ def load_split(
     )
 
 
-def _dataset(
+def training_dataset(
     inputs: dict[str, Any], labels: np.ndarray, batch: int, seed: int | None
 ) -> tf.data.Dataset:
-    data = tf.data.Dataset.from_tensor_slices((inputs, labels.astype(np.float32)))
-    if seed is not None:
-        data = data.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    return data.batch(batch).prefetch(tf.data.AUTOTUNE)
+    """``(inputs, labels)`` in batches of ``batch`` rows: with a ``seed``, a permutation of the
+    rows drawn anew each epoch, else in their order.
+
+    Why indices: a ``tf.data`` shuffle buffer keeps each element's tensors apart, about 150
+    bytes per scalar feature, so a buffer of the rows themselves cost the 10M ranker stage
+    several GB per fit and the kernel's OOM killer ended it (19.4 GB, the window FM's codes and
+    then the network's inputs). Shuffling the row indices draws the very same permutation
+    (the shuffle's draws do not depend on what it shuffles) and each batch gathers its rows."""
+    labels = labels.astype(np.float32)
+    if seed is None:
+        return (
+            tf.data.Dataset.from_tensor_slices((inputs, labels))
+            .batch(batch)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+    tensors = {name: tf.convert_to_tensor(values) for name, values in inputs.items()}
+    targets = tf.convert_to_tensor(labels)
+
+    def gather(rows: tf.Tensor) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        return {n: tf.gather(t, rows) for n, t in tensors.items()}, tf.gather(targets, rows)
+
+    return (
+        tf.data.Dataset.range(len(labels))
+        .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch)
+        .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
 
 
 def early_stopping(settings: RankerSettings) -> list[keras.callbacks.Callback]:
@@ -515,8 +539,8 @@ def train_ranker(
         settings.architecture, len(fit_rows), ", ".join(split.fit_dates), len(split.calibration),
     )  # fmt: skip
     history = network.fit(
-        _dataset(fit_tensors, fit_labels, settings.batch_size, settings.seed),
-        validation_data=_dataset(held_tensors, held_labels, PREDICT_BATCH, None),
+        training_dataset(fit_tensors, fit_labels, settings.batch_size, settings.seed),
+        validation_data=training_dataset(held_tensors, held_labels, PREDICT_BATCH, None),
         epochs=settings.epochs,
         shuffle=False,  # the dataset shuffles itself, seeded
         verbose=1 if progress else 0,
@@ -629,7 +653,7 @@ def fit_window_fm(
     )
     build_before_fit(trainer, codes, labels)
     trainer.fit(
-        _dataset(codes, labels, settings.batch_size, settings.seed),
+        training_dataset(codes, labels, settings.batch_size, settings.seed),
         epochs=settings.fm_epochs,
         shuffle=False,  # the dataset shuffles itself, seeded
         verbose=0,
