@@ -316,6 +316,8 @@ def fm_scorers(
     blends: Sequence[float],
     *,
     l2: float = 1e-5,
+    epochs: int = 3,
+    dim: int = 8,
     last_day: bool = True,
 ) -> dict[str, Scorer]:
     """``bench.spec_fm``'s FM fitted on every window row of ``features``: alone (``fm``), with
@@ -325,7 +327,7 @@ def fm_scorers(
 
     tick = time.perf_counter()
     rows = window_rows(features, spec, last_day=last_day)
-    fm = fit_spec_fm(spec, rows, l2=l2, variances=tuple(variances))
+    fm = fit_spec_fm(spec, rows, dim=dim, l2=l2, epochs=epochs, variances=tuple(variances))
     print(f"fm: fitted in {time.perf_counter() - tick:.0f} s", flush=True)
 
     def probability(variance: float | None) -> Scorer:
@@ -432,6 +434,12 @@ def main(argv: list[str] | None = None) -> int:
         "--fm-l2", type=float, default=1e-5, help="with --fm: L2 on the FM's tables (1e-5)"
     )
     parser.add_argument(
+        "--fm-epochs", type=int, default=3, help="with --fm: Adam epochs over the window (3)"
+    )
+    parser.add_argument(
+        "--fm-dim", type=int, default=8, help="with --fm: rank of the query x ad product (8)"
+    )
+    parser.add_argument(
         "--fm-blend",
         type=float,
         action="append",
@@ -517,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.fm_effect_variance,
                 args.fm_blend,
                 l2=args.fm_l2,
+                epochs=args.fm_epochs,
+                dim=args.fm_dim,
                 last_day=not args.fm_without_last_day,
             )
         )
@@ -647,6 +657,18 @@ def main(argv: list[str] | None = None) -> int:
             "fit_clicks": int(y_fit.sum()),
             "ranker_days": list(days.ranker),
             "variants": args.variant,
+            "fm": (
+                {
+                    "l2": args.fm_l2,
+                    "epochs": args.fm_epochs,
+                    "dim": args.fm_dim,
+                    "effect_variances": args.fm_effect_variance,
+                    "blends": args.fm_blend,
+                    "without_last_day": args.fm_without_last_day,
+                }
+                if args.fm
+                else None
+            ),
             "truth_lr_coef": truth_coef,
             "rows": rows,
             "base_of": base_of,
