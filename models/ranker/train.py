@@ -32,7 +32,7 @@ from deepclick.errors import DeepclickError
 from deepclick.settings import RankerSettings
 from models.evaluation.ranking import auc, calibration_ratio, logloss
 from models.feature_spec import ROLE_KEY, FeatureSpec
-from models.fitting import build_before_fit
+from models.fitting import build_before_fit, shuffled_batches
 from models.ranker.baselines import LogisticBaseline, train_baseline
 from models.ranker.calibration import fit_calibration, sampling_correction
 from models.ranker.fm import (
@@ -350,13 +350,9 @@ def training_dataset(
     inputs: dict[str, Any], labels: np.ndarray, batch: int, seed: int | None
 ) -> tf.data.Dataset:
     """``(inputs, labels)`` in batches of ``batch`` rows: with a ``seed``, a permutation of the
-    rows drawn anew each epoch, else in their order.
-
-    Why indices: a ``tf.data`` shuffle buffer keeps each element's tensors apart, about 150
-    bytes per scalar feature, so a buffer of the rows themselves cost the 10M ranker stage
-    several GB per fit and the kernel's OOM killer ended it (19.4 GB, the window FM's codes and
-    then the network's inputs). Shuffling the row indices draws the very same permutation
-    (the shuffle's draws do not depend on what it shuffles) and each batch gathers its rows."""
+    rows drawn anew each epoch (:func:`models.fitting.shuffled_batches`, which shuffles row
+    indices, not rows: a buffer of the rows took the 10M ranker stage to 19.4 GB), else in their
+    order (the held-out rows)."""
     labels = labels.astype(np.float32)
     if seed is None:
         return (
@@ -364,19 +360,7 @@ def training_dataset(
             .batch(batch)
             .prefetch(tf.data.AUTOTUNE)
         )
-    tensors = {name: tf.convert_to_tensor(values) for name, values in inputs.items()}
-    targets = tf.convert_to_tensor(labels)
-
-    def gather(rows: tf.Tensor) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
-        return {n: tf.gather(t, rows) for n, t in tensors.items()}, tf.gather(targets, rows)
-
-    return (
-        tf.data.Dataset.range(len(labels))
-        .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-        .batch(batch)
-        .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    return shuffled_batches(inputs, batch, seed, labels=labels)
 
 
 def early_stopping(settings: RankerSettings) -> list[keras.callbacks.Callback]:

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from deepclick.settings import TwoTowerSettings
 from models.feature_spec import ROLE_KEY, Feature, FeatureSpec, FeatureSpecError
-from models.fitting import build_before_fit
+from models.fitting import build_before_fit, shuffled_batches
 from models.two_tower.model import TwoTowerModel, additive_offsets
 from models.two_tower.preprocessing import input_array, input_dtype
 from models.two_tower.towers import TOWER_ROLES, Tower, tower_features
@@ -184,25 +184,6 @@ def training_inputs(frame: pd.DataFrame, towers: Mapping[str, Tower]) -> dict[st
     return inputs
 
 
-def shuffled_batches(
-    inputs: Mapping[str, np.ndarray], batch_size: int, seed: int
-) -> tf.data.Dataset:
-    """Full batches of ``inputs`` in a seeded order that changes every epoch.
-
-    Row indices are shuffled and batched, then every column is gathered a batch at a time:
-    slicing a dict of string columns row by row is several times slower than the model step.
-    """
-    columns = {name: tf.constant(values) for name, values in inputs.items()}
-    n = len(next(iter(inputs.values())))
-    return (
-        tf.data.Dataset.range(n)
-        .shuffle(n, seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size, drop_remainder=True)
-        .map(lambda rows: {name: tf.gather(col, rows) for name, col in columns.items()})
-        .prefetch(tf.data.AUTOTUNE)
-    )
-
-
 def train_two_tower(
     spec: FeatureSpec,
     settings: TwoTowerSettings,
@@ -228,7 +209,7 @@ def train_two_tower(
     inputs = training_inputs(read_retrieval(spec, columns, dates), towers)
     n = len(inputs[LOG_Q_COLUMN])
     batch_size = min(settings.batch_size, n)
-    dataset = shuffled_batches(inputs, batch_size, settings.seed)
+    dataset = shuffled_batches(inputs, batch_size, settings.seed, drop_remainder=True)
     catalogue = read_catalogue(spec, towers["ad"]) if settings.uniform_negatives else None
     model = TwoTowerModel(
         towers,
