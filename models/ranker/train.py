@@ -237,8 +237,14 @@ def downsample_negatives(
     """Keep every click and a seeded share ``rate`` of the non-clicks."""
     if rate >= 1.0:
         return frame
-    keep = (frame[label].to_numpy() == 1) | (_stable_fraction(frame["event_id"], seed + 1) < rate)
-    return frame[keep]
+    return frame[negatives_kept(frame, rate, seed, label)]
+
+
+def negatives_kept(frame: pd.DataFrame, rate: float, seed: int, label: str = "label") -> np.ndarray:
+    """The row mask of :func:`downsample_negatives`, for rows already turned into inputs."""
+    if rate >= 1.0:
+        return np.ones(len(frame), dtype=bool)
+    return (frame[label].to_numpy() == 1) | (_stable_fraction(frame["event_id"], seed + 1) < rate)
 
 
 MIN_NEGATIVE_RATE = 0.01
@@ -496,13 +502,15 @@ def train_ranker(
         wide_metrics["wide_rows"] = float(len(wide_labels))
     held_fm: np.ndarray | None = None  # the frozen FM's logit of the held-out rows
     if has_fm(logit_model):  # every training day's fit rows and the held-out ones
-        held_sampled = downsample_negatives(
+        kept = negatives_kept(
             split.calibration, settings.negative_sampling_rate, settings.seed, label
         )
         fm_metrics, held_fm = fit_window_fm(
             logit_model,
-            _concat_inputs(window_inputs, frame_to_inputs(spec, held_sampled), logit_model),
-            np.concatenate([window_labels, held_sampled[label].to_numpy()]),
+            _concat_inputs(
+                window_inputs, {n: v[kept] for n, v in held_inputs.items()}, logit_model
+            ),
+            np.concatenate([window_labels, held_labels[kept]]),
             settings,
             held_inputs,
             held_labels,
