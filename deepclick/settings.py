@@ -267,6 +267,15 @@ class RankerSettings(_Section):
         "+0.0037, slate -0.009) and 0.3 on TalkingData (AUC +0.006, calibration 1.13 vs 1.16). "
         "One fit per value: the 10M ranker stage pays for each (README 'Model quality')",
     )
+    wide_grid_threads: int = Field(
+        2,
+        ge=1,
+        description="wide_c_grid values solved side by side (threads: the sparse products "
+        "release the GIL); the grid is walked from the strongest L2 and stops once the "
+        "held-out loss rises. 10M rows of D 2024-01-08, 2 cores: C 0.03 and 0.1 alone 86 s + "
+        "139 s, side by side 164 s wall, the same weights to the bit; 0.3 (212 s) no longer "
+        "solved once 0.1 lost",
+    )
     wide_prior_scale: dict[str, PositiveFloat] = Field(
         default_factory=dict,
         description="feature name -> prior std of its wide weights relative to the others' "

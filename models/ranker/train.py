@@ -498,6 +498,7 @@ def train_ranker(
             held=(held_tensors, held_labels, correction),
             prior_scale=settings.wide_prior_scale,
             refit_variance=settings.wide_refit_variance,
+            grid_threads=settings.wide_grid_threads,
         )
         wide_metrics["wide_rows"] = float(len(wide_labels))
     held_fm: np.ndarray | None = None  # the frozen FM's logit of the held-out rows
