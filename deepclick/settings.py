@@ -265,7 +265,8 @@ class RankerSettings(_Section):
         "bench/ranker_split.py (seed 7, paired with C 0.1 on D): it picks 0.03 at demo scale "
         "(AUC +0.011, slate +0.035), medium (AUC +0.0046 [+0.0032, +0.0062]) and 10M (AUC "
         "+0.0037, slate -0.009) and 0.3 on TalkingData (AUC +0.006, calibration 1.13 vs 1.16). "
-        "One fit per value: the 10M ranker stage pays for each (README 'Model quality')",
+        "One fit per value up to the first rise of the loss, two at a time (wide_grid_threads; "
+        "README 'Model quality', session 19)",
     )
     wide_grid_threads: int = Field(
         2,
