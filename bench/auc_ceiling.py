@@ -21,6 +21,13 @@ world's own structure to exceed it; a last row checks that, adding the ranker's 
 ceiling's at its best weight on D. D's evaluation rows are scored as the evaluation scored them,
 so the ranker and its peers stand beside the ceilings on the same rows (paired bootstrap).
 
+The same estimates also rank slates: for the replay's requests (``--slates``, the same seeded
+sample of D's impressions the evaluation's replay draws), each set of parts picks its 10 best live
+ads by the world's equation, and the truth values them (top-10 expected CTR as a share of the
+oracle's, bootstrap over requests). The ceiling's share is what a ranker that modelled the world
+perfectly could serve from these rows: the yardstick for issue 10's slate targets, beside the
+evaluation's own replay of the served release on the same requests.
+
 Usage (needs D's features and evaluation folders and the world's truth)::
 
     python -m bench.auc_ceiling --root var/bench-quality/large --date 2024-01-08
@@ -261,6 +268,80 @@ def ranker_beside(
     return best, tried[best]
 
 
+def with_parts(world: Any, parts: Parts) -> Any:
+    """``world`` with ``parts`` in place of its entity terms: the world a scorer believes in."""
+    return dataclasses.replace(
+        world,
+        user_bias=parts.user_bias,
+        user_factor=parts.user_factor,
+        placement_bias=parts.placement_bias,
+        placement_factor=parts.placement_factor,
+        ad_quality=parts.ad_bias,
+        ad_factor=parts.ad_factor,
+    )
+
+
+def slate_shares(
+    world: Any, believed: dict[str, Parts], requests: pd.DataFrame, date: dt.date, bootstrap: int
+) -> list[dict[str, Any]]:
+    """Top-10 slates of every set of ``believed`` parts over D's live ads, valued by the truth:
+    each one's expected CTR and share of the oracle's, with paired bootstrap intervals."""
+    from lifecycle.replay import SLOTS, oracle_slates, true_slates
+    from models.evaluation.replay import ORACLE, replay_report
+    from pipelines.simulate import best_ads, index_of
+
+    users = index_of(world, "user", requests["user_id"].to_numpy(dtype=str))
+    placements = index_of(world, "placement", requests["placement_id"].to_numpy(dtype=str))
+    hours = requests["hour"].to_numpy(dtype=np.int64)
+    slates = {ORACLE: oracle_slates(world, requests, date)[1]}
+    for name, parts in believed.items():
+        picked, _ = best_ads(with_parts(world, parts), users, placements, hours, SLOTS, day=date)
+        slates[name] = true_slates(world, requests, world.ad_ids[picked].tolist())
+    report = replay_report(slates, bootstrap=bootstrap)
+    rows = []
+    for name, entry in report["systems"].items():
+        top = entry[f"top_{SLOTS}"]
+        low, high = top["share_of_oracle_ci95"]
+        rows.append(
+            {
+                "slates of": name,
+                "top10_ctr": round(top["expected_ctr"], 4),
+                "share_of_oracle": round(top["share_of_oracle"], 3),
+                "ci_low": round(low, 3),
+                "ci_high": round(high, 3),
+            }
+        )
+    return rows
+
+
+def served_replay(root: Any, version: str) -> list[dict[str, Any]]:
+    """The evaluation's own replay of the served release (the same requests): its top-10 share
+    of the oracle per system, to stand beside the ceiling's slates (unpaired)."""
+    import json
+
+    from deepclick import layout
+
+    path = layout.evaluations_dir(root) / version / "replay" / "replay.json"
+    if not path.is_file():
+        return []
+    systems = json.loads(path.read_text())["systems"]
+    rows = []
+    for name in ("deepclick", "ranker_all_ads", "popularity"):
+        if name in systems:
+            top = systems[name]["top_10"]
+            low, high = top["share_of_oracle_ci95"]
+            rows.append(
+                {
+                    "slates of": f"served release's replay: {name}",
+                    "top10_ctr": round(top["expected_ctr"], 4),
+                    "share_of_oracle": round(top["share_of_oracle"], 3),
+                    "ci_low": round(low, 3),
+                    "ci_high": round(high, 3),
+                }
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from deepclick import layout
 
@@ -268,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     add_generated_state_arguments(parser)
     parser.add_argument("--rounds", type=int, default=2, help="rounds over users, placements, ads")
     parser.add_argument("--bootstrap", type=int, default=100, help="AUC resamples")
+    parser.add_argument(
+        "--slates",
+        type=int,
+        default=1000,
+        help="replay requests whose top-10 slates each set of parts ranks (0: none); 1000 is "
+        "the evaluation's replay, so its requests are the same",
+    )
     args = parser.parse_args(argv)
     console = Console()
 
@@ -295,14 +383,23 @@ def main(argv: list[str] | None = None) -> int:
     scores["GBDT (peer)"] = predictions["gbdt"].to_numpy()
     scores["oracle: every entity's own part known"] = oracle
     scores["no entity's own part (fields only)"] = logit(world, fields, evaluation)
+    believed = {"no entity's own part (fields only)": fields}
     for side in SIDES:
         without = truth.with_side(side, fields.bias(side), fields.factor(side))
         scores[f"all known but the {side}s' own parts"] = logit(world, without, evaluation)
         console.print(f"estimating the {side}s' own parts from the window")
         learned = learned_parts(world, truth, fields, training, (side,), rounds=1)
         scores[f"all known, the {side}s' own parts learned"] = logit(world, learned, evaluation)
+        believed[f"all known, the {side}s' own parts learned"] = learned
     console.print("estimating every entity's own part from the window")
     learned = learned_parts(world, truth, fields, training, SIDES, rounds=args.rounds)
+    believed[CEILING] = learned
+    believed["the ceiling, ads' latent factors from their fields only"] = dataclasses.replace(
+        learned, ad_factor=fields.ad_factor
+    )
+    believed["the ceiling, ads' biases from their fields only"] = dataclasses.replace(
+        learned, ad_bias=fields.ad_bias
+    )
     ceiling = logit(world, learned, evaluation)
     scores[CEILING] = ceiling
     weight, mixed = ranker_beside(evaluation.label, ceiling, scores[RANKER])
@@ -314,6 +411,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{int(evaluation.label.sum()):,} clicks; window {len(training.label):,} rows",
         rows,
     )
+    slates: list[dict[str, Any]] = []
+    if args.slates > 0:
+        from lifecycle.replay import sample_requests
+
+        console.print(f"top-10 slates of {args.slates:,} replay requests over D's live ads")
+        requests = sample_requests(pd.read_parquet(day.eval_rows), args.slates)
+        slates = slate_shares(world, believed, requests, date, bootstrap=200)
+        slates += served_replay(args.root, day.version)
+        print_table(f"top-10 slates on {args.date}, valued by the truth", slates)
     path = write_json(
         f"auc_ceiling-{args.root.name}-{date:%Y%m%d}",
         {
@@ -324,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             "training_rows": len(training.label),
             "rounds": args.rounds,
             "scorers": rows,
+            "slate_requests": args.slates,
+            "slates": slates,
         },
     )
     print(f"written to {path}")

@@ -61,3 +61,28 @@ def test_users_own_parts_are_learned_back_from_their_clicks_and_the_unseen_keep_
     assert auc(fresh.label, logit(world, learned, fresh)) > auc(
         fresh.label, logit(world, without, fresh)
     )
+
+
+def test_slates_of_the_true_parts_are_the_oracles_and_the_fields_alone_serve_less(world):
+    """``slate_shares``: the world believed as it is picks the oracle's very slates (share 1);
+    the fields' projection alone picks worse ones, valued by the same truth."""
+    import datetime as dt
+
+    import pandas as pd
+
+    from bench.auc_ceiling import field_parts, slate_shares, true_parts
+
+    rng = np.random.default_rng(4)
+    requests = pd.DataFrame(
+        {
+            "user_id": world.user_ids[rng.integers(0, world.num_users, 200)],
+            "placement_id": world.placement_ids[rng.integers(0, world.num_placements, 200)],
+            "hour": rng.integers(0, 24, 200),
+        }
+    )
+    day = dt.date.fromisoformat(SimulateSettings().start_date)
+    believed = {"truth": true_parts(world), "fields": field_parts(world)}
+    rows = {r["slates of"]: r for r in slate_shares(world, believed, requests, day, bootstrap=50)}
+    assert rows["truth"]["share_of_oracle"] == pytest.approx(1.0)
+    assert rows["truth"]["top10_ctr"] == pytest.approx(rows["oracle"]["top10_ctr"])
+    assert rows["fields"]["ci_high"] < 1.0
