@@ -298,20 +298,19 @@ def slate_shares(
         picked, _ = best_ads(with_parts(world, parts), users, placements, hours, SLOTS, day=date)
         slates[name] = true_slates(world, requests, world.ad_ids[picked].tolist())
     report = replay_report(slates, bootstrap=bootstrap)
-    rows = []
-    for name, entry in report["systems"].items():
-        top = entry[f"top_{SLOTS}"]
-        low, high = top["share_of_oracle_ci95"]
-        rows.append(
-            {
-                "slates of": name,
-                "top10_ctr": round(top["expected_ctr"], 4),
-                "share_of_oracle": round(top["share_of_oracle"], 3),
-                "ci_low": round(low, 3),
-                "ci_high": round(high, 3),
-            }
-        )
-    return rows
+    return [share_row(name, entry[f"top_{SLOTS}"]) for name, entry in report["systems"].items()]
+
+
+def share_row(name: str, top: dict[str, Any]) -> dict[str, Any]:
+    """One table row from a replay report's top-10 entry (``replay_report``'s layout)."""
+    low, high = top["share_of_oracle_ci95"]
+    return {
+        "slates of": name,
+        "top10_ctr": round(top["expected_ctr"], 4),
+        "share_of_oracle": round(top["share_of_oracle"], 3),
+        "ci_low": round(low, 3),
+        "ci_high": round(high, 3),
+    }
 
 
 def served_replay(root: Any, version: str) -> list[dict[str, Any]]:
@@ -325,21 +324,11 @@ def served_replay(root: Any, version: str) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     systems = json.loads(path.read_text())["systems"]
-    rows = []
-    for name in ("deepclick", "ranker_all_ads", "popularity"):
-        if name in systems:
-            top = systems[name]["top_10"]
-            low, high = top["share_of_oracle_ci95"]
-            rows.append(
-                {
-                    "slates of": f"served release's replay: {name}",
-                    "top10_ctr": round(top["expected_ctr"], 4),
-                    "share_of_oracle": round(top["share_of_oracle"], 3),
-                    "ci_low": round(low, 3),
-                    "ci_high": round(high, 3),
-                }
-            )
-    return rows
+    return [
+        share_row(f"served release's replay: {name}", systems[name]["top_10"])
+        for name in ("deepclick", "ranker_all_ads", "popularity")
+        if name in systems
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
