@@ -319,8 +319,9 @@ def served_replay(root: Any, version: str) -> list[dict[str, Any]]:
     import json
 
     from deepclick import layout
+    from lifecycle.replay import REPORT_FILE
 
-    path = layout.evaluations_dir(root) / version / "replay" / "replay.json"
+    path = layout.evaluations_dir(root) / version / "replay" / REPORT_FILE
     if not path.is_file():
         return []
     systems = json.loads(path.read_text())["systems"]

@@ -363,9 +363,10 @@ def walk_c_grid(
     values = sorted(set(c_grid))
     losses: dict[float, float] = {}
     best: tuple[float, WideSolution] | None = None
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for first in range(0, len(values), max(1, threads)):
-            wave = values[first : first + max(1, threads)]
+    width = max(1, threads)
+    with ThreadPoolExecutor(max_workers=width) as pool:
+        for first in range(0, len(values), width):
+            wave = values[first : first + width]
             for strength, candidate in zip(wave, pool.map(solve, wave), strict=True):
                 losses[strength] = held_loss(candidate)
                 if best is None or losses[strength] < best[0]:
