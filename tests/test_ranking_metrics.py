@@ -10,7 +10,10 @@ import pytest
 from models.evaluation.ranking import (
     EmptyEvaluationError,
     SingleClassError,
+    _bootstrap,
+    _ScoreOrder,
     auc,
+    auc_difference_interval,
     auc_interval,
     calibration_ratio,
     entropy,
@@ -51,6 +54,26 @@ class TestAuc:
         assert low < auc(y, p) < high
         assert (low, high) == auc_interval(y, p, samples=100, seed=3)
         assert high - low < 0.15
+
+    def test_bootstrap_resamples_score_as_the_resampled_rows_would(self) -> None:
+        # The intervals weight each row by how often a resample drew it instead of sorting the
+        # resample again; with ties (rounded scores), rows drawn twice and rows never drawn,
+        # that must be the AUC of the resampled rows themselves, and so the same interval.
+        rng = np.random.default_rng(5)
+        y = rng.integers(0, 2, 300).astype(float)
+        p = np.round(np.clip(0.3 * y + rng.normal(0.4, 0.3, 300), 0, 1), 1)
+        q = np.round(rng.uniform(size=300), 2)
+        ordered = _ScoreOrder.of(y, p)
+        for _ in range(20):
+            idx = rng.integers(0, y.size, y.size)
+            weights = np.bincount(idx, minlength=y.size).astype(float)
+            assert ordered.auc(weights) == pytest.approx(auc(y[idx], p[idx]), abs=1e-12)
+        by_sorting = _bootstrap(y, lambda idx: auc(y[idx], p[idx]), 50, 0.95, 3)
+        assert auc_interval(y, p, samples=50, seed=3) == pytest.approx(by_sorting, abs=1e-12)
+        paired = _bootstrap(y, lambda idx: auc(y[idx], p[idx]) - auc(y[idx], q[idx]), 50, 0.95, 3)
+        difference, low, high = auc_difference_interval(y, p, q, samples=50, seed=3)
+        assert difference == pytest.approx(auc(y, p) - auc(y, q))
+        assert (low, high) == pytest.approx(paired, abs=1e-12)
 
 
 class TestLogLossAndEntropy:

