@@ -52,6 +52,7 @@ from models.ranker.inputs import (
 )
 from models.ranker.layers import CalibrationHead
 from models.ranker.model import build_logit_model, head_config, network_model, with_calibration
+from models.ranker.unseen import serve_unseen_as_mean
 from models.ranker.wide import fit_wide, random_effects
 
 log = logging.getLogger(__name__)
@@ -665,6 +666,13 @@ def fit_window_fm(
         weights[:, 0] += effect.astype(weights.dtype)
         table.set_weights([weights])
         metrics["fm_ad_effect_sd"] = float(effect[np.unique(codes[ad])].std())
+    # rows per value as the log has them: each kept negative stands for 1 / rate of them
+    rows = np.where(labels > 0, 1.0, 1.0 / settings.negative_sampling_rate)
+    counts = {
+        name: np.bincount(codes[name], weights=rows, minlength=int(table.input_dim))
+        for name, table in tables.items()
+    }
+    metrics["fm_unseen_rows_as_mean"] = float(serve_unseen_as_mean(logit_model, tables, counts))
     for layer in [*tables.values(), logit_model.get_layer(FM_LOGIT)]:
         layer.trainable = False
     held = _predict_codes(trainer, _codes(lookups, held_inputs))

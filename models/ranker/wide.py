@@ -29,6 +29,7 @@ from sklearn.linear_model import LogisticRegression
 from models.evaluation.ranking import logloss
 from models.ranker.crosses import CROSS_INDEX_PREFIX, WIDE_CROSS_PREFIX
 from models.ranker.model import WIDE_NUMERIC, WIDE_PREFIX
+from models.ranker.unseen import ServedMean, oov_indices, unseen_mean
 
 WIDE_MAX_ITER = 500
 """L-BFGS iterations; the demo's 18k-60k rows converge in well under 200."""
@@ -82,38 +83,6 @@ def _index_layer(table: str) -> str:
     if table.startswith(WIDE_CROSS_PREFIX):
         return CROSS_INDEX_PREFIX + table.removeprefix(WIDE_CROSS_PREFIX)
     return "lookup__" + table.removeprefix(WIDE_PREFIX)
-
-
-@dataclass(frozen=True)
-class ServedMean:
-    """Which weights of one wide table are served as the table's row-weighted mean weight, and
-    over which values that mean is taken — fixed by the fit rows alone, so it is worked out once
-    per fit and applied to each ``C``'s solution (at 10M, redoing it per solve, with a sort of
-    the 2M rows' dates per table, cost more than the solves themselves)."""
-
-    replaced: np.ndarray  # bool per value: served as the mean
-    basis: np.ndarray  # bool per value: the values the mean is taken over
-    rows: np.ndarray  # fit rows per value: the mean's weights
-
-    def apply(self, weights: np.ndarray) -> np.ndarray:
-        """``weights`` with the replaced values set to the basis values' row-weighted mean."""
-        if not self.replaced.any() or not self.basis.any():
-            return weights
-        out = weights.copy()
-        out[self.replaced] = np.average(weights[self.basis], weights=self.rows[self.basis])
-        return out
-
-
-def unseen_mean(rows: np.ndarray) -> ServedMean:
-    """Values absent from the fit rows (``rows`` per value) are served as the mean of the others.
-
-    Why: L2 spreads part of the intercept over each feature's weights, so a value the fit never
-    saw (weight 0) is not neutral. Medium world, D = 2024-01-08 (a Monday), ranker days Saturday and
-    Sunday: D's ``ctx__dow`` had no trained weight and the ranker predicted 1.358x D's clicks;
-    scored as a Saturday / Sunday, 1.054x / 1.023x. An absent value now counts as an average one.
-    """
-    seen = rows > 0
-    return ServedMean(~seen, seen, rows)
 
 
 def day_constant_mean(
@@ -174,16 +143,18 @@ def served_means(
     sizes: Sequence[int],
     dates: np.ndarray | None = None,
     day_feature_min_days: int = 0,
+    oov: Sequence[int] | None = None,
 ) -> list[ServedMean]:
     """One :class:`ServedMean` per wide table (``sizes``, in :func:`wide_layers` order): values
-    absent from ``design``'s rows are served as the mean, and with ``dates``, so are the rare
-    values of a day-constant feature (their basis being the trusted values, all of them seen)."""
+    absent from ``design``'s rows and each table's ``oov`` leading OOV indices are served as the
+    mean (:func:`models.ranker.unseen.unseen_mean`), and with ``dates``, so are the rare values
+    of a day-constant feature (their basis being the trusted values, all of them seen)."""
     support = np.asarray(design.sum(axis=0)).reshape(-1)
     day = day_codes(dates) if dates is not None and day_feature_min_days > 0 else None
     means, start = [], 0
-    for size in sizes:
+    for position, size in enumerate(sizes):
         rows = support[start : start + size]
-        served = unseen_mean(rows)
+        served = unseen_mean(rows, 0 if oov is None else oov[position])
         if day is not None:
             index = design[:, start : start + size].tocsr()
             if index.nnz == design.shape[0]:  # one value per row: a categorical feature
@@ -421,7 +392,13 @@ def fit_wide(
     design = wide_design(logit_model, inputs)
     scale = feature_column_scale(tables, design.shape[1], prior_scale or {})
 
-    served = served_means(design, sizes, dates, day_feature_min_days)
+    oov = [
+        oov_indices(logit_model, t.name.removeprefix(WIDE_PREFIX))
+        if t.name.startswith(WIDE_PREFIX)
+        else 0  # a cross's cells: no OOV index
+        for t in tables
+    ]
+    served = served_means(design, sizes, dates, day_feature_min_days, oov)
 
     def solve(strength: float) -> WideSolution:
         return solve_wide(design, sizes, labels, c=strength, seed=seed, served=served,
