@@ -1,11 +1,13 @@
 """Values the ranker's fit never saw as themselves (a new ad's id, pooled in an OOV index with the
-rare ids; a vocabulary value absent from the fit rows) are served as the average value in the
-wide part and the window FM (``models/ranker/unseen.py``). Before, D's new ads were predicted
+rare ads; a vocabulary value absent from the fit rows) are served as the average value in the
+wide part and the window FM (``models/ranker/unseen.py``); a user's OOV rows, which the rare
+users trained and which new users resemble, stay as trained. Before, D's new ads were predicted
 at 0.31-0.48 of their clicks in every generated world while the peers predicted 0.9-1.0 (README
 "Model quality", session 20)."""
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,7 +17,7 @@ from deepclick.settings import RankerSettings
 from models.ranker.fm import fm_tables
 from models.ranker.model import WIDE_PREFIX
 from models.ranker.train import TrainedRanker, train_ranker
-from models.ranker.unseen import oov_indices, unseen_mean
+from models.ranker.unseen import oov_indices, serve_unseen_as_mean, unseen_mean
 
 SETTINGS = RankerSettings(
     batch_size=256, epochs=2, cross_layers=1, holdout="last_day", baseline=False, fm_blend=0.3
@@ -32,6 +34,18 @@ def test_oov_and_unseen_rows_become_the_row_weighted_mean_of_the_others() -> Non
     np.testing.assert_array_equal(table[0], [9.0, 9.0])  # the input is left as it was
     np.testing.assert_allclose(unseen_mean(np.array([5, 0, 5])).apply(np.array([1.0, 8.0, 3.0])),
                                [1.0, 2.0, 3.0])  # fmt: skip
+
+
+def test_only_the_named_features_oov_rows_become_the_mean() -> None:
+    table = keras.layers.Embedding(4, 2)
+    table.build((None,))
+    rows = np.array([[9.0, 9.0], [1.0, 2.0], [7.0, 7.0], [3.0, 6.0]], dtype=np.float32)
+    table.set_weights([rows])
+    # row 0 is the OOV row the rare users trained (5 rows); row 2 was never trained
+    replaced = serve_unseen_as_mean(None, {"user_id": table}, {"user_id": np.array([5, 3, 0, 1])})
+    mean = (3 * rows[1] + 5 * rows[0] + 1 * rows[3]) / 9
+    np.testing.assert_allclose(table.get_weights()[0], [rows[0], rows[1], mean, rows[3]], rtol=1e-6)
+    assert replaced == 1
 
 
 @pytest.fixture(scope="module")

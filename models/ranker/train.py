@@ -17,7 +17,7 @@ import datetime as dt
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -500,6 +500,7 @@ def train_ranker(
             prior_scale=settings.wide_prior_scale,
             refit_variance=settings.wide_refit_variance,
             grid_threads=settings.wide_grid_threads,
+            oov_as_mean=own_ad_features(spec),
         )
         wide_metrics["wide_rows"] = float(len(wide_labels))
     held_fm: np.ndarray | None = None  # the frozen FM's logit of the held-out rows
@@ -516,6 +517,7 @@ def train_ranker(
             settings,
             held_inputs,
             held_labels,
+            oov_as_mean=own_ad_features(spec),
         )
         wide_metrics.update(fm_metrics)
     del window_inputs, window_labels, window_dates
@@ -632,6 +634,7 @@ def fit_window_fm(
     settings: RankerSettings,
     held_inputs: dict[str, np.ndarray],
     held_labels: np.ndarray,
+    oov_as_mean: Collection[str] = (),
 ) -> tuple[dict[str, float], np.ndarray]:
     """Fit the window FM of ``logit_model`` (:mod:`models.ranker.fm`) on ``inputs`` (every
     training day's fit rows and the held-out ones) by Adam on the rows' vocabulary indices (looked
@@ -672,12 +675,20 @@ def fit_window_fm(
         name: np.bincount(codes[name], weights=rows, minlength=int(table.input_dim))
         for name, table in tables.items()
     }
-    metrics["fm_unseen_rows_as_mean"] = float(serve_unseen_as_mean(logit_model, tables, counts))
+    metrics["fm_unseen_rows_as_mean"] = float(
+        serve_unseen_as_mean(logit_model, tables, counts, oov_as_mean)
+    )
     for layer in [*tables.values(), logit_model.get_layer(FM_LOGIT)]:
         layer.trainable = False
     held = _predict_codes(trainer, _codes(lookups, held_inputs))
     metrics["fm_holdout_auc_in_sample"] = auc(held_labels, held)
     return metrics, held
+
+
+def own_ad_features(spec: FeatureSpec) -> set[str]:
+    """The ad's categorical features: their OOV rows are served as the average value
+    (:mod:`models.ranker.unseen` says why only the ad's)."""
+    return {f.name for f in spec.by_role("ad") if f.kind == "categorical"}
 
 
 def _codes(lookups: keras.Model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

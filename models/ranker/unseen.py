@@ -1,21 +1,26 @@
 """Weight-table rows the fit never trained as themselves, served as the table's average row.
 
 A vocabulary index with no fit rows keeps its initial value (or, in the wide part, 0), which is
-not neutral; and an OOV index is trained, but on the rare values below the vocabulary's
-``min_count``, which are not what an unknown value is at serving. D's new ads are the cost: in
-every generated world the served ranker predicted them at 0.31-0.48 of their clicks while the
-peers predicted 0.9-1.0 (README "Model quality", session 20). So each such row is served as the
-row-weighted mean of the rows the fit did see as themselves: an unknown value counts as an
-average one. The rule is worked out from the fit rows once (:class:`ServedMean`) and applied to
-the wide part's solution per ``C`` (:mod:`models.ranker.wide`) and the window FM's tables once
-fitted (:func:`models.ranker.train.fit_window_fm`). Not to the network's embeddings: there the
-mean row shifted D's level on a planted folder with sampled negatives (calibration 1.03 to 1.11)
-for nothing in the generated worlds (new-ad calibration +0.013 at demo, +0.001 at medium).
+not neutral: such values are served as the row-weighted mean of the values the fit saw.
+
+An OOV index is trained, on the values below the vocabulary's ``min_count``. For an ad those are
+the ads the serving policy itself barely showed, not what a new ad is: in every generated world
+the served ranker predicted D's new ads at 0.31-0.48 of their clicks while the peers predicted
+0.9-1.0 (README "Model quality", session 20). So the OOV rows of the ad's own features are served
+as the mean too. A user's rarity is the user's own (a light user, like a new one): on TalkingData,
+where most of D's users are new, serving every feature's OOV row as the mean over-predicted D
+(calibration 1.34 [1.04, 1.76], AUC -0.0054), so other roles keep their trained OOV rows.
+
+The rule is worked out from the fit rows once (:class:`ServedMean`) and applied to the wide
+part's solution per ``C`` (:mod:`models.ranker.wide`) and the window FM's tables once fitted
+(:func:`models.ranker.train.fit_window_fm`). Not to the network's embeddings: there the mean row
+shifted D's level on a planted folder with sampled negatives (calibration 1.03 to 1.11) for
+nothing in the generated worlds (new-ad calibration +0.013 at demo, +0.001 at medium).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,15 +70,19 @@ def oov_indices(logit_model: keras.Model, feature: str) -> int:
 
 
 def serve_unseen_as_mean(
-    logit_model: keras.Model, tables: Mapping[str, keras.layers.Layer], counts: Mapping[str, Any]
+    logit_model: keras.Model,
+    tables: Mapping[str, keras.layers.Layer],
+    counts: Mapping[str, Any],
+    oov_as_mean: Collection[str] = (),
 ) -> int:
-    """Set the unseen and OOV rows of each table (feature name → ``Embedding`` layer) to the
-    row-weighted mean of the others, ``counts[feature]`` being the fit's rows per index (as the
-    log has them: with sampled negatives, each one weighted by the inverse of its rate). Returns
-    the number of rows replaced."""
+    """Set the unseen rows of each table (feature name → ``Embedding`` layer), and the OOV rows
+    of the features in ``oov_as_mean``, to the row-weighted mean of the others, ``counts[feature]``
+    being the fit's rows per index (as the log has them: with sampled negatives, each one
+    weighted by the inverse of its rate). Returns the number of rows replaced."""
     replaced = 0
     for feature, layer in tables.items():
-        served = unseen_mean(np.asarray(counts[feature]), oov_indices(logit_model, feature))
+        oov = oov_indices(logit_model, feature) if feature in oov_as_mean else 0
+        served = unseen_mean(np.asarray(counts[feature]), oov)
         (weights,) = layer.get_weights()
         layer.set_weights([served.apply(np.asarray(weights))])
         replaced += int(served.replaced.sum()) if served.basis.any() else 0

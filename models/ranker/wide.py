@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -363,6 +363,7 @@ def fit_wide(
     prior_scale: Mapping[str, float] | None = None,
     refit_variance: Mapping[str, float] | None = None,
     grid_threads: int = 1,
+    oov_as_mean: Collection[str] = (),
 ) -> dict[str, float]:
     """Solve the wide part as an L2 logistic regression (inverse strength ``c``) on ``inputs``,
     write its weights into the model, set the output bias to its intercept, zero the deep
@@ -384,6 +385,9 @@ def fit_wide(
     (feature name → variance), that feature's weights of the kept solution are then refitted as
     random effects around it (:func:`refit_feature_weights`).
 
+    Values absent from the fit rows, and the OOV indices of the features in ``oov_as_mean`` (the
+    ad's own), are served as the feature's average weight (:mod:`models.ranker.unseen`).
+
     Returns the fit's intercept, its ``C``, the number of nonzero weights and, with a grid, each
     ``C``'s held-out log loss, for the training metrics.
     """
@@ -392,10 +396,10 @@ def fit_wide(
     design = wide_design(logit_model, inputs)
     scale = feature_column_scale(tables, design.shape[1], prior_scale or {})
 
-    oov = [
+    oov = [  # a cross's cells have no OOV index
         oov_indices(logit_model, t.name.removeprefix(WIDE_PREFIX))
-        if t.name.startswith(WIDE_PREFIX)
-        else 0  # a cross's cells: no OOV index
+        if t.name.removeprefix(WIDE_PREFIX) in oov_as_mean
+        else 0
         for t in tables
     ]
     served = served_means(design, sizes, dates, day_feature_min_days, oov)
