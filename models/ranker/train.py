@@ -640,9 +640,9 @@ def fit_window_fm(
     training day's fit rows and the held-out ones) by Adam on the rows' vocabulary indices (looked
     up once, :func:`models.ranker.fm.fm_trainer`), add each ad's random effect to its weight (the
     FM's logit as offset, prior ``fm_ad_effect_variance``), serve the values its rows lack and the
-    OOV rows of ``oov_as_mean`` as the average value (:mod:`models.ranker.unseen`), and freeze it. Returns its metrics
-    (rows, the effects' spread, its AUC on the held-out rows: in-sample, it fitted them) and the
-    frozen FM's logit of the held-out rows, which the blend's level reads."""
+    OOV rows of ``oov_as_mean`` as the average value (:mod:`models.ranker.unseen`), and freeze it.
+    Returns its metrics (rows, the effects' spread, its AUC on the held-out rows: in-sample, it
+    fitted them) and the frozen FM's logit of the held-out rows, which the blend's level reads."""
     lookups, trainer = fm_trainer(logit_model)
     codes = _codes(lookups, inputs)
     trainer.compile(
