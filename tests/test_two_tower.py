@@ -23,7 +23,6 @@ from models.two_tower import (
     train_two_tower,
 )
 from models.two_tower.model import TwoTowerModel
-from models.two_tower.preprocessing import input_array, input_dtype
 from models.two_tower.train import build_towers, read_retrieval
 
 # Temperature 1.0 suits raw (unnormalised) dot products; the planted set is small, so a smaller
@@ -167,42 +166,6 @@ def test_a_new_ad_gets_a_vector_from_its_features(
     mine = np.array([scores[group == g, j].mean() for j, g in enumerate(own)])
     others = np.array([scores[group != g, j].mean() for j, g in enumerate(own)])
     assert np.mean(mine > others) >= 0.75
-
-
-def test_an_unknown_id_is_the_missing_id_that_id_dropout_trained(
-    trained: TrainedTowers, folder: FeatureFolder
-) -> None:
-    """Id dropout teaches the towers what "no id" looks like: a zeroed id embedding. An id no
-    vocabulary holds must mean exactly that. Left as trained, the OOV rows hold what the rare
-    ids below the vocabulary's ``min_count`` taught them, and every new ad inherits it: in the
-    medium world a known ad given an unknown id scored -6.2 with D's users against -2.2 with its
-    own (vector length 8.6 against 4.0), and the ranker, which reads those scores,
-    under-predicted D's new ads threefold (README "Model quality", session 20)."""
-    ads = folder.table("entities/ads")
-    known = ads[ads["ad_id"].isin(set(folder.spec.vocabulary("ad_id")))].head(200)
-    unknown = known.assign(ad_id="never-seen-" + known["ad_id"].astype(str))
-    tower = trained.tower("ad")
-    index = [f.name for f in tower.features].index("ad_id")
-    encoder = tower.encoders[index]
-    oov = int(encoder.lookup.num_oov_indices)
-    assert oov == 2
-    rows = encoder.embedding.embeddings.numpy()
-    assert np.abs(rows[:oov]).max() == 0.0  # every OOV bucket: hashed unknown ids land in any
-
-    # The tower's own vector of a known ad's features with the id embedding zeroed, as id
-    # dropout zeroes it in training, is the vector of the same ad under an unknown id.
-    inputs = {f.name: input_array(known[f.name], input_dtype(f)) for f in tower.features}
-    parts = [
-        encoder(inputs[f.name])
-        if i != index
-        else tf.zeros([len(known), encoder.embedding.output_dim])
-        for i, (f, encoder) in enumerate(zip(tower.features, tower.encoders, strict=True))
-    ]
-    x = tf.concat(parts, axis=-1)
-    for layer in tower.hidden:
-        x = layer(x)
-    without_id = np.asarray(tower.output_layer(x)) + trained.offsets["ad"]
-    np.testing.assert_allclose(trained.embed("ad", unknown), without_id, rtol=1e-5, atol=1e-5)
 
 
 def test_recall_of_planted_clicks_beats_popularity(trained: TrainedTowers, tmp_path: Path) -> None:

@@ -48,23 +48,6 @@ class CategoricalEncoder(keras.layers.Layer):
             input_dim=self.lookup.vocabulary_size(), output_dim=output_dim, name="embedding"
         )
 
-    def forget_unknown(self) -> None:
-        """Set the OOV rows to the zero vector that ``dropout`` trained as "no id".
-
-        Why: the fit also trains the OOV rows, on the rare ids below the vocabulary's
-        ``min_count``, so a new id would inherit what those taught. In the medium world a known
-        ad given an unknown id scored -6.2 with D's users against -2.2 with its own id, and
-        every new ad of D scored that way. Without dropout the tower never saw a zeroed id, so
-        the rows stay as trained.
-        """
-        if self.seed_generator is None:
-            return
-        table = self.embedding.embeddings
-        oov = int(self.lookup.num_oov_indices)
-        rows = np.asarray(table.numpy())
-        rows[:oov] = 0.0
-        table.assign(rows)
-
     def call(self, values: tf.Tensor, training: bool = False) -> tf.Tensor:
         values = tf.reshape(tf.convert_to_tensor(values, dtype=tf.string), [-1])
         embedded = self.embedding(self.lookup(values))

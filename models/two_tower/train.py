@@ -25,7 +25,7 @@ from deepclick.settings import TwoTowerSettings
 from models.feature_spec import ROLE_KEY, Feature, FeatureSpec, FeatureSpecError
 from models.fitting import build_before_fit, shuffled_batches
 from models.two_tower.model import TwoTowerModel, additive_offsets
-from models.two_tower.preprocessing import CategoricalEncoder, input_array, input_dtype
+from models.two_tower.preprocessing import input_array, input_dtype
 from models.two_tower.towers import TOWER_ROLES, Tower, tower_features
 
 RETRIEVAL_TABLE = "training/retrieval"
@@ -223,10 +223,6 @@ def train_two_tower(
     started = time.perf_counter()
     fitted = model.fit(dataset, epochs=settings.epochs, verbose=1 if progress else 0, shuffle=False)
     seconds = time.perf_counter() - started
-    for tower in towers.values():  # an id no vocabulary holds is "no id", as dropout taught
-        for encoder in tower.encoders:
-            if isinstance(encoder, CategoricalEncoder):
-                encoder.forget_unknown()
     time_inputs = None
     if "time" in towers:
         time_inputs = {f.name: inputs[f.name] for f in towers["time"].features}
