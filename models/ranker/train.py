@@ -479,6 +479,7 @@ def train_ranker(
     )
     held_tensors = _tensors(logit_model, held_inputs)  # for the wide fit's C and the fit
     wide_metrics: dict[str, float] = {}
+    ad_features = own_ad_features(spec)  # their OOV rows are served as the average value
     window_inputs, window_labels = fit_inputs, fit_labels
     window_dates = fit_rows["date"].to_numpy()
     if _window_reads_every_day(settings, dates):
@@ -500,7 +501,7 @@ def train_ranker(
             prior_scale=settings.wide_prior_scale,
             refit_variance=settings.wide_refit_variance,
             grid_threads=settings.wide_grid_threads,
-            oov_as_mean=own_ad_features(spec),
+            oov_as_mean=ad_features,
         )
         wide_metrics["wide_rows"] = float(len(wide_labels))
     held_fm: np.ndarray | None = None  # the frozen FM's logit of the held-out rows
@@ -517,7 +518,7 @@ def train_ranker(
             settings,
             held_inputs,
             held_labels,
-            oov_as_mean=own_ad_features(spec),
+            oov_as_mean=ad_features,
         )
         wide_metrics.update(fm_metrics)
     del window_inputs, window_labels, window_dates

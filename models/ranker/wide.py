@@ -396,12 +396,8 @@ def fit_wide(
     design = wide_design(logit_model, inputs)
     scale = feature_column_scale(tables, design.shape[1], prior_scale or {})
 
-    oov = [  # a cross's cells have no OOV index
-        oov_indices(logit_model, t.name.removeprefix(WIDE_PREFIX))
-        if t.name.removeprefix(WIDE_PREFIX) in oov_as_mean
-        else 0
-        for t in tables
-    ]
+    features = [t.name.removeprefix(WIDE_PREFIX) for t in tables]  # a cross keeps its name
+    oov = [oov_indices(logit_model, f) if f in oov_as_mean else 0 for f in features]
     served = served_means(design, sizes, dates, day_feature_min_days, oov)
 
     def solve(strength: float) -> WideSolution:
