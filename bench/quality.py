@@ -172,13 +172,22 @@ def collect(settings: Settings, date: dt.date) -> dict[str, Any]:
     )
     retrieval_file = folder / "retrieval" / "retrieval.json"
     if retrieval_file.is_file():
-        curves = json.loads(retrieval_file.read_text()).get("recall_at_k", {})
+        retrieval = json.loads(retrieval_file.read_text())
+        curves = retrieval.get("recall_at_k", {})
         served = curves.get("two_tower_popular", {})
         popular = curves.get("popularity_overall", {})
         for k in ("100", "500"):
             if k in served and k in popular and popular[k]:
                 row[f"funnel_recall@{k}"] = round(served[k], 3)
                 row[f"x_popularity@{k}"] = round(served[k] / popular[k], 2)
+        cold = retrieval.get("cold_start") or {}
+        if cold.get("clicks_on_new_ads"):
+            # D's clicks on ads without training rows that the served candidates (K = 500) hold:
+            # the fresh slots' way in (candidates/funnel.py), which popularity never has.
+            n = int(cold["clicks_on_new_ads"])
+            share = cold.get("recall_at_k", {}).get("two_tower_popular", {}).get("500")
+            if share is not None:
+                row["new_ad_clicks@500"] = f"{round(share * n)}/{n}"
     replay_file = folder / "replay" / "replay.json"
     if replay_file.is_file():
         replay = json.loads(replay_file.read_text())

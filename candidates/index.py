@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +66,9 @@ ANN_FILE = "ads.ann"
 IDS_FILE = ids_file("ads")
 POPULAR_FILE = "popular.json"
 PRIOR_FILE = "prior.npy"
+FRESH_FILE = "fresh.npy"
+"""Rows of the ads without rows in the training window, ascending int64: the fresh slots'
+pool (``candidates.funnel``)."""
 COLUMNS_FILE = "ads_columns.npy"
 """The ad vectors column by column: ``[dim, ads]`` float32, ``ads_vectors.npy`` transposed.
 Serving's exact scan multiplies its transpose — the same matrix, column-major — because BLAS's
@@ -262,6 +265,7 @@ def build_index(
     version: str | None = None,
     update_current: bool = True,
     clicks: Mapping[str, float] | None = None,
+    trained_ads: Collection[str] | None = None,
     funnel: FunnelParams | None = None,
     check: Callable[[CandidateIndex], dict[str, Any]] | None = None,
     search_n: int = 500,
@@ -281,6 +285,8 @@ def build_index(
     ``clicks`` (ad id → training clicks) give every ad its popularity prior ``log(clicks +
     smoothing)`` (``prior.npy``, row i = ad i), which serving adds to ``query·ad`` with the weight
     of ``funnel`` (recorded in the manifest, so serving scores exactly as the build was checked).
+    Ads missing from ``trained_ads`` (the ads with rows in the training window) are the fresh
+    ones (``fresh.npy``) that get the funnel's fresh slots; without ``trained_ads`` none is fresh.
     ``check`` gets the staged index before it is published and returns numbers for the manifest's
     ``funnel`` section; raising refuses the index (nothing published, CURRENT stays).
 
@@ -347,6 +353,8 @@ def build_index(
         np.save(staging.path / COLUMNS_FILE, np.ascontiguousarray(np.asarray(ads.vectors).T))
         prior = popularity_prior(ads.ids, clicks or {}, funnel.prior_smoothing)
         np.save(staging.path / PRIOR_FILE, prior, allow_pickle=False)
+        fresh = fresh_rows(ads.ids, trained_ads)
+        np.save(staging.path / FRESH_FILE, fresh, allow_pickle=False)
         ann_size = (staging.path / ANN_FILE).stat().st_size
         staging.manifest.update(
             {
@@ -367,6 +375,7 @@ def build_index(
                     "ads_with_clicks": sum(
                         1 for a in ads.ids if (clicks or {}).get(bytes(a).decode(), 0) > 0
                     ),
+                    "fresh_ads": len(fresh),
                 },
                 "counts": {
                     "ads": len(ads),
@@ -383,6 +392,14 @@ def build_index(
             }
         )
     return index_parent / version
+
+
+def fresh_rows(ad_ids: np.ndarray, trained_ads: Collection[str] | None) -> np.ndarray:
+    """Rows (ascending) of the ads not in ``trained_ads``; none when it is None (unknown)."""
+    if trained_ads is None:
+        return np.empty(0, dtype=np.int64)
+    trained = np.array([str(a).encode("utf-8") for a in trained_ads], dtype=bytes)
+    return np.flatnonzero(~np.isin(ad_ids, trained)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -402,6 +419,9 @@ class CandidateIndex:
     """``log(clicks + smoothing)`` per item (``prior.npy``); None for indexes built without it."""
     columns: np.ndarray | None = None
     """The mapped :data:`COLUMNS_FILE` (``[dim, ads]``); None for indexes built before it."""
+    fresh: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    """Rows of the ads without training rows (:data:`FRESH_FILE`); empty for indexes built
+    before it."""
 
     @property
     def scan_matrix(self) -> np.ndarray | None:
@@ -576,8 +596,13 @@ def _open(
     except CandidateIndexError:
         forest.unload()
         raise
+    try:
+        fresh = _read_fresh(folder / FRESH_FILE, n_ads)
+    except CandidateIndexError:
+        forest.unload()
+        raise
     return CandidateIndex(
-        folder, manifest, forest, ids, popular, _read_prior(folder, n_ads), columns
+        folder, manifest, forest, ids, popular, _read_prior(folder, n_ads), columns, fresh
     )
 
 
@@ -595,6 +620,29 @@ def _read_prior(folder: Path, n_ads: int) -> np.ndarray | None:
             path, f"must hold {n_ads} finite floats (one per item), got {prior.dtype} {prior.shape}"
         )
     return prior
+
+
+def _read_fresh(path: Path, n_ads: int) -> np.ndarray:
+    """:data:`FRESH_FILE`, checked to be distinct ascending rows of the index; empty for an index
+    built before it existed."""
+    if not path.is_file():
+        return np.empty(0, dtype=np.int64)
+    try:
+        rows = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise _fail(path, f"not a readable .npy file ({exc})") from None
+    valid = (
+        rows.ndim == 1
+        and rows.dtype.kind in "iu"
+        and (len(rows) == 0 or (rows[0] >= 0 and rows[-1] < n_ads and (np.diff(rows) > 0).all()))
+    )
+    if not valid:
+        raise _fail(
+            path,
+            f"must hold distinct ascending rows of the index (0 to {n_ads - 1}), got "
+            f"{rows.dtype} {list(rows.shape)}",
+        )
+    return rows.astype(np.int64)
 
 
 def _read_columns(path: Path, dim: int, n_ads: int) -> np.ndarray | None:

@@ -7,12 +7,13 @@ strongest first, from the request (cold start computed elsewhere from features),
 table, or the documented fallback vector of the embeddings folder (``fallback_user.npy`` /
 ``fallback_placement.npy``); the result says which applied.
 
-Candidates, without duplicates and without the ads the caller excludes, come in three parts
+Candidates, without duplicates and without the ads the caller excludes, come in four parts
 (``candidates.funnel`` says why): most by ``query·ad + prior_weight · log(clicks + smoothing)``
 over the ANNOY neighbours and the most clicked ads (the index's prior and weight); a share
-``explore_share`` by similarity alone (cold-start ads get in there); and a quota of ads popular on
-the placement (its own list, else the overall list). An index without a prior (weight 0) gives
-the neighbours plus the popular quota, as before.
+``fresh_share`` from the ads without training rows (the index's fresh rows), best ``query·ad``
+among them (the way in for new ads); a share ``explore_share`` by similarity alone; and a quota of
+ads popular on the placement (its own list, else the overall list). An index without a prior
+(weight 0) gives the neighbours plus the popular quota, as before.
 
 The neighbours come from an exact scan of the mapped ad vectors (recall 1.0) or from ANNOY,
 whichever the index build measured faster for this catalogue and dimension (issue 14). The whole
@@ -258,6 +259,7 @@ class CandidateService:
         scan = index.scan_matrix
         self._scan = self._vectors if scan is None else np.asarray(scan)
         self._prior = index.prior if index.prior is not None and self.funnel.prior_weight else None
+        self._fresh = index.fresh if self.funnel.fresh_share > 0 else index.fresh[:0]
         # The most clicked rows, the popular half of the prior-ordered pool (capped: a request
         # never needs more than its k of them).
         self._prior_top = (
@@ -371,8 +373,9 @@ class CandidateService:
     ) -> CandidateResult:
         """Up to ``k`` distinct ads (exactly ``k`` when the catalogue minus ``exclude`` has that
         many): ``k * popular_quota`` (rounded half up) popular ads for the placement that ANN did
-        not already find, the rest nearest neighbours; gaps in either are filled from the other.
-        Best ``query·ad`` first. ``parts`` (from :meth:`locate`) skips the entity lookup."""
+        not already find, ``k * fresh_share`` fresh ads (as many as there are), the rest by the
+        prior and nearest neighbours; gaps in either are filled from the other. Best ``query·ad``
+        first. ``parts`` (from :meth:`locate`) skips the entity lookup."""
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         if parts is None:
@@ -396,8 +399,10 @@ class CandidateService:
         want = min(n_items, k + len(set(exclude)))
         found = search(want) if k else np.empty(0, dtype=np.int64)
         picked = _Picked(n_items, self._banned_rows(exclude))
+        fresh = self._best_fresh(scores, k, k - quota - explore, picked)
         if self._prior is not None:
-            self._take_by_prior(scores, found, k, k - quota - explore, picked)
+            self._take_by_prior(scores, found, k, k - quota - explore - len(fresh), picked)
+        picked.take(fresh, len(picked) + len(fresh), popular=False)
 
         def fill_ann(limit: int) -> None:
             """Take neighbours up to ``limit``; ANNOY may return fewer than asked (search_k,
@@ -438,6 +443,16 @@ class CandidateService:
             return np.empty(0, dtype=np.int64)
         rows = self.embeddings.ads.rows(list(exclude))
         return rows[rows >= 0]
+
+    def _best_fresh(self, scores: _Scores, k: int, room: int, picked: _Picked) -> np.ndarray:
+        """The fresh slots' rows: up to ``k * fresh_share`` (rounded half up, at most ``room``)
+        of the fresh ads not excluded, best ``query·ad`` first (exact: the fresh ads are the
+        few the last days added)."""
+        if not len(self._fresh) or room <= 0:
+            return self._fresh[:0]
+        pool = self._fresh[~picked.closed[self._fresh]]
+        n = min(room, int(k * self.funnel.fresh_share + 0.5), len(pool))
+        return pool[top_rows(scores.of(pool), n)] if n > 0 else pool[:0]
 
     def _take_by_prior(
         self, scores: _Scores, neighbours: np.ndarray, k: int, limit: int, picked: _Picked

@@ -391,8 +391,14 @@ class IndexSettings(_Section):
         0.1,
         ge=0,
         le=1,
-        description="share of candidates chosen by similarity alone, the way in for ads without "
-        "clicks yet (cold start)",
+        description="share of candidates chosen by similarity alone",
+    )
+    fresh_share: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="share of candidates kept for ads without rows in the training window (new "
+        "ads), best query·ad among them; counted apart by the funnel check (candidates/funnel.py)",
     )
     funnel_refuse: bool = Field(
         True,

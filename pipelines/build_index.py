@@ -76,8 +76,8 @@ def candidates_check(
     date: str,
 ) -> Callable[[CandidateIndex], dict[str, Any]]:
     """The check ``build_index`` runs on a staged index: serving's candidates for each clicked
-    ``(user, placement)`` query against the ``popular`` ads, at every K; raises FunnelRefused
-    (when ``refuse``) if the candidates lose at any K."""
+    ``(user, placement)`` query against the ``popular`` ads, at every K, the fresh slots counted
+    apart; raises FunnelRefused (when ``refuse``) if the candidates lose at any K."""
 
     def check(index: CandidateIndex) -> dict[str, Any]:
         service = CandidateService(
@@ -85,8 +85,15 @@ def candidates_check(
         )
         # One request per K, as serving gets them (a list for 500 is not the list for 100 extended).
         candidates = {k: [service.candidates(u, p, k).ad_ids for u, p in queries] for k in ks}
+        fresh = index.ad_ids[index.fresh].astype(str).tolist()
         result = funnel_check(
-            candidates, popular, clicked, tolerance=tolerance, z=z, min_clicks=min_clicks
+            candidates,
+            popular,
+            clicked,
+            tolerance=tolerance,
+            z=z,
+            min_clicks=min_clicks,
+            fresh=fresh,
         )
         if refuse and result["decision"] == "refuse":
             raise FunnelRefused(refusal_message(index.manifest["version"], date, result))
@@ -145,6 +152,9 @@ def run_index(
         tune_search_k=cfg.tune_search_k,
         version=out.name,
         clicks={ad: c for ad, (c, _) in counts.items()},
-        funnel=FunnelParams(cfg.prior_weight, cfg.prior_smoothing, cfg.explore_share),
+        trained_ads=counts.keys(),
+        funnel=FunnelParams(
+            cfg.prior_weight, cfg.prior_smoothing, cfg.explore_share, cfg.fresh_share
+        ),
         check=funnel_checker(settings, date, embeddings, features, counts),
     )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from candidates.funnel import FunnelParams, FunnelRefused, funnel_check, popularity_prior
-from candidates.index import build_index, open_index
+from candidates.index import FRESH_FILE, CandidateIndexError, build_index, open_index
 from candidates.service import CandidateService
 from candidates.store import publish_embeddings
 from deepclick.publish import current_version
@@ -17,12 +17,16 @@ from pipelines.build_index import candidates_check
 
 DIM = 4
 # Planted catalogue: 6 popular ads along e1 (orthogonal to every user), 6 niche ads along e0 (what
-# the users match) with a few clicks, one brand-new ad matching best of all, 20 filler ads.
+# the users match) with a few clicks, one brand-new ad matching best of all, one brand-new ad that
+# matches less than the niche ads (the usual new ad: the towers never saw its id), 20 filler ads.
 POPULAR = [f"pop{i}" for i in range(6)]
 NICHE = [f"niche{i}" for i in range(6)]
 COLD = "cold"
+FRESH_WEAK = "new_weak"
 FILLER = [f"fill{i:02d}" for i in range(20)]
 CLICKS = {**{ad: 1000.0 - 100 * i for i, ad in enumerate(POPULAR)}, **dict.fromkeys(NICHE, 1.0)}
+TRAINED = [*CLICKS, *FILLER]
+"""Ads with rows in the training window; the two new ones have none."""
 
 
 def catalogue() -> tuple[list[str], np.ndarray]:
@@ -35,6 +39,8 @@ def catalogue() -> tuple[list[str], np.ndarray]:
         vectors.append([1.0 - 0.01 * i, 0.0, 0.0, 0.0])
     ids.append(COLD)
     vectors.append([1.5, 0.0, 0.0, 0.0])
+    ids.append(FRESH_WEAK)
+    vectors.append([0.3, 0.0, 0.0, 0.0])
     for i, ad in enumerate(FILLER):
         ids.append(ad)
         vectors.append([0.0, 0.0, 0.5, 0.01 * i])
@@ -55,13 +61,21 @@ def embeddings(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return publish_embeddings(root / "embeddings", "20240105", tables, fallbacks)
 
 
-def build(embeddings: Path, parent: Path, version: str, funnel: FunnelParams, check=None) -> Path:
+def build(
+    embeddings: Path,
+    parent: Path,
+    version: str,
+    funnel: FunnelParams,
+    check=None,
+    trained: list[str] | None = None,
+) -> Path:
     return build_index(
         embeddings,
         parent,
         n_trees=5,
         search_k=1000,
         clicks=CLICKS,
+        trained_ads=trained,
         funnel=funnel,
         check=check,
         version=version,
@@ -94,6 +108,68 @@ def test_funnel_check_counts_clicks_found_by_candidates_and_by_popular_ads() -> 
     assert result["within_noise_ks"] == [500]
     few = funnel_check({2: [["c"]] * 4}, ["a", "x"], ["a", "b", "x", "d"], min_clicks=5)
     assert few["decision"] == "insufficient_evidence"
+
+
+def test_funnel_check_counts_fresh_slots_apart_from_the_comparison_with_popularity() -> None:
+    # K=2, fresh ad "f" (no training rows, so never among the popular ads). Lists 0-2 spend one
+    # slot on it, list 3 none; the popular ads get as many slots as each list's other ads:
+    # 1, 1, 1, 2.
+    candidates = {2: [["a", "f"], ["c", "f"], ["a", "f"], ["b", "c"]]}
+    clicked = ["a", "f", "x", "b"]
+    result = funnel_check(candidates, ["a", "x"], clicked, fresh={"f"})
+    # The whole list finds a, f, b (3/4); the 2 most clicked find a, x (2/4).
+    assert (result["recall"], result["popularity"]) == ({"2": 0.75}, {"2": 0.5})
+    # Judged on the same slots: the lists' other ads find a, b (2/4); one popular ad per fresh
+    # list and two for list 3 find a (1/4). Without counting apart, list 2 would lose "x".
+    assert result["judged"] == {"2": {"candidates": 0.5, "popularity": 0.25}}
+    assert result["fresh"] == {"clicks": 1, "recall": {"2": 1.0}, "slots": {"2": 0.75}}
+    assert result["decision"] == "pass"
+    # A list that spends its slot on the fresh ad and misses what a popular ad on the same one
+    # slot would find still loses.
+    worse = funnel_check({2: [["c", "f"]] * 4}, ["a", "x"], clicked, fresh={"f"})
+    assert (worse["decision"], worse["losing_ks"]) == ("refuse", [2])
+
+
+def test_fresh_share_gives_ads_without_training_rows_their_own_slots(
+    embeddings: Path, tmp_path: Path
+) -> None:
+    # The towers never saw a new ad's id, so it rarely matches well: similarity alone (the
+    # explore share) takes the best match, the new ad that matches less never gets in.
+    explore = build(
+        embeddings, tmp_path / "a", "v1", FunnelParams(1.0, explore_share=0.5), trained=TRAINED
+    )
+    fresh = build(
+        embeddings, tmp_path / "b", "v1", FunnelParams(1.0, fresh_share=0.5), trained=TRAINED
+    )
+    open_service = lambda folder: CandidateService.load(folder, embeddings, popular_quota=0.0)  # noqa: E731
+    assert set(open_service(explore).candidates("u0", "p0", 4).ad_ids) == {
+        *POPULAR[:2],
+        COLD,
+        "niche0",
+    }
+    # fresh_share 0.5 of 4 = 2 slots for the ads without training rows, best match first.
+    result = open_service(fresh).candidates("u0", "p0", 4)
+    assert set(result.ad_ids) == {*POPULAR[:2], COLD, FRESH_WEAK}
+    index = open_index(fresh)
+    assert sorted(index.ad_ids[index.fresh].astype(str)) == [COLD, FRESH_WEAK]
+    assert index.manifest["funnel"]["fresh_ads"] == 2
+    assert index.funnel == FunnelParams(1.0, 1.0, 0.0, 0.5)
+    # Excluded fresh ads leave their slot to the next one; an index built without knowing the
+    # training ads has no fresh rows and no fresh slots.
+    excluded = open_service(fresh).candidates("u0", "p0", 4, exclude={FRESH_WEAK})
+    assert FRESH_WEAK not in excluded.ad_ids
+    unknown = build(embeddings, tmp_path / "c", "v1", FunnelParams(1.0, fresh_share=0.5))
+    assert len(open_index(unknown).fresh) == 0
+    assert set(open_service(unknown).candidates("u0", "p0", 4).ad_ids) == set(POPULAR[:4])
+
+
+def test_index_with_a_corrupt_fresh_file_is_refused(embeddings: Path, tmp_path: Path) -> None:
+    folder = build(
+        embeddings, tmp_path / "a", "v1", FunnelParams(1.0, fresh_share=0.5), trained=TRAINED
+    )
+    np.save(folder / FRESH_FILE, np.array([0, 10_000]), allow_pickle=False)
+    with pytest.raises(CandidateIndexError, match=f"{FRESH_FILE}.*rows of the index"):
+        open_index(folder, verify_checksums=False)
 
 
 def test_prior_is_log_clicks_plus_smoothing_per_ad_row() -> None:

@@ -92,6 +92,7 @@ def test_manifest_records_the_build(published: Path) -> None:
         "ads.ann",
         "ads_ids.npy",
         "ads_columns.npy",
+        "fresh.npy",
         "popular.json",
         "prior.npy",
     }
