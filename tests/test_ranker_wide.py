@@ -237,6 +237,10 @@ def test_served_means_are_the_per_table_rules_worked_out_once() -> None:
     assert served[1].apply(user_weights)[3] == pytest.approx((0.3 * 3 - 0.1 * 2 + 0.6) / 6)
     unseen_only = served_means(design, [3, 4])  # without dates: the unseen rule alone
     np.testing.assert_allclose(unseen_only[0].apply(dow_weights)[1:], dow_weights[1:])
+    # With sampled negatives each fit row counts as the log has it (rows 2 and 3 are negatives
+    # kept at rate 1/4), as the window FM counts them: user values 0, 1, 2 weigh 6, 2 and 4.
+    weighted = served_means(design, [3, 4], row_weights=np.array([1.0, 1, 4, 4, 1, 1]))
+    assert weighted[1].apply(user_weights)[3] == pytest.approx((0.3 * 6 - 0.1 * 2 + 0.6 * 4) / 12)
 
 
 def test_a_column_scale_is_the_l2_prior_of_those_columns() -> None:

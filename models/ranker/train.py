@@ -502,6 +502,7 @@ def train_ranker(
             refit_variance=settings.wide_refit_variance,
             grid_threads=settings.wide_grid_threads,
             oov_as_mean=ad_features,
+            row_weights=log_rows(wide_labels, settings.negative_sampling_rate),
         )
         wide_metrics["wide_rows"] = float(len(wide_labels))
     held_fm: np.ndarray | None = None  # the frozen FM's logit of the held-out rows
@@ -671,8 +672,7 @@ def fit_window_fm(
         weights[:, 0] += effect.astype(weights.dtype)
         table.set_weights([weights])
         metrics["fm_ad_effect_sd"] = float(effect[np.unique(codes[ad])].std())
-    # rows per value as the log has them: each kept negative stands for 1 / rate of them
-    rows = np.where(labels > 0, 1.0, 1.0 / settings.negative_sampling_rate)
+    rows = log_rows(labels, settings.negative_sampling_rate)
     counts = {
         name: np.bincount(codes[name], weights=rows, minlength=int(table.input_dim))
         for name, table in tables.items()
@@ -685,6 +685,12 @@ def fit_window_fm(
     held = _predict_codes(trainer, _codes(lookups, held_inputs))
     metrics["fm_holdout_auc_in_sample"] = auc(held_labels, held)
     return metrics, held
+
+
+def log_rows(labels: np.ndarray, rate: float) -> np.ndarray:
+    """How many of the log's rows each fit row stands for: 1 per click, ``1 / rate`` per negative
+    kept at the sampling ``rate`` (the weights of the averages served for unseen values)."""
+    return np.where(labels > 0, 1.0, 1.0 / rate)
 
 
 def own_ad_features(spec: FeatureSpec) -> set[str]:

@@ -144,12 +144,19 @@ def served_means(
     dates: np.ndarray | None = None,
     day_feature_min_days: int = 0,
     oov: Sequence[int] | None = None,
+    row_weights: np.ndarray | None = None,
 ) -> list[ServedMean]:
     """One :class:`ServedMean` per wide table (``sizes``, in :func:`wide_layers` order): values
     absent from ``design``'s rows and each table's ``oov`` leading OOV indices are served as the
     mean (:func:`models.ranker.unseen.unseen_mean`), and with ``dates``, so are the rare values
-    of a day-constant feature (their basis being the trusted values, all of them seen)."""
-    support = np.asarray(design.sum(axis=0)).reshape(-1)
+    of a day-constant feature (their basis being the trusted values, all of them seen).
+
+    The mean weighs each value by its fit rows, each row counted by ``row_weights`` (with sampled
+    negatives: 1 per click, 1 / rate per kept negative, the rows as the log has them, as the
+    window FM counts them); without ``row_weights`` every row counts 1."""
+    support = np.asarray(
+        design.sum(axis=0) if row_weights is None else design.T @ row_weights
+    ).reshape(-1)
     day = day_codes(dates) if dates is not None and day_feature_min_days > 0 else None
     means, start = [], 0
     for position, size in enumerate(sizes):
@@ -364,6 +371,7 @@ def fit_wide(
     refit_variance: Mapping[str, float] | None = None,
     grid_threads: int = 1,
     oov_as_mean: Collection[str] = (),
+    row_weights: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Solve the wide part as an L2 logistic regression (inverse strength ``c``) on ``inputs``,
     write its weights into the model, set the output bias to its intercept, zero the deep
@@ -386,7 +394,8 @@ def fit_wide(
     random effects around it (:func:`refit_feature_weights`).
 
     Values absent from the fit rows, and the OOV indices of the features in ``oov_as_mean`` (the
-    ad's own), are served as the feature's average weight (:mod:`models.ranker.unseen`).
+    ad's own), are served as the feature's average weight (:mod:`models.ranker.unseen`), each
+    fit row counted by ``row_weights`` (:func:`served_means`).
 
     Returns the fit's intercept, its ``C``, the number of nonzero weights and, with a grid, each
     ``C``'s held-out log loss, for the training metrics.
@@ -398,7 +407,7 @@ def fit_wide(
 
     features = [t.name.removeprefix(WIDE_PREFIX) for t in tables]  # a cross keeps its name
     oov = [oov_indices(logit_model, f) if f in oov_as_mean else 0 for f in features]
-    served = served_means(design, sizes, dates, day_feature_min_days, oov)
+    served = served_means(design, sizes, dates, day_feature_min_days, oov, row_weights)
 
     def solve(strength: float) -> WideSolution:
         return solve_wide(design, sizes, labels, c=strength, seed=seed, served=served,
