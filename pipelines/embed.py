@@ -6,18 +6,22 @@ embeds the tables itself (``two_tower.embed_on``): Spark's Python workers would 
 cores and each pay a TensorFlow import and a SavedModel load (14-18 s of CPU per day on the daily
 test's world of ~600 entities, about 1 s in the driver). Every entity in the tables is
 embedded, including ads and placements with no traffic yet (their vectors come from their
-features). The driver then gathers the vectors into the mmappable tables of contracts §4 through
-``candidates.store.publish_embeddings``, which publishes atomically.
+features). An ad without rows in the training window is embedded with the "no id" value
+(``models.two_tower.preprocessing.NO_ID``: the zeroed id that id dropout trained) instead of its
+unknown id, whose OOV row the rarest ads trained. The driver then gathers the vectors into the
+mmappable tables of contracts §4 through ``candidates.store.publish_embeddings``, which publishes
+atomically.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
@@ -43,23 +47,34 @@ VECTOR_SCHEMA = T.StructType(
 )
 
 
-def embed_frame(frame: DataFrame, tower_path: str, key: str, columns: list[str]) -> DataFrame:
-    """(id, vector) for every row of ``frame``, computed by the tower at ``tower_path``."""
+def embed_frame(
+    frame: DataFrame,
+    tower_path: str,
+    key: str,
+    columns: list[str],
+    no_id: Collection[str] = frozenset(),
+) -> DataFrame:
+    """(id, vector) for every row of ``frame``, computed by the tower at ``tower_path``; the
+    rows whose ``key`` is in ``no_id`` are embedded as "no id" (:func:`without_ids`)."""
+    no_id = frozenset(no_id)
 
     def embed(batches: Iterator):  # runs in the Spark Python workers
         from models.two_tower.export import load_tower
 
         tower = load_tower(tower_path)  # once per partition, not per batch
         for batch in batches:
-            vectors = tower(batch, fill_missing=True)
+            vectors = tower(without_ids(batch, key, no_id), fill_missing=True)
             yield batch[[key]].rename(columns={key: "id"}).assign(vector=list(vectors))
 
     return frame.select(key, *[c for c in columns if c != key]).mapInPandas(embed, VECTOR_SCHEMA)
 
 
-def embed_in_driver(folder: Path, tower: LoadedTower, key: str) -> tuple[np.ndarray, np.ndarray]:
+def embed_in_driver(
+    folder: Path, tower: LoadedTower, key: str, no_id: Collection[str] = frozenset()
+) -> tuple[np.ndarray, np.ndarray]:
     """(ids, float32 ``[n, dim]``) for every row of the parquet entity table ``folder``, embedded
     in this process in bounded batches: what ``embed_frame`` computes, without Spark workers."""
+    no_id = frozenset(no_id)
     columns = [key, *[c for c in tower.feature_names if c != key]]
     dataset = ds.dataset(str(folder), format="parquet")
     absent = [c for c in columns if c not in dataset.schema.names]
@@ -70,10 +85,32 @@ def embed_in_driver(folder: Path, tower: LoadedTower, key: str) -> tuple[np.ndar
     for batch in dataset.to_batches(columns=columns, batch_size=DRIVER_BATCH_ROWS):
         frame = batch.to_pandas()
         ids.append(frame[key].astype(str).to_numpy())
-        vectors.append(tower(frame, fill_missing=True))
+        vectors.append(tower(without_ids(frame, key, no_id), fill_missing=True))
     if not ids:
         return np.zeros(0, dtype=str), np.zeros((0, tower.dim), np.float32)
     return np.concatenate(ids), np.concatenate(vectors).astype(np.float32, copy=False)
+
+
+def without_ids(frame: pd.DataFrame, key: str, no_id: frozenset[str]) -> pd.DataFrame:
+    """``frame`` with the ``key`` of the rows in ``no_id`` replaced by
+    :data:`~models.two_tower.preprocessing.NO_ID` (a copy; ``frame`` itself when none is)."""
+    if not no_id:
+        return frame
+    from models.two_tower.preprocessing import NO_ID
+
+    hit = frame[key].astype(str).isin(no_id).to_numpy()
+    if not hit.any():
+        return frame
+    return frame.assign(**{key: np.where(hit, NO_ID, frame[key].astype(str))})
+
+
+def ads_without_training_rows(features: Path) -> frozenset[str]:
+    """The catalogue's ads with no row in the training window (``training/ranking``): the towers
+    never saw them, and neither did the ranker; the index gives them its fresh slots."""
+    trained = pq.read_table(features / "training" / "ranking", columns=["ad_id"]).column("ad_id")
+    catalogue = pq.read_table(features / "entities" / "ads", columns=["ad_id"]).column("ad_id")
+    seen = set(trained.unique().to_pylist())
+    return frozenset(str(a) for a in catalogue.to_pylist() if a not in seen)
 
 
 def embeds_in_driver(settings: Settings, spark: SparkSession) -> bool:
@@ -116,12 +153,13 @@ def run_embed(
         for entity, (role, key, fallback) in ENTITY_TOWERS.items():
             tower = load_tower(towers / role)
             table = features / "entities" / entity
+            no_id = ads_without_training_rows(features) if entity == "ads" else frozenset()
             if in_driver:
-                tables[entity] = embed_in_driver(table, tower, key)
+                tables[entity] = embed_in_driver(table, tower, key, no_id)
             else:
                 vectors = Path(scratch) / entity
                 frame = spark.read.parquet(str(table))
-                embedded = embed_frame(frame, str(towers / role), key, tower.feature_names)
+                embedded = embed_frame(frame, str(towers / role), key, tower.feature_names, no_id)
                 embedded.write.parquet(str(vectors))
                 tables[entity] = _read_vectors(vectors, tower.dim)
             if fallback is not None:

@@ -23,6 +23,7 @@ from models.two_tower import (
     train_two_tower,
 )
 from models.two_tower.model import TwoTowerModel
+from models.two_tower.preprocessing import NO_ID, input_array, input_dtype
 from models.two_tower.train import build_towers, read_retrieval
 
 # Temperature 1.0 suits raw (unnormalised) dot products; the planted set is small, so a smaller
@@ -168,6 +169,35 @@ def test_a_new_ad_gets_a_vector_from_its_features(
     assert np.mean(mine > others) >= 0.75
 
 
+def test_no_id_is_the_zeroed_id_that_id_dropout_trained(
+    trained: TrainedTowers, folder: FeatureFolder, exported: dict[str, Path]
+) -> None:
+    """Id dropout teaches the towers what "no id" looks like: a zeroed id embedding. ``NO_ID``
+    asks for exactly that, in memory and in the exported tower, while an unknown id keeps the OOV
+    row the rare ids trained (those rare ads and users keep their vectors; README "Model
+    quality", sessions 20 and 21)."""
+    ads = folder.table("entities/ads")
+    known = ads[ads["ad_id"].isin(set(folder.spec.vocabulary("ad_id")))].head(200)
+    tower = trained.tower("ad")
+    index = [f.name for f in tower.features].index("ad_id")
+    inputs = {f.name: input_array(known[f.name], input_dtype(f)) for f in tower.features}
+    parts = [
+        encoder(inputs[f.name])
+        if i != index
+        else tf.zeros([len(known), encoder.embedding.output_dim])
+        for i, (f, encoder) in enumerate(zip(tower.features, tower.encoders, strict=True))
+    ]
+    x = tf.concat(parts, axis=-1)
+    for layer in tower.hidden:
+        x = layer(x)
+    without_id = np.asarray(tower.output_layer(x)) + trained.offsets["ad"]
+    no_id = known.assign(ad_id=NO_ID)
+    np.testing.assert_allclose(trained.embed("ad", no_id), without_id, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(load_tower(exported["ad"])(no_id), without_id, rtol=1e-5, atol=1e-5)
+    unknown = known.assign(ad_id="never-seen-" + known["ad_id"].astype(str))
+    assert np.abs(trained.embed("ad", unknown) - without_id).max() > 1e-3
+
+
 def test_recall_of_planted_clicks_beats_popularity(trained: TrainedTowers, tmp_path: Path) -> None:
     curves = click_recall(trained, ks=(10, 20, 50))
     model, popular = curves["two_tower"], curves["popularity"]
@@ -264,15 +294,23 @@ def test_driver_embedding_gives_the_vectors_of_the_spark_job(
     """The embed stage's two routes (``two_tower.embed_on``) publish the same vectors: Spark's
     ``mapInPandas`` job, which a cluster runs, and the driver's own pass, which a local master
     takes. Unknown ids (the new ads) and missing side values go through both."""
-    from pipelines.embed import embed_frame, embed_in_driver
+    from pipelines.embed import ads_without_training_rows, embed_frame, embed_in_driver
 
     table = folder.path / "entities" / "ads"
     tower = load_tower(exported["ad"])
-    ids, vectors = embed_in_driver(table, tower, "ad_id")
+    new_ads = ads_without_training_rows(folder.path)
+    assert new_ads == set(folder.truth.new_ads)  # the planted new ads have no training rows
+    ids, vectors = embed_in_driver(table, tower, "ad_id", new_ads)
     rows = embed_frame(
-        spark.read.parquet(str(table)), str(exported["ad"]), "ad_id", tower.feature_names
+        spark.read.parquet(str(table)), str(exported["ad"]), "ad_id", tower.feature_names, new_ads
     ).toPandas()
     by_id = dict(zip(rows["id"], rows["vector"], strict=True))
     assert sorted(ids) == sorted(by_id) and len(ids) == len(folder.table("entities/ads"))
     np.testing.assert_allclose(vectors, np.stack([by_id[i] for i in ids]), rtol=1e-6, atol=1e-6)
     assert vectors.shape == (len(ids), tower.dim) and vectors.dtype == np.float32
+    # Both routes embed the ads without training rows as "no id", the others under their ids.
+    ads = folder.table("entities/ads").set_index("ad_id").loc[ids].reset_index()
+    new = ads["ad_id"].isin(new_ads).to_numpy()
+    expected = tower(ads.assign(ad_id=np.where(new, NO_ID, ads["ad_id"])), fill_missing=True)
+    np.testing.assert_allclose(vectors, expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(vectors[new] - tower(ads[new], fill_missing=True)).max() > 1e-3

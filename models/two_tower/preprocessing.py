@@ -23,13 +23,26 @@ from models.feature_spec import Feature, FeatureSpec, NumericStats
 from models.preprocessing import Lookup, categorical_lookup, numeric_standardize
 from models.raw_values import number_values, text_values
 
+NO_ID = "__deepclick_no_id__"
+"""The value that asks an id encoder for "no id": the zeroed embedding id dropout trains (never a
+vocabulary entry). The embed stage gives it to the ads without training rows
+(:mod:`pipelines.embed`)."""
+
 
 class CategoricalEncoder(keras.layers.Layer):
     """String → vocabulary index (the shared :class:`Lookup`) → dense embedding ``[batch, dim]``.
 
     ``dropout`` (training only) zeroes the embedding of a random share of rows. Used on id
     features, it teaches the tower to place an entity from its other features alone — which is
-    all a new ad or user has (its id is OOV, whose embedding stays near its small initial value).
+    all a new ad or user has. That zeroed embedding is what :data:`NO_ID` gets, in training and
+    in the exported graph, when the encoder has dropout (without it the tower never saw a zeroed
+    id, and :data:`NO_ID` is an unknown id like any other).
+
+    Why not the OOV rows: the fit trains them on the rare ids below the vocabulary's
+    ``min_count``, so an id the towers never saw would inherit what the rarest ads taught (in the
+    medium world a known ad scored -6.2 with D's users under an unknown id, -2.2 under its own).
+    Zeroing the OOV rows themselves also moves those rare ads and users, which cost the demo's
+    funnel at K = 50 (README "Model quality", sessions 20 and 21), so they keep their rows.
     """
 
     def __init__(
@@ -51,6 +64,8 @@ class CategoricalEncoder(keras.layers.Layer):
     def call(self, values: tf.Tensor, training: bool = False) -> tf.Tensor:
         values = tf.reshape(tf.convert_to_tensor(values, dtype=tf.string), [-1])
         embedded = self.embedding(self.lookup(values))
+        if self.seed_generator is not None:
+            embedded *= tf.cast(tf.not_equal(values, NO_ID), embedded.dtype)[:, None]
         if training and self.seed_generator is not None:
             keep = keras.random.uniform(tf.shape(values), seed=self.seed_generator)
             embedded *= tf.cast(keep >= self.dropout, embedded.dtype)[:, None]
