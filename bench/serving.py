@@ -11,8 +11,11 @@ Everything is measured in one run on the same machine and the same requests:
 1. a synthetic world: tests/feature_folder.py's planted features folder scaled to ``--ads`` ads,
    clustered embeddings for its ids (candidates.synthetic-style; no two-tower training), an ANNOY
    index (``search_k`` tuned to recall@100 >= 0.9; the build records whether exact search or
-   ANNOY is faster for this catalogue), a DCN-v2 ranker with the default sizes trained for one
-   epoch on the two-tower scores, and a release of them all;
+   ANNOY is faster for this catalogue) ordering candidates as the daily run's index does (the
+   settings' popularity prior from the folder's training clicks, explore share and fresh slots,
+   with :data:`NEW_AD_SHARE` of the catalogue as the ads without training rows), a DCN-v2 ranker
+   with the default sizes trained for one epoch on the two-tower scores, and a release of them
+   all;
 2. the compute ceiling: ``serving.ranking.rank`` called in this process without HTTP, once per
    candidate search (exact, ANN): CPU time per request (all threads), each stage's share, JSON
    encoding, and the ranker's predict time against its FLOP estimate (2 x the weights of its
@@ -140,11 +143,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- 1. the world
 
 
+NEW_AD_SHARE = 0.035
+"""Share of the world's catalogue indexed as ads without training rows (the fresh slots' pool):
+what the generated medium world has on its D (836 of 24,147 ads). The planted folder's few
+training days leave most of 100k ads without rows, a pool no real catalogue has."""
+
+
 def build_world(work: Path, args: argparse.Namespace) -> Path:
     """Publish a release of ``args.ads`` ads under ``work/var``; reuse a previous build of the
     same size. Returns the state root."""
     root = work / "var"
-    marker = root / f"built-{args.ads}-{args.users}-{args.placements}.json"
+    # "funnel": the index orders candidates as the daily run's (prior, explore, fresh slots);
+    # worlds built before it have another marker and are rebuilt.
+    marker = root / f"built-{args.ads}-{args.users}-{args.placements}-funnel.json"
     if marker.is_file() and not args.rebuild:
         return root
     import shutil
@@ -153,6 +164,7 @@ def build_world(work: Path, args: argparse.Namespace) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     from feature_folder import write_feature_folder
 
+    from candidates.funnel import FunnelParams
     from candidates.index import build_index
     from candidates.store import publish_embeddings, read_embeddings
     from deepclick.settings import RankerSettings, Settings
@@ -194,10 +206,19 @@ def build_world(work: Path, args: argparse.Namespace) -> Path:
     fallbacks = {"user": user_vectors.mean(0), "placement": place_vectors.mean(0)}
     embeddings = publish_embeddings(root / "artifacts" / "embeddings", version, tables, fallbacks)
     popularity = folder.table("popularity")[["placement_id", "ad_id", "clicks"]]
+    trained = folder.table("training/ranking")
+    clicks = trained.groupby("ad_id")["label"].sum().astype(float).to_dict()
+    fresh = set(rng.choice(ads, size=round(NEW_AD_SHARE * len(ads)), replace=False))
+    cfg = settings.index
     index = build_index(
         embeddings, root / "artifacts" / "index",
         popularity=list(popularity.itertuples(index=False, name=None)),
         n_trees=50, recall_floor=0.9, tune_search_k=True, n_jobs=2,
+        clicks={ad: c for ad, c in clicks.items() if ad not in fresh},
+        trained_ads=[ad for ad in ads if ad not in fresh],
+        funnel=FunnelParams(
+            cfg.prior_weight, cfg.prior_smoothing, cfg.explore_share, cfg.fresh_share
+        ),
     )  # fmt: skip
     similarity = EmbeddingSimilarity(read_embeddings(embeddings))
     ranker_settings = RankerSettings(epochs=1, baseline=False)
