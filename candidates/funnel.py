@@ -13,14 +13,15 @@ popularity at K = 500 at medium scale — but did not close it. Serving therefor
 (the popularity term the loss removed, put back with a weight chosen by measurement, README
 "Candidates"), while ``explore_share`` of every list is still filled by similarity alone.
 
-Why fresh slots. Similarity alone does not let new ads in: the towers never saw a new ad's id, and
-the id table's out-of-vocabulary row learned from the rarest ads, which the uniform negatives push
-down, so a new ad scores below the ads that match (measured: no ad without training rows in any
-list of 500 at demo or medium scale, though they draw 3% of the day's clicks). ``fresh_share`` of
-every list goes to the ads *without rows in the training window* (``fresh.npy`` of the index),
-best ``query·ad`` first among them, so each new ad competes with the other new ads only. Those
-slots are exploration, a budget spent on purpose: no popular ad can hold a click on a fresh ad,
-and a fresh ad wins a slot less often than the marginal popular ad does.
+Why fresh slots. Similarity and the prior rank a new ad against ads with history, and it rarely
+wins: embedded under the id table's out-of-vocabulary row (which the rarest ads trained, and the
+uniform negatives pushed down), no ad without training rows was in any list of 500 at demo or
+medium scale, though such ads draw 3% of the day's clicks; embedded as "no id" (``pipelines.embed``)
+a few get in, not a guaranteed few. ``fresh_share`` of every list goes to the ads *without rows in
+the training window* (``fresh.npy`` of the index), best ``query·ad`` first among them: in those
+slots a new ad competes with the other new ads only. They are exploration, a budget spent on
+purpose: no popular ad can hold a click on a fresh ad, and a fresh ad wins a slot less often than
+the marginal popular ad does.
 
 Why the refusal. Whatever the weight, a build may still lose to popularity on some day (new
 towers, a shifted marketplace). :func:`funnel_check` measures, on day D's clicked impressions, the
