@@ -85,7 +85,7 @@ def candidates_check(
         )
         # One request per K, as serving gets them (a list for 500 is not the list for 100 extended).
         candidates = {k: [service.candidates(u, p, k).ad_ids for u, p in queries] for k in ks}
-        fresh = index.ad_ids[index.fresh].astype(str).tolist()
+        fresh = [service.index_id(int(row)) for row in index.fresh]  # UTF-8 ids, decoded
         result = funnel_check(
             candidates,
             popular,

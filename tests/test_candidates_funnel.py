@@ -238,3 +238,39 @@ def test_index_losing_to_popularity_is_refused_and_the_previous_one_keeps_servin
         build(embeddings, parent, "v2", FunnelParams(prior_weight=0.0), check())
     assert current_version(parent) == "v1"
     assert not (parent / "v2").exists()
+
+
+def test_the_check_reads_fresh_ads_whose_ids_are_not_ascii(tmp_path: Path) -> None:
+    """Ids are UTF-8 bytes in the index (contracts §4); a real log's new ad may be named "néo"."""
+    ads = ["néo", "pop"]
+    tables = {
+        "ads": (ads, np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)),
+        "users": (["u0"], np.array([[1.0, 0.0]], dtype=np.float32)),
+        "placements": (["p0"], np.zeros((1, 2), dtype=np.float32)),
+    }
+    fallbacks = {"user": np.zeros(2), "placement": np.zeros(2)}
+    embeddings = publish_embeddings(tmp_path / "embeddings", "20240105", tables, fallbacks)
+    check = candidates_check(
+        embeddings,
+        [("u0", "p0")],
+        ["néo"],
+        ["pop"],
+        [2],
+        popular_quota=0.0,
+        tolerance=0.0,
+        z=0.0,
+        min_clicks=1,
+        refuse=True,
+        date="2024-01-05",
+    )
+    folder = build_index(
+        embeddings,
+        tmp_path / "index",
+        n_trees=2,
+        clicks={"pop": 5.0},
+        trained_ads=["pop"],
+        funnel=FunnelParams(1.0, fresh_share=0.5),
+        check=check,
+        version="v1",
+    )
+    assert open_index(folder).manifest["funnel"]["check"]["fresh"]["clicks"] == 1
