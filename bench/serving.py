@@ -172,6 +172,7 @@ def build_world(work: Path, args: argparse.Namespace) -> Path:
     from models.ranker.export import export_ranker
     from models.ranker.similarity import EmbeddingSimilarity
     from models.ranker.train import train_ranker
+    from pipelines.build_index import training_counts
 
     started = time.perf_counter()
     settings = Settings(root=root)
@@ -206,15 +207,14 @@ def build_world(work: Path, args: argparse.Namespace) -> Path:
     fallbacks = {"user": user_vectors.mean(0), "placement": place_vectors.mean(0)}
     embeddings = publish_embeddings(root / "artifacts" / "embeddings", version, tables, fallbacks)
     popularity = folder.table("popularity")[["placement_id", "ad_id", "clicks"]]
-    trained = folder.table("training/ranking")
-    clicks = trained.groupby("ad_id")["label"].sum().astype(float).to_dict()
+    counts = training_counts(folder.path)  # (clicks, impressions) per ad, as the daily index reads
     fresh = set(rng.choice(ads, size=round(NEW_AD_SHARE * len(ads)), replace=False))
     cfg = settings.index
     index = build_index(
         embeddings, root / "artifacts" / "index",
         popularity=list(popularity.itertuples(index=False, name=None)),
         n_trees=50, recall_floor=0.9, tune_search_k=True, n_jobs=2,
-        clicks={ad: c for ad, c in clicks.items() if ad not in fresh},
+        clicks={ad: c for ad, (c, _) in counts.items() if ad not in fresh},
         trained_ads=[ad for ad in ads if ad not in fresh],
         funnel=FunnelParams(
             cfg.prior_weight, cfg.prior_smoothing, cfg.explore_share, cfg.fresh_share

@@ -593,10 +593,6 @@ def _open(
     n_ads = ids.shape[0]
     try:
         columns = _read_columns(folder / COLUMNS_FILE, manifest["dim"], n_ads)
-    except CandidateIndexError:
-        forest.unload()
-        raise
-    try:
         fresh = _read_fresh(folder / FRESH_FILE, n_ads)
     except CandidateIndexError:
         forest.unload()
