@@ -396,9 +396,10 @@ class IndexSettings(_Section):
     fresh_share: float = Field(
         0.02,
         ge=0,
-        le=1,
+        le=0.2,
         description="share of candidates kept for ads without rows in the training window (new "
-        "ads), best query·ad among them; counted apart by the funnel check (candidates/funnel.py)",
+        "ads), best query·ad among them; counted apart by the funnel check (candidates/funnel.py), "
+        "so at most 0.2: the check judges the rest of every list against popularity",
     )
     funnel_refuse: bool = Field(
         True,

@@ -172,6 +172,18 @@ def test_index_with_a_corrupt_fresh_file_is_refused(embeddings: Path, tmp_path: 
         open_index(folder, verify_checksums=False)
 
 
+def test_the_operator_cannot_give_most_of_a_list_to_fresh_slots() -> None:
+    """The funnel check judges a list without its fresh slots, so a share near 1 would pass any
+    index unjudged: the setting is an exploration budget with a ceiling."""
+    from pydantic import ValidationError
+
+    from deepclick.settings import IndexSettings
+
+    assert IndexSettings(fresh_share=0.2).fresh_share == 0.2
+    with pytest.raises(ValidationError, match="fresh_share"):
+        IndexSettings(fresh_share=0.5)
+
+
 def test_prior_is_log_clicks_plus_smoothing_per_ad_row() -> None:
     prior = popularity_prior([b"a", b"b", "c"], {"a": 9.0, "c": 0.0}, 1.0)
     np.testing.assert_allclose(prior, np.log([10.0, 1.0, 1.0]), rtol=1e-6)
