@@ -194,7 +194,7 @@ class RankerSettings(_Section):
         description="platt: apply the fitted head only when it beats the identity on the "
         "held-out rows by a likelihood-ratio test at this level (null: always). Demo D "
         "2024-01-03 (one ranker day, 64 held-out clicks): always 1.163 predicted/observed clicks, "
-        "refused; tested 1.047 (README 'Model quality')",
+        "refused; tested 1.047 (docs/history/model-quality.md)",
     )
     seed: int = 7
     cross_low_rank: int = Field(
@@ -224,9 +224,9 @@ class RankerSettings(_Section):
         "last_day",
         description="rows held out of the fit for calibration and early stopping: the last "
         "training day (one training day: calibration_fraction of it), or calibration_fraction "
-        "of every day. Default last_day with the crosses below (README 'Crosses in the ranker's "
-        "wide part'); without crosses, demo D 2024-01-04: fraction AUC 0.6967, calibration "
-        "1.037 (36k fit rows); last_day 0.6859, 0.941 (20k)",
+        "of every day. Default last_day with the crosses below (docs/history/model-quality.md, "
+        "'Crosses in the ranker's wide part'); without crosses, demo D 2024-01-04: fraction AUC "
+        "0.6967, calibration 1.037 (36k fit rows); last_day 0.6859, 0.941 (20k)",
     )
     early_stopping_patience: int = Field(
         0,
@@ -266,7 +266,7 @@ class RankerSettings(_Section):
         "(AUC +0.011, slate +0.035), medium (AUC +0.0046 [+0.0032, +0.0062]) and 10M (AUC "
         "+0.0037, slate -0.009) and 0.3 on TalkingData (AUC +0.006, calibration 1.13 vs 1.16). "
         "One fit per value up to the first rise of the loss, two at a time (wide_grid_threads; "
-        "README 'Model quality', session 19)",
+        "docs/history/model-quality.md, session 19)",
     )
     wide_grid_threads: int = Field(
         2,
@@ -284,7 +284,7 @@ class RankerSettings(_Section):
         "variance is C x scale^2); a feature the spec lacks is ignored. Off: {'ad_id': 3} won "
         "the medium slate on seeds 7 / 8 (+0.017 [+0.011, +0.024] / +0.008 [+0.002, +0.015] "
         "of the oracle, AUC within noise) but lost AUC at demo scale (-0.0036 [-0.0073, "
-        "-0.0006]) and on TalkingData (-0.012 [-0.026, -0.001]) (README 'Model quality', "
+        "-0.0006]) and on TalkingData (-0.012 [-0.026, -0.001]) (docs/history/model-quality.md, "
         "session 15)",
     )
     wide_refit_variance: dict[str, PositiveFloat] = Field(
@@ -294,7 +294,7 @@ class RankerSettings(_Section):
         "weight stays, so new values (D's new ads) score as before; a feature the spec lacks "
         "is ignored. Off: {'ad_id': 0.1} won the medium slate on seed 7 (+0.013 [+0.007, "
         "+0.019]) and lost the demo slate on seed 8 (-0.011 [-0.016, -0.008], AUC -0.0027 "
-        "[-0.0049, -0.0009]) (README 'Model quality', session 15)",
+        "[-0.0049, -0.0009]) (docs/history/model-quality.md, session 15)",
     )
     wide_days: Literal["ranker", "all"] = Field(
         "all",
@@ -330,7 +330,7 @@ class RankerSettings(_Section):
         "Taobao-layout profile, page and ad fields) with wide_days all and holdout last_day: on "
         "demo D 2024-01-04, seeds 7 / 8, top-10 slate +0.064 / +0.092 of the oracle over no "
         "crosses (paired CIs above 0), AUC -0.0024 / +0.0024 (CIs across 0), calibration "
-        "0.957 / 0.941 (README 'Crosses in the ranker's wide part')",
+        "0.957 / 0.941 (docs/history/model-quality.md, 'Crosses in the ranker's wide part')",
     )
     cross_buckets: int = Field(
         1 << 18,
@@ -349,7 +349,8 @@ class RankerSettings(_Section):
         "AUC +0.0014 [+0.0005, +0.0026]; demo seed 7 +0.010 [+0.005, +0.015], AUC +0.0098 "
         "[+0.0028, +0.0169], seed 8 +0.005 [-0.001, +0.012], AUC +0.0008; TalkingData AUC "
         "+0.0004 [-0.0007, +0.0020]. 0.5 slates more at medium (+0.012 over 0.3) and less at "
-        "demo (-0.006), AUC -0.0010 / -0.0027 against 0.3 (README 'Model quality', session 17)",
+        "demo (-0.006), AUC -0.0010 / -0.0027 against 0.3 (docs/history/model-quality.md, "
+        "session 17)",
     )
     fm_dim: int = Field(8, ge=1, description="rank of the FM's query x ad product")
     fm_l2: float = Field(1e-5, ge=0, description="L2 on the FM's tables (per batch, as Keras)")
@@ -444,7 +445,7 @@ class PredictorSettings(_Section):
         description="in_process, with tflite off: compile the ranker's numeric call with XLA "
         "(rows padded to 64/128/.../2048, up to 512 compiled at load, ~1.5 s each); off: "
         "bench.serving measured "
-        "no gain over the plain indexed call (README serving section)",
+        "no gain over the plain indexed call (docs/history/serving.md)",
     )
     tflite: bool = Field(
         True,
@@ -492,7 +493,7 @@ class ServingSettings(_Section):
         0, ge=0, description="micro-batching: requests reaching the ranker together are "
         "scored in one call of at most this many candidate rows (0: off, each request alone). "
         "Off by default since the TFLite call: re-swept with 2 workers at 1/8/32 connections "
-        "(bench.serving --concurrency-sweep, README serving section), off answered 131/131 "
+        "(bench.serving --concurrency-sweep, docs/history/serving.md), off answered 131/131 "
         "req/s at 8/32 with no degraded answer; 1000-4000 rows 80-134 req/s with up to 18% "
         "(8 connections) and 56-95% (32) of the answers degraded at the ranker's deadline "
         "(a queued request waits for the call ahead of it, and a TFLite call of 1,000-2,000 "

@@ -174,8 +174,8 @@ def test_no_id_is_the_zeroed_id_that_id_dropout_trained(
 ) -> None:
     """Id dropout teaches the towers what "no id" looks like: a zeroed id embedding. ``NO_ID``
     asks for exactly that, in memory and in the exported tower, while an unknown id keeps the OOV
-    row the rare ids trained (those rare ads and users keep their vectors; README "Model
-    quality", sessions 20 and 21)."""
+    row the rare ids trained (those rare ads and users keep their vectors;
+    docs/history/model-quality.md, sessions 20 and 21)."""
     ads = folder.table("entities/ads")
     known = ads[ads["ad_id"].isin(set(folder.spec.vocabulary("ad_id")))].head(200)
     tower = trained.tower("ad")

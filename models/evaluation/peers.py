@@ -8,7 +8,7 @@ columns — the evaluation rows of D, or the candidate rows of a replayed reques
 answers the ranker backend's ``predict(common, candidates)``, so the replay ranks with it through
 the serving path). Nothing here reads the ranker: the peers are the yardstick, not its helpers.
 
-Measured on the demo (4 days x 20k, day 4): see README "Model quality".
+Measured on the demo (4 days x 20k, day 4): see docs/history/model-quality.md.
 """
 
 from __future__ import annotations

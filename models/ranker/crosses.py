@@ -4,8 +4,8 @@ Why: the generated world's match term is a user's (and placement's) profile time
 and brand (``pipelines.simulate.world``). A logistic regression offered exactly those crosses beat
 the ranker on the demo's D, and on every training day reached 1.10x the most-clicked ads where the
 ranker reached 1.03x; the DCN's cross layers, fitted on ~1k clicks, did not find them (issue 10,
-README "Model quality"). So ``ranker.crosses`` names feature pairs, and each becomes one more table
-of the first-order (wide) part, solved with it as an L2 logistic regression
+docs/history/model-quality.md). So ``ranker.crosses`` names feature pairs, and each becomes one
+more table of the first-order (wide) part, solved with it as an L2 logistic regression
 (:mod:`models.ranker.wide`).
 
 The cross is computed on the vocabulary indices the model has already looked up, as integers:

@@ -7,7 +7,7 @@ window. A structured factorization machine fitted on every training day does tha
 - a weight per categorical value plus a rank-``fm_dim`` product of the query's summed vectors
   (the user and context features, ``SHARED_ROLES``) and the ad's summed vectors;
 - the user's own id and the day of the week stay out (a vector per user from a handful of rows,
-  and a weekday vector fitted on one day, both measured to hurt: README "Model quality",
+  and a weekday vector fitted on one day, both measured to hurt: docs/history/model-quality.md,
   session 16); the hour of the day keeps a weight of its own and no vector;
 - then one random effect per ad, fitted with the FM's logit as offset
   (:func:`models.ranker.wide.random_effects`, prior ``fm_ad_effect_variance``), added to the ad
@@ -21,7 +21,7 @@ w * fm`` (:class:`CalibratedBlend`), shifted so that it predicts as many held-ou
 calibrated network (:func:`blend_level`); the raw logit model ends in :class:`Blend` of the
 two raw logits. Why a blend and not the FM alone: measured on the same rows and requests, the
 FM alone loses AUC at every scale and the demo slate, the blend wins both at demo and medium
-scale (README "Model quality", session 17).
+scale (docs/history/model-quality.md, session 17).
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ not neutral: such values are served as the row-weighted mean of the values the f
 An OOV index is trained, on the values below the vocabulary's ``min_count``. For an ad those are
 the ads the serving policy itself barely showed, not what a new ad is: in every generated world
 the served ranker predicted D's new ads at 0.31-0.48 of their clicks while the peers predicted
-0.76-1.10 (README "Model quality", session 20). So the OOV rows of the ad's own features are served
-as the mean too. A user's rarity is the user's own (a light user, like a new one): on TalkingData,
-where most of D's users are new, serving every feature's OOV row as the mean over-predicted D
-(calibration 1.34 [1.04, 1.76], AUC -0.0054), so other roles keep their trained OOV rows.
+0.76-1.10 (docs/history/model-quality.md, session 20). So the OOV rows of the ad's own features
+are served as the mean too. A user's rarity is the user's own (a light user, like a new one): on
+TalkingData, where most of D's users are new, serving every feature's OOV row as the mean
+over-predicted D (calibration 1.34 [1.04, 1.76], AUC -0.0054), so other roles keep their trained
+OOV rows.
 
 The rule is worked out from the fit rows once (:class:`ServedMean`) and applied to the wide
 part's solution per ``C`` (:mod:`models.ranker.wide`) and the window FM's tables once fitted

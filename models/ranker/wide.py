@@ -95,7 +95,7 @@ def day_constant_mean(
     Why: a value that marks a single day is that day's intercept, not the value's effect. Medium
     world, D = 2024-01-08 (a Monday), wide part on days 1-6: the only Monday was the log's first
     day (no history at all), and D's rows scored with that day's weight predicted 1.418x D's
-    clicks; rescored as the head's Sunday, 0.998x (README "Model quality").
+    clicks; rescored as the head's Sunday, 0.998x (docs/history/model-quality.md).
 
     Args:
         size: the feature's vocabulary size (OOV buckets included).
@@ -291,7 +291,7 @@ def refit_feature_weights(
     The alternative to a wider prior in the joint fit (``prior_scale``), where the ids also take
     over what their campaign, brand and category weights carried, which D's new ads need: here
     every other weight stays as solved, and a value the rows never showed keeps its weight.
-    Neither won everywhere (README "Model quality", session 15), so both are off by default.
+    Neither won everywhere (docs/history/model-quality.md, session 15), so both are off by default.
     """
     blocks = [block.astype(np.float64) for block in solution.blocks]
     starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -384,9 +384,9 @@ def fit_wide(
     With ``c_grid`` and ``held`` (held-out inputs, labels and the sampling correction), the
     wide part is solved once per ``C`` of the grid and the one with the lowest held-out log loss
     (:func:`held_out_logloss`) is kept, ``c`` ignored: the best strength moves with the data
-    (README "Model quality": 0.03 at demo and medium scale, 0.1 on TalkingData, whose held-out
-    day, like D, is mostly users the fit never saw). :func:`walk_c_grid` solves ``grid_threads``
-    values side by side and stops once the loss has risen.
+    (docs/history/model-quality.md: 0.03 at demo and medium scale, 0.1 on TalkingData, whose
+    held-out day, like D, is mostly users the fit never saw). :func:`walk_c_grid` solves
+    ``grid_threads`` values side by side and stops once the loss has risen.
 
     With ``prior_scale`` (feature name → factor), that feature's weights get a prior std the
     factor times the others' (:func:`solve_wide`'s ``column_scale``). With ``refit_variance``

@@ -42,7 +42,7 @@ class CategoricalEncoder(keras.layers.Layer):
     ``min_count``, so an id the towers never saw would inherit what the rarest ads taught (in the
     medium world a known ad scored -6.2 with D's users under an unknown id, -2.2 under its own).
     Zeroing the OOV rows themselves also moves those rare ads and users, which cost the demo's
-    funnel at K = 50 (README "Model quality", sessions 20 and 21), so they keep their rows.
+    funnel at K = 50 (docs/history/model-quality.md, sessions 20 and 21), so they keep their rows.
     """
 
     def __init__(
