@@ -215,6 +215,47 @@ def learned_parts(
     return parts
 
 
+def ad_posterior_covariance(world: Any, parts: Parts, rows: Rows, prior: np.ndarray) -> np.ndarray:
+    """``[ads, 1 + d, 1 + d]``: each ad's own [bias, factor] posterior covariance at ``parts``
+    (Laplace: the inverse of the log posterior's Hessian; an ad without rows keeps its prior)."""
+    x = _design(world, parts, rows, "ad")
+    p = 1.0 / (1.0 + np.exp(-logit(world, parts, rows)))
+    weight, n, k = p * (1.0 - p), len(parts.ad_bias), x.shape[1]
+    hessian = np.zeros((n, k, k))
+    for i in range(k):
+        for j in range(i, k):
+            hessian[:, i, j] = hessian[:, j, i] = np.bincount(
+                rows.ad, weight * x[:, i] * x[:, j], minlength=n
+            )
+    hessian[:, np.arange(k), np.arange(k)] += 1.0 / prior
+    return np.linalg.inv(hessian)
+
+
+def posterior_mean_slates(
+    world: Any, parts: Parts, covariance: np.ndarray, requests: pd.DataFrame, date: dt.date
+) -> list[str]:
+    """Top-10 ads per request by the posterior *mean* of the click probability instead of its
+    mode: each pair's logit plus half its variance, ``[1, s·q] Σ_ad [1, s·q]ᵀ / 2`` (the
+    lognormal approximation for small p). The Bayes choice for expected clicks if the prior
+    were the world's; the world's ad quality is heavy-tailed, which a Gaussian prior is not."""
+    from lifecycle.replay import SLOTS
+    from pipelines.simulate import index_of, live_ads
+    from pipelines.simulate.world import ad_score
+
+    users = index_of(world, "user", requests["user_id"].to_numpy(dtype=str))
+    placements = index_of(world, "placement", requests["placement_id"].to_numpy(dtype=str))
+    believed, ads = with_parts(world, parts), live_ads(world, date)
+    picked = []
+    for start in range(0, len(users), 100):
+        u, p = users[start : start + 100], placements[start : start + 100]
+        query = parts.user_factor[u] + parts.placement_factor[p]
+        z = np.concatenate([np.ones((len(u), 1)), world.scale * query], axis=1)
+        spread = np.einsum("ri,aij,rj->ra", z, covariance[ads], z, optimize=True)
+        score = ad_score(believed, u, p, ads, all_pairs=True) + 0.5 * spread
+        picked.append(ads[np.argsort(-score, axis=1, kind="stable")[:, :SLOTS]])
+    return world.ad_ids[np.concatenate(picked)].tolist()
+
+
 def rows_of(world: Any, frame: pd.DataFrame) -> Rows:
     from pipelines.simulate import index_of
 
@@ -251,6 +292,8 @@ def auc_rows(
 RANKER = "the ranker (evaluation's scores)"
 CEILING = "equation known, every own part learned (the ceiling)"
 MIX_WEIGHTS = (0.1, 0.25, 0.5, 1.0)
+POSTERIOR_MEAN = "the ceiling, ranked by the posterior mean (every pair's variance / 2 added)"
+POSTERIOR_MEAN_BIAS = "the ceiling, ranked by the posterior mean of the ads' biases alone"
 
 
 def ranker_beside(
@@ -282,12 +325,20 @@ def with_parts(world: Any, parts: Parts) -> Any:
 
 
 def slate_shares(
-    world: Any, believed: dict[str, Parts], requests: pd.DataFrame, date: dt.date, bootstrap: int
+    world: Any,
+    believed: dict[str, Parts],
+    requests: pd.DataFrame,
+    date: dt.date,
+    bootstrap: int,
+    extra: dict[str, list[list[str]]] | None = None,
+    reference: str | None = None,
 ) -> list[dict[str, Any]]:
     """Top-10 slates of every set of ``believed`` parts over D's live ads, valued by the truth:
-    each one's expected CTR and share of the oracle's, with paired bootstrap intervals."""
+    each one's expected CTR and share of the oracle's, with paired bootstrap intervals.
+    ``extra``: further slates already chosen (name → ad ids per request). With ``reference``
+    (a name of ``believed``), each row also gets its paired difference from that one's share."""
     from lifecycle.replay import SLOTS, oracle_slates, true_slates
-    from models.evaluation.replay import ORACLE, replay_report
+    from models.evaluation.replay import ORACLE, replay_report, slate_ctr
     from pipelines.simulate import best_ads, index_of
 
     users = index_of(world, "user", requests["user_id"].to_numpy(dtype=str))
@@ -297,8 +348,20 @@ def slate_shares(
     for name, parts in believed.items():
         picked, _ = best_ads(with_parts(world, parts), users, placements, hours, SLOTS, day=date)
         slates[name] = true_slates(world, requests, world.ad_ids[picked].tolist())
+    for name, ids in (extra or {}).items():
+        slates[name] = true_slates(world, requests, ids)
     report = replay_report(slates, bootstrap=bootstrap)
-    return [share_row(name, entry[f"top_{SLOTS}"]) for name, entry in report["systems"].items()]
+    rows = [share_row(name, entry[f"top_{SLOTS}"]) for name, entry in report["systems"].items()]
+    if reference is not None:
+        oracle = slate_ctr(slates[ORACLE], SLOTS).mean()
+        base = slate_ctr(slates[reference], SLOTS)
+        draws = np.random.default_rng(7).integers(0, len(base), size=(bootstrap, len(base)))
+        for row in rows:
+            gap = (slate_ctr(slates[row["slates of"]], SLOTS) - base) / oracle
+            low, high = np.quantile(gap[draws].mean(axis=1), [0.025, 0.975])
+            row.update(vs_ceiling=round(float(gap.mean()), 4), vs_low=round(float(low), 4))
+            row["vs_high"] = round(float(high), 4)
+    return rows
 
 
 def share_row(name: str, top: dict[str, Any]) -> dict[str, Any]:
@@ -345,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         default=1000,
         help="replay requests whose top-10 slates each set of parts ranks (0: none); 1000 is "
         "the evaluation's replay, so its requests are the same",
+    )
+    parser.add_argument(
+        "--posterior-mean",
+        action="store_true",
+        help="also rank the ceiling's slates by the posterior mean of p, not its mode",
     )
     args = parser.parse_args(argv)
     console = Console()
@@ -407,7 +475,20 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print(f"top-10 slates of {args.slates:,} replay requests over D's live ads")
         requests = sample_requests(pd.read_parquet(day.eval_rows), args.slates)
-        slates = slate_shares(world, believed, requests, date, bootstrap=200)
+        extra: dict[str, list[list[str]]] = {}
+        if args.posterior_mean:
+            console.print("the ads' posterior covariance at the ceiling's estimate")
+            prior = own_part_variance(world, truth, fields, "ad")
+            covariance = ad_posterior_covariance(world, learned, training, prior)
+            believed[POSTERIOR_MEAN_BIAS] = dataclasses.replace(
+                learned, ad_bias=learned.ad_bias + 0.5 * covariance[:, 0, 0]
+            )
+            extra[POSTERIOR_MEAN] = posterior_mean_slates(
+                world, learned, covariance, requests, date
+            )
+        slates = slate_shares(
+            world, believed, requests, date, bootstrap=200, extra=extra, reference=CEILING
+        )
         slates += served_replay(args.root, day.version)
         print_table(f"top-10 slates on {args.date}, valued by the truth", slates)
     path = write_json(

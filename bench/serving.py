@@ -109,6 +109,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "deadline), e.g. max_in_flight=4,batch_max_rows=2000,timeout_ms=100",
     )  # fmt: skip
     parser.add_argument(
+        "--paired-ceiling", type=int, default=3, metavar="ROUNDS",
+        help="the 80%% target is judged on ROUNDS alternations of the 2-process ceiling and 2 "
+        "workers under load, each --seconds long (the machine's speed drifts between "
+        "measurements); 0: judged on the unpaired figures",
+    )  # fmt: skip
+    parser.add_argument(
+        "--paired-only", action="store_true",
+        help="only the paired 80%% measurement (--paired-ceiling rounds; no other servers)",
+    )  # fmt: skip
+    parser.add_argument(
         "--framework-split", action="store_true",
         help="only the framework's CPU per request in process (precomputed answer; no servers)",
     )  # fmt: skip
@@ -779,6 +789,60 @@ def concurrent_ceiling(
     }
 
 
+def paired_ceiling(
+    root: Path, args: argparse.Namespace, bodies: list[bytes], search: str
+) -> list[dict]:
+    """The 80% target measured in pairs. The full run measures the ceiling (2 ranking processes
+    at once) and the servers minutes apart, and a short load (``--requests`` answered in under
+    a second at --quick) beside an 8-second loop; on these shared machines the 2-process
+    ceiling itself moved by 40% between runs, so the share read 64-90% for the same code.
+    Here a 2-worker server stays up while ``--paired-ceiling`` rounds alternate the two, each
+    ``--seconds`` long, the load bounded by time alone; each round's share is its own load
+    against its own ceiling on the cores its load generator left. The last row is the median
+    round with the rounds' range."""
+    port = free_port()
+    env = server_env(root, port, "in_process", "x", "rank", None)
+    argv = [sys.executable, "-c", SERVER_SCRIPT, "api", "2"]
+    rows: list[dict] = []
+    with process(argv, env) as child:
+        wait_workers_ready(port, 2, needs_release=True, timeout_s=600)
+        load(port, "/v1/rank", bodies, 8, 400, 20.0)  # warm up
+        pids = [child.pid, *worker_pids(child.pid)]
+        for round_ in range(1, args.paired_ceiling + 1):
+            ceiling = concurrent_ceiling(root, args, search, 2)
+            for concurrency in (8, 32):
+                before = process_cpu_s(pids)
+                served = load(port, "/v1/rank", bodies, concurrency, 10**9, args.seconds)
+                server_ms = (process_cpu_s(pids) - before) * 1000 / served["requests"]
+                left = 2.0 - served["client_cores"]
+                cap = ceiling["requests_per_s"] * left / 2.0
+                rows.append(
+                    {
+                        "round": round_,
+                        "connections": concurrency,
+                        "ceiling_2_processes_rps": ceiling["requests_per_s"],
+                        "ceiling_cpu_ms": ceiling["cpu_ms_per_request"],
+                        "cores_left": round(left, 2),
+                        "answered_rps": round(served["ok_rps"], 1),
+                        "server_cpu_ms": round(server_ms, 3),
+                        "share": round(served["ok_rps"] / cap, 3),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    for concurrency in (8, 32):
+        shares = sorted(r["share"] for r in rows if r["connections"] == concurrency)
+        rows.append(
+            {
+                "round": "median",
+                "connections": concurrency,
+                "share": float(np.median(shares)),
+                "range": f"{shares[0]:.0%}-{shares[-1]:.0%}",
+                "met": float(np.median(shares)) >= 0.8,
+            }
+        )
+    return rows
+
+
 def framework_split(root: Path, args: argparse.Namespace, rounds: int = 5) -> list[dict]:
     """CPU per ``/v1/rank`` request of the framework alone, in process (no sockets, no uvicorn):
     the ASGI app driven with the bench's request bodies while the ranking itself is replaced by
@@ -1439,6 +1503,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             "search"
         ),
     }
+    if args.paired_only:
+        paired = paired_ceiling(root, args, bodies, search_mode(results["index_search"]))
+        print_table("the 80% target, paired: 2 ranking processes, then 2 workers, in turn", paired)
+        results["paired_ceiling"] = paired
+        print(f"wrote {write_json(args.name, results)}")
+        return
     split = framework_split(root, args)
     print_table("the framework's CPU per /v1/rank request, in process, answer precomputed", split)
     results["framework_split"] = split
@@ -1534,6 +1604,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         )  # fmt: skip
         rows += full
 
+    paired: list[dict] = []
+    if args.paired_ceiling > 0 and 2 in args.workers:
+        paired = paired_ceiling(root, args, bodies, search_mode(results["index_search"]))
+        print_table("the 80% target, paired: 2 ranking processes, then 2 workers, in turn", paired)
+        results["paired_ceiling"] = paired
     stages = [{"name": r["name"], **r.pop("stages")} for r in rows if "stages" in r]
     print_table(
         f"/v1/rank over loopback: {args.candidates} candidates of {args.ads:,} ads "
@@ -1548,7 +1623,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print_table("memory per worker (MB) and mapped files' PSS summed over workers", memory)
         results["memory"] = memory
     results["summary"] = summarise(
-        rows, memory, ceiling, stages, results["index_search"], concurrent
+        rows, memory, ceiling, stages, results["index_search"], concurrent, paired
     )
     results["load_average_after"] = os.getloadavg()
     print_table("targets (issue 14)", results["summary"])
@@ -1625,6 +1700,22 @@ def compute_ceiling_share(
     }
 
 
+def paired_share(paired: list[dict]) -> dict:
+    """The 80% target from :func:`paired_ceiling`'s medians: met when the median round reaches
+    80% at 8 and at 32 connections."""
+    medians = [r for r in paired if r["round"] == "median"]
+    return {
+        "target": "2 workers: ≥ 80% of the compute ceiling, paired (median round: the server's "
+        "answered req/s against 2 ranking processes at once just before it, on the cores the "
+        "load generator left)",
+        "value": "; ".join(
+            f"{r['share']:.0%} at {r['connections']} connections (rounds {r['range']})"
+            for r in medians
+        ),
+        "met": all(r["met"] for r in medians),
+    }
+
+
 BEFORE_RPS = 163.0
 """2 workers at 8 connections before issue 14 (issue 14's quiet-machine run)."""
 
@@ -1636,8 +1727,11 @@ def summarise(
     stages: list[dict],
     search: dict | None,
     concurrent: list[dict] | None = None,
+    paired: list[dict] | None = None,
 ) -> list[dict]:
-    """Each issue-14 target as met or not, with the number that decides it."""
+    """Each issue-14 target as met or not, with the number that decides it. With ``paired``
+    rounds (:func:`paired_ceiling`) they judge the 80% target, and the unpaired figure is
+    information."""
 
     def pick(name: str, workers: int, concurrency: int | None = None) -> list[dict]:
         return [
@@ -1653,13 +1747,16 @@ def summarise(
     served = next((c for c in ceiling if c["search"] == mode), ceiling[0] if ceiling else None)
     inside_ms, source = ceiling_cpu_ms(served, concurrent) if served else (0.0, "")
     if served:
+        # judged on the steady loop when it ran (see ceiling_cpu_ms); the table's few hundred
+        # requests right after the release's load give the stages
         out.append(
             {
                 "target": f"in process: whole request path ≤ 2.5 ms CPU ({mode} search, the "
                 "index's measured choice)",
-                "value": f"{served['cpu_ms']:.2f} ms CPU (retrieve {served['retrieve_ms']:.2f}, "
+                "value": f"{inside_ms:.2f} ms CPU ({source}); the in-process table "
+                f"{served['cpu_ms']:.2f} ms (retrieve {served['retrieve_ms']:.2f}, "
                 f"predict {served['predict_ms']:.2f}, encode {served['encode_ms']:.3f} ms)",
-                "met": served["cpu_ms"] <= 2.5,
+                "met": inside_ms <= 2.5,
             }
         )
     single = pick("rank/in_process", 1, 1)
@@ -1693,7 +1790,12 @@ def summarise(
             }
         )
         if served:
-            out.append(compute_ceiling_share(top, inside_ms, source, concurrent))
+            unpaired = compute_ceiling_share(top, inside_ms, source, concurrent)
+            if paired:
+                out.append(paired_share(paired))
+                unpaired = {**unpaired, "target": "(info) unpaired: " + unpaired["target"]}
+                unpaired["met"] = None
+            out.append(unpaired)
             if concurrent:
                 out.append(two_process_scaling(concurrent))
     if stages:
