@@ -29,7 +29,9 @@ Everything is measured in one run on the same machine and the same requests:
    bounded in requests and seconds) at 1, 8 and 32 connections, with and without micro-batching;
    requests/s as a share of the ceiling, and HTTP plus framework time per request (client
    latency minus the handler's own total, sequential requests);
-5. the same requests against full ranking (every ad scored) and a bare FastAPI endpoint;
+5. the same requests against full ranking (every ad scored) and a bare FastAPI endpoint, then
+   ``--paired-ceiling`` rounds that alternate the 2-process ceiling with 2 loaded workers: the
+   80% target is judged on them (:func:`paired_ceiling`);
 6. per-worker PSS / RSS and the PSS of the index, embeddings and entity-table mappings with
    1 vs 4 workers (/proc/<pid>/smaps_rollup and smaps; not in ``--quick``).
 
@@ -790,7 +792,7 @@ def concurrent_ceiling(
 
 
 def paired_ceiling(
-    root: Path, args: argparse.Namespace, bodies: list[bytes], search: str
+    root: Path, args: argparse.Namespace, bodies: list[bytes], search: str, signature: str = "rank"
 ) -> list[dict]:
     """The 80% target measured in pairs. The full run measures the ceiling (2 ranking processes
     at once) and the servers minutes apart, and a short load (``--requests`` answered in under
@@ -798,10 +800,10 @@ def paired_ceiling(
     ceiling itself moved by 40% between runs, so the share read 64-90% for the same code.
     Here a 2-worker server stays up while ``--paired-ceiling`` rounds alternate the two, each
     ``--seconds`` long, the load bounded by time alone; each round's share is its own load
-    against its own ceiling on the cores its load generator left. The last row is the median
-    round with the rounds' range."""
+    against its own ceiling on the cores its load generator left. The last two rows are the
+    median round at each connection count, with the rounds' range."""
     port = free_port()
-    env = server_env(root, port, "in_process", "x", "rank", None)
+    env = server_env(root, port, "in_process", "x", signature, None)
     argv = [sys.executable, "-c", SERVER_SCRIPT, "api", "2"]
     rows: list[dict] = []
     with process(argv, env) as child:
@@ -824,6 +826,8 @@ def paired_ceiling(
                         "ceiling_cpu_ms": ceiling["cpu_ms_per_request"],
                         "cores_left": round(left, 2),
                         "answered_rps": round(served["ok_rps"], 1),
+                        "shed": served["non_200"],
+                        "degraded": served["degraded"],
                         "server_cpu_ms": round(server_ms, 3),
                         "share": round(served["ok_rps"] / cap, 3),
                     }
@@ -1606,7 +1610,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     paired: list[dict] = []
     if args.paired_ceiling > 0 and 2 in args.workers:
-        paired = paired_ceiling(root, args, bodies, search_mode(results["index_search"]))
+        mode = search_mode(results["index_search"])
+        paired = paired_ceiling(root, args, bodies, mode, best["in_process"])
         print_table("the 80% target, paired: 2 ranking processes, then 2 workers, in turn", paired)
         results["paired_ceiling"] = paired
     stages = [{"name": r["name"], **r.pop("stages")} for r in rows if "stages" in r]
