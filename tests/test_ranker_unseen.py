@@ -2,8 +2,8 @@
 rare ads; a vocabulary value absent from the fit rows) are served as the average value in the
 wide part and the window FM (``models/ranker/unseen.py``); a user's OOV rows, which the rare
 users trained and which new users resemble, stay as trained. Before, D's new ads were predicted
-at 0.31-0.48 of their clicks in every generated world while the peers predicted 0.76-1.10 (README
-"Model quality", session 20)."""
+at 0.31-0.48 of their clicks in every generated world while the peers predicted 0.76-1.10
+(docs/history/model-quality.md, session 20)."""
 
 from __future__ import annotations
 
