@@ -317,7 +317,7 @@ class InProcessPredictor:
         """At release load: the table row of every value of one shared string column (e.g. every
         known user id; ``values`` sorted fixed-width bytes, as an entity table holds them), so
         that a request whose user this worker has not seen yet costs no ``shared_index`` call
-        (a string-op TF call: +2.5 ms per request, measured, README serving). ``values`` is
+        (a string-op TF call: +2.5 ms per request, measured, docs/history/serving.md). ``values`` is
         kept by reference (a mapped table is not copied); the rows cost 4 bytes per value.
         Returns whether the column is one the ``indexed`` call looks up."""
         names = self._index_columns.get("shared_index", [])
