@@ -233,7 +233,7 @@ def ad_posterior_covariance(world: Any, parts: Parts, rows: Rows, prior: np.ndar
 
 def posterior_mean_slates(
     world: Any, parts: Parts, covariance: np.ndarray, requests: pd.DataFrame, date: dt.date
-) -> list[str]:
+) -> list[list[str]]:
     """Top-10 ads per request by the posterior *mean* of the click probability instead of its
     mode: each pair's logit plus half its variance, ``[1, s·q] Σ_ad [1, s·q]ᵀ / 2`` (the
     lognormal approximation for small p). The Bayes choice for expected clicks if the prior
