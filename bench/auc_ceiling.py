@@ -155,6 +155,22 @@ def _design(world: Any, parts: Parts, rows: Rows, side: str) -> np.ndarray:
     return np.column_stack([np.ones(len(rows.label)), world.scale * partner])
 
 
+def posterior_hessian(
+    group: np.ndarray, weight: np.ndarray, x: np.ndarray, n: int, precision: np.ndarray
+) -> np.ndarray:
+    """``[n, k, k]``: each entity's negative log-posterior Hessian, ``Σ w·x xᵀ`` over its rows
+    (``group``) plus the prior's ``precision`` on the diagonal."""
+    k = x.shape[1]
+    hessian = np.zeros((n, k, k))
+    for i in range(k):
+        for j in range(i, k):
+            hessian[:, i, j] = hessian[:, j, i] = np.bincount(
+                group, weight * x[:, i] * x[:, j], minlength=n
+            )
+    hessian[:, np.arange(k), np.arange(k)] += precision
+    return hessian
+
+
 def fit_side(
     world: Any,
     parts: Parts,
@@ -182,13 +198,7 @@ def fit_side(
             [np.bincount(group, residual * x[:, j], minlength=n) for j in range(k)]
         )
         grad -= own * precision
-        hessian = np.zeros((n, k, k))
-        for i in range(k):
-            for j in range(i, k):
-                hessian[:, i, j] = hessian[:, j, i] = np.bincount(
-                    group, weight * x[:, i] * x[:, j], minlength=n
-                )
-        hessian[:, np.arange(k), np.arange(k)] += precision
+        hessian = posterior_hessian(group, weight, x, n, precision)
         own = own.copy()
         step = np.linalg.solve(hessian[seen], grad[seen][..., None])[..., 0]
         own[seen] += np.clip(step, -MAX_STEP, MAX_STEP)
@@ -220,15 +230,9 @@ def ad_posterior_covariance(world: Any, parts: Parts, rows: Rows, prior: np.ndar
     (Laplace: the inverse of the log posterior's Hessian; an ad without rows keeps its prior)."""
     x = _design(world, parts, rows, "ad")
     p = 1.0 / (1.0 + np.exp(-logit(world, parts, rows)))
-    weight, n, k = p * (1.0 - p), len(parts.ad_bias), x.shape[1]
-    hessian = np.zeros((n, k, k))
-    for i in range(k):
-        for j in range(i, k):
-            hessian[:, i, j] = hessian[:, j, i] = np.bincount(
-                rows.ad, weight * x[:, i] * x[:, j], minlength=n
-            )
-    hessian[:, np.arange(k), np.arange(k)] += 1.0 / prior
-    return np.linalg.inv(hessian)
+    return np.linalg.inv(
+        posterior_hessian(rows.ad, p * (1.0 - p), x, len(parts.ad_bias), 1 / prior)
+    )
 
 
 def posterior_mean_slates(

@@ -847,6 +847,17 @@ def paired_ceiling(
     return rows
 
 
+def run_paired(
+    root: Path, args: argparse.Namespace, bodies: list[bytes], results: dict, signature: str
+) -> list[dict]:
+    """:func:`paired_ceiling` over the index's search, printed and kept in ``results``."""
+    search = search_mode(results["index_search"])
+    paired = paired_ceiling(root, args, bodies, search, signature)
+    print_table("the 80% target, paired: 2 ranking processes, then 2 workers, in turn", paired)
+    results["paired_ceiling"] = paired
+    return paired
+
+
 def framework_split(root: Path, args: argparse.Namespace, rounds: int = 5) -> list[dict]:
     """CPU per ``/v1/rank`` request of the framework alone, in process (no sockets, no uvicorn):
     the ASGI app driven with the bench's request bodies while the ranking itself is replaced by
@@ -1508,9 +1519,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ),
     }
     if args.paired_only:
-        paired = paired_ceiling(root, args, bodies, search_mode(results["index_search"]))
-        print_table("the 80% target, paired: 2 ranking processes, then 2 workers, in turn", paired)
-        results["paired_ceiling"] = paired
+        run_paired(root, args, bodies, results, "rank")
         print(f"wrote {write_json(args.name, results)}")
         return
     split = framework_split(root, args)
@@ -1610,10 +1619,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     paired: list[dict] = []
     if args.paired_ceiling > 0 and 2 in args.workers:
-        mode = search_mode(results["index_search"])
-        paired = paired_ceiling(root, args, bodies, mode, best["in_process"])
-        print_table("the 80% target, paired: 2 ranking processes, then 2 workers, in turn", paired)
-        results["paired_ceiling"] = paired
+        paired = run_paired(root, args, bodies, results, best["in_process"])
     stages = [{"name": r["name"], **r.pop("stages")} for r in rows if "stages" in r]
     print_table(
         f"/v1/rank over loopback: {args.candidates} candidates of {args.ads:,} ads "
