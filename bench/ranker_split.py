@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             "lr_same_rows_auc": None if lr_same is None else round(auc(y, lr_same), 4),
             "ranker_days": list(days.ranker),
             "fit_rows": int(trained.metrics["fit_rows"]),
-            "wide": {k: v for k, v in trained.metrics.items() if k.startswith("wide_")},
+            "fits": {k: v for k, v in trained.metrics.items() if k.startswith(("wide_", "fm_"))},
             "seconds": round(time.perf_counter() - tick, 1),
         }
         print(name, json.dumps(results[name]), flush=True)

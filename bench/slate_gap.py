@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, pairs in map(parse_variant, args.variant)
         ]
     )
-    wide_of: dict[str, dict[str, float]] = {}  # variant -> its wide fit's metrics (C chosen...)
+    fits_of: dict[str, dict[str, float]] = {}  # variant -> its wide and FM fits' metrics
     for variant in args.variant:
         name, pairs = parse_variant(variant)
         # similarity=0: no two-tower scores, so the ranker learns from every training day
@@ -551,10 +551,10 @@ def main(argv: list[str] | None = None) -> int:
             dates=own.ranker,
         )
         scorers[f"ranker_{name}"] = on_served_scores(trained, similarity).predict
-        wide_of[f"ranker_{name}"] = {
-            k: v for k, v in trained.metrics.items() if k.startswith("wide_")
+        fits_of[f"ranker_{name}"] = {
+            k: v for k, v in trained.metrics.items() if k.startswith(("wide_", "fm_"))
         }
-        print(f"trained ranker_{name}: {pairs}; {wide_of[f'ranker_{name}']}", flush=True)
+        print(f"trained ranker_{name}: {pairs}; {fits_of[f'ranker_{name}']}", flush=True)
 
     folder = publish_release(
         settings,
@@ -672,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
             "truth_lr_coef": truth_coef,
             "rows": rows,
             "base_of": base_of,
-            "wide": wide_of,
+            "fits": fits_of,
             "replay": report,
             "replay_seconds": round(replay_seconds, 1),
             "scorer_seconds": scorer_seconds,

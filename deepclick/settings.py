@@ -358,6 +358,19 @@ class RankerSettings(_Section):
     fm_ad_effect_variance: float = Field(
         0.3, ge=0, description="prior variance of the FM's per-ad random effect (0: none)"
     )
+    fm_ad_vector_variance: float = Field(
+        0.0,
+        ge=0,
+        description="prior variance of each component of a per-ad correction to the FM's ad "
+        "vector, fitted with the per-ad effect as one random slope per ad on the query's FM "
+        "vector (models/ranker/wide.py, random_slopes); 0: the scalar effect only",
+    )
+    fm_ad_vector_grid: list[PositiveFloat] = Field(
+        default_factory=list,
+        description="with two or more values, fm_ad_vector_variance is chosen among them as "
+        "the one whose fitted vectors have the highest Laplace log evidence on the FM's rows "
+        "(models/ranker/wide.py, slopes_log_evidence): the prior's width from the rows per ad",
+    )
     baseline: bool = Field(
         True, description="also train the hashed logistic-regression baseline on the same split"
     )

@@ -19,6 +19,7 @@ from feature_folder import FeatureFolder, write_feature_folder
 from deepclick.layout import version_for
 from deepclick.settings import RankerSettings
 from models.evaluation.ranking import auc, calibration_interval
+from models.feature_spec import ROLE_KEY
 from models.ranker.export import export_ranker
 from models.ranker.fm import (
     BLEND,
@@ -143,6 +144,36 @@ def test_a_head_left_off_leaves_the_held_out_level_to_the_network(folder: Featur
     assert uncalibrated.metrics["holdout_blend_calibration_ratio"] == pytest.approx(
         network, abs=1e-3
     )
+
+
+def test_each_ads_own_vector_is_fitted_beside_its_effect_when_asked(
+    folder: FeatureFolder, trained: TrainedRanker
+) -> None:
+    """``fm_ad_vector_variance``: the per-ad refit also moves each seen ad's FM vector (a random
+    slope on the query's vector), so the FM fits its own rows closer than with the scalar
+    effect alone."""
+    settings = SETTINGS.model_copy(update={"fm_ad_vector_variance": 0.3})
+    sloped = train_ranker(folder.spec, settings, progress=False, dates=folder.spec.train_dates[-2:])
+    assert sloped.metrics["fm_ad_vector_sd"] > 0
+    assert "fm_ad_vector_sd" not in trained.metrics
+    ad = ROLE_KEY["ad"]
+    plain = np.asarray(fm_tables(trained.logit_model)[ad].get_weights()[0])
+    moved = np.asarray(fm_tables(sloped.logit_model)[ad].get_weights()[0])
+    assert np.abs(moved[:, 1:] - plain[:, 1:]).max() > 0.01
+    assert sloped.metrics["fm_holdout_auc_in_sample"] > trained.metrics["fm_holdout_auc_in_sample"]
+
+
+def test_a_grid_of_vector_variances_keeps_the_one_with_the_highest_evidence(
+    folder: FeatureFolder,
+) -> None:
+    """``fm_ad_vector_grid``: each variance is fitted, its Laplace evidence recorded, and the
+    best one's vectors are the ones kept (the metric names the variance chosen)."""
+    settings = SETTINGS.model_copy(update={"fm_ad_vector_grid": [0.001, 0.3, 30.0], "epochs": 1})
+    ranked = train_ranker(folder.spec, settings, progress=False, dates=folder.spec.train_dates[-2:])
+    evidence = {v: ranked.metrics[f"fm_ad_vector_evidence_v{v:g}"] for v in (0.001, 0.3, 30.0)}
+    assert ranked.metrics["fm_ad_vector_variance"] == max(evidence, key=evidence.get)
+    # 30 lets ~100 rows per ad fit 8 slopes each: the evidence sees through it
+    assert evidence[30.0] < max(evidence.values())
 
 
 def test_blend_level_solves_for_the_click_count() -> None:

@@ -53,7 +53,7 @@ from models.ranker.inputs import (
 from models.ranker.layers import CalibrationHead
 from models.ranker.model import build_logit_model, head_config, network_model, with_calibration
 from models.ranker.unseen import serve_unseen_as_mean
-from models.ranker.wide import fit_wide, random_effects
+from models.ranker.wide import fit_wide, random_effects, random_slopes, slopes_log_evidence
 
 log = logging.getLogger(__name__)
 
@@ -664,12 +664,25 @@ def fit_window_fm(
     if settings.fm_ad_effect_variance > 0 and ad in tables:
         offset = _predict_codes(trainer, codes).astype(np.float64)
         table = tables[ad]
-        effect = random_effects(
-            offset, codes[ad], labels.astype(np.float64), int(table.input_dim),
-            settings.fm_ad_effect_variance,
-        )  # fmt: skip
         weights = np.asarray(table.get_weights()[0]).copy()
-        weights[:, 0] += effect.astype(weights.dtype)
+        grid = settings.fm_ad_vector_grid if len(settings.fm_ad_vector_grid) > 1 else []
+        if grid or settings.fm_ad_vector_variance > 0:
+            effects, chosen = _ad_vectors(
+                offset, codes[ad], _query_vectors(logit_model, tables, codes),
+                labels.astype(np.float64), int(table.input_dim), settings.fm_ad_effect_variance,
+                grid or [settings.fm_ad_vector_variance],
+            )  # fmt: skip
+            metrics.update(chosen)
+            weights += effects.astype(weights.dtype)
+            effect = effects[:, 0]
+            seen = np.unique(codes[ad])
+            metrics["fm_ad_vector_sd"] = float(effects[seen, 1:].std())
+        else:
+            effect = random_effects(
+                offset, codes[ad], labels.astype(np.float64), int(table.input_dim),
+                settings.fm_ad_effect_variance,
+            )  # fmt: skip
+            weights[:, 0] += effect.astype(weights.dtype)
         table.set_weights([weights])
         metrics["fm_ad_effect_sd"] = float(effect[np.unique(codes[ad])].std())
     rows = log_rows(labels, settings.negative_sampling_rate)
@@ -704,6 +717,48 @@ def _codes(lookups: keras.Model, inputs: dict[str, np.ndarray]) -> dict[str, np.
     data = tf.data.Dataset.from_tensor_slices(_tensors(lookups, inputs)).batch(PREDICT_BATCH)
     parts = [lookups(batch, training=False) for batch in data]
     return {name: np.concatenate([np.asarray(p[name]) for p in parts]) for name in parts[0]}
+
+
+def _ad_vectors(
+    offset: np.ndarray,
+    ad: np.ndarray,
+    query: np.ndarray,
+    labels: np.ndarray,
+    size: int,
+    effect_variance: float,
+    grid: Sequence[float],
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Each ad's effect and own-vector correction (:func:`random_slopes` on ``[1, query]``) for
+    the vector variance of ``grid`` whose fit has the highest log evidence
+    (:func:`slopes_log_evidence`), with the evidence of each for the training metrics."""
+    features = np.column_stack([np.ones(len(labels)), query])
+    metrics: dict[str, float] = {}
+    best: tuple[float, np.ndarray] | None = None
+    for variance in grid:
+        variances = [effect_variance] + [variance] * query.shape[1]
+        effects = random_slopes(offset, ad, features, labels, size, variances)
+        if len(grid) > 1:
+            evidence = slopes_log_evidence(offset, ad, features, labels, effects, variances)
+            metrics[f"fm_ad_vector_evidence_v{variance:g}"] = evidence
+            if best is not None and evidence <= best[0]:
+                continue
+            best = (evidence, effects)
+        else:
+            best = (0.0, effects)
+        metrics["fm_ad_vector_variance"] = variance
+    assert best is not None
+    return best[1], metrics
+
+
+def _query_vectors(
+    logit_model: keras.Model, tables: dict[str, keras.layers.Layer], codes: dict[str, np.ndarray]
+) -> np.ndarray:
+    """Each row's query vector in the FM (the sum of its user and context features' vectors),
+    which an ad's own vector multiplies."""
+    fm = logit_model.get_layer(FM_LOGIT)
+    query = [name for name, role in zip(fm.features, fm.roles, strict=True) if role == "query"]
+    vectors = [np.asarray(tables[name].get_weights()[0])[:, 1:] for name in query]
+    return sum(v[codes[name]].astype(np.float64) for v, name in zip(vectors, query, strict=True))
 
 
 def _predict_codes(model: keras.Model, codes: dict[str, np.ndarray]) -> np.ndarray:
