@@ -365,6 +365,13 @@ class RankerSettings(_Section):
         "vector, fitted with the per-ad effect as one random slope per ad on the query's FM "
         "vector (models/ranker/wide.py, random_slopes); 0: the scalar effect only",
     )
+    fm_ad_vector_from_zero: bool = Field(
+        False,
+        description="the per-ad vectors are refitted from zero (the ad id's trained vector "
+        "taken out of the offset, the prior centred at 0) instead of as a correction to the "
+        "trained one: the form whose evidence judges the prior's width without the rows' "
+        "noise already fitted by Adam",
+    )
     fm_ad_vector_grid: list[PositiveFloat] = Field(
         default_factory=list,
         description="with two or more values, fm_ad_vector_variance is chosen among them as "

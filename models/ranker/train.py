@@ -667,10 +667,13 @@ def fit_window_fm(
         weights = np.asarray(table.get_weights()[0]).copy()
         grid = settings.fm_ad_vector_grid if len(settings.fm_ad_vector_grid) > 1 else []
         if grid or settings.fm_ad_vector_variance > 0:
+            query = _query_vectors(logit_model, tables, codes)
+            if settings.fm_ad_vector_from_zero:  # the id's trained vector out of the offset
+                offset = offset - np.einsum("rk,rk->r", weights[codes[ad], 1:], query)
+                weights[:, 1:] = 0.0
             effects, chosen = _ad_vectors(
-                offset, codes[ad], _query_vectors(logit_model, tables, codes),
-                labels.astype(np.float64), int(table.input_dim), settings.fm_ad_effect_variance,
-                grid or [settings.fm_ad_vector_variance],
+                offset, codes[ad], query, labels.astype(np.float64), int(table.input_dim),
+                settings.fm_ad_effect_variance, grid or [settings.fm_ad_vector_variance],
             )  # fmt: skip
             metrics.update(chosen)
             weights += effects.astype(weights.dtype)
