@@ -363,20 +363,18 @@ class RankerSettings(_Section):
         ge=0,
         description="prior variance of each component of a per-ad correction to the FM's ad "
         "vector, fitted with the per-ad effect as one random slope per ad on the query's FM "
-        "vector (models/ranker/wide.py, random_slopes); 0: the scalar effect only",
-    )
-    fm_ad_vector_from_zero: bool = Field(
-        False,
-        description="the per-ad vectors are refitted from zero (the ad id's trained vector "
-        "taken out of the offset, the prior centred at 0) instead of as a correction to the "
-        "trained one: the form whose evidence judges the prior's width without the rows' "
-        "noise already fitted by Adam",
+        "vector (models/ranker/wide.py, random_slopes); 0: the scalar effect only. Off: 0.3 "
+        "slates +0.006 [+0.000, +0.011] of the oracle at medium at AUC -0.0004 [-0.0011, "
+        "+0.0002], and loses the demo slate, -0.006 [-0.011, -0.001] (docs/history/"
+        "model-quality.md, session 23)",
     )
     fm_ad_vector_grid: list[PositiveFloat] = Field(
         default_factory=list,
         description="with two or more values, fm_ad_vector_variance is chosen among them as "
         "the one whose fitted vectors have the highest Laplace log evidence on the FM's rows "
-        "(models/ranker/wide.py, slopes_log_evidence): the prior's width from the rows per ad",
+        "(models/ranker/wide.py, slopes_log_evidence): the prior's width from the rows per ad. "
+        "Off: over 0.01-1 the evidence picks 0.01 at demo and medium (both seeds), which "
+        "leaves the slate and AUC level with the default (session 23)",
     )
     baseline: bool = Field(
         True, description="also train the hashed logistic-regression baseline on the same split"

@@ -11,7 +11,9 @@ window. A structured factorization machine fitted on every training day does tha
   session 16); the hour of the day keeps a weight of its own and no vector;
 - then one random effect per ad, fitted with the FM's logit as offset
   (:func:`models.ranker.wide.random_effects`, prior ``fm_ad_effect_variance``), added to the ad
-  id's weight.
+  id's weight; with ``fm_ad_vector_variance`` (off: it lost the demo slate, session 23) also a
+  correction to the ad id's vector, as random slopes on the query's vector
+  (:func:`models.ranker.wide.random_slopes`).
 
 The network is trained as before, on its own logit, and its calibration head is fitted on the
 held-out rows as before. The FM is fitted on every training day's rows and the held-out rows

@@ -668,9 +668,6 @@ def fit_window_fm(
         grid = settings.fm_ad_vector_grid if len(settings.fm_ad_vector_grid) > 1 else []
         if grid or settings.fm_ad_vector_variance > 0:
             query = _query_vectors(logit_model, tables, codes)
-            if settings.fm_ad_vector_from_zero:  # the id's trained vector out of the offset
-                offset = offset - np.einsum("rk,rk->r", weights[codes[ad], 1:], query)
-                weights[:, 1:] = 0.0
             effects, chosen = _ad_vectors(
                 offset, codes[ad], query, labels.astype(np.float64), int(table.input_dim),
                 settings.fm_ad_effect_variance, grid or [settings.fm_ad_vector_variance],
