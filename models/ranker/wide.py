@@ -277,6 +277,18 @@ def random_effects(
     return effect
 
 
+def per_value_gram(value: np.ndarray, weight: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
+    """``Σ weight · x xᵀ`` over each value's rows (``size`` × width × width): the likelihood's
+    curvature of :func:`random_slopes`' per-value systems, one bincount per cell."""
+    width = x.shape[1]
+    gram = np.zeros((size, width, width))
+    for i in range(width):
+        for j in range(i, width):
+            cell = np.bincount(value, weight * x[:, i] * x[:, j], minlength=size)
+            gram[:, i, j] = gram[:, j, i] = cell
+    return gram
+
+
 def random_slopes(
     offset: np.ndarray,
     value: np.ndarray,
@@ -290,15 +302,14 @@ def random_slopes(
     each row's ``offset`` logit, its ``value``, its ``features`` and its click: row ``r`` of
     value ``v`` has logit ``offset[r] + effect[v] · features[r]``. With a single column of ones
     this is :func:`random_effects`; with the FM's query vector beside the ones it is each ad's
-    own taste vector (a GLMix per-item model), which a few Adam epochs barely move for an ad
-    seen a few dozen times. Newton steps, every value's small system solved at once; values
-    without rows stay 0."""
+    own taste vector (a GLMix per-item model) at its exact mode given the rest, where Adam gives
+    an ad seen a few dozen times a few dozen updates. Newton steps, every value's small system
+    solved at once; values without rows stay 0."""
     x = np.asarray(features, dtype=np.float64)
     width = x.shape[1]
     precision = 1.0 / np.asarray(variances, dtype=np.float64)
     if precision.shape != (width,):
         raise ValueError(f"{width} feature columns need {width} variances, got {len(variances)}")
-    pairs = [(i, j) for i in range(width) for j in range(i, width)]
     effect = np.zeros((size, width))
     for _ in range(REFIT_STEPS):
         p = 1.0 / (1.0 + np.exp(-(offset + np.einsum("rk,rk->r", effect[value], x))))
@@ -309,11 +320,7 @@ def random_slopes(
             )
             - effect * precision
         )
-        curvature = np.zeros((size, width, width))
-        for i, j in pairs:
-            cell = np.bincount(value, weight * x[:, i] * x[:, j], minlength=size)
-            curvature[:, i, j] = curvature[:, j, i] = cell
-        curvature += np.diag(precision)
+        curvature = per_value_gram(value, weight, x, size) + np.diag(precision)
         step = np.linalg.solve(curvature, gradient[..., None])[..., 0]
         effect += np.clip(step, -MAX_EFFECT_STEP, MAX_EFFECT_STEP)
     return effect
@@ -334,20 +341,14 @@ def slopes_log_evidence(
     from the fit rows themselves: wide where each value has many rows that agree, narrow where a
     few rows would only be fitted as noise."""
     x = np.asarray(features, dtype=np.float64)
-    width = x.shape[1]
     var = np.asarray(variances, dtype=np.float64)
     seen = np.unique(value)
     eta = offset + np.einsum("rk,rk->r", effect[value], x)
     log_likelihood = float(np.sum(labels * eta - np.logaddexp(0.0, eta)))
     p = 1.0 / (1.0 + np.exp(-eta))
     weight = p * (1.0 - p)
-    curvature = np.zeros((len(seen), width, width))
     position = np.searchsorted(seen, value)
-    for i in range(width):
-        for j in range(i, width):
-            cell = np.bincount(position, weight * x[:, i] * x[:, j], minlength=len(seen))
-            curvature[:, i, j] = curvature[:, j, i] = cell
-    curvature += np.diag(1.0 / var)
+    curvature = per_value_gram(position, weight, x, len(seen)) + np.diag(1.0 / var)
     _, log_det = np.linalg.slogdet(curvature)
     prior = -0.5 * np.sum(effect[seen] ** 2 / var) - 0.5 * len(seen) * np.sum(np.log(var))
     return log_likelihood + float(prior) - 0.5 * float(np.sum(log_det))
