@@ -56,9 +56,6 @@ from bench.match_ceiling import project
 
 SIDES = ("user", "placement", "ad")
 ROW_COLUMNS = ["label", "user_id", "placement_id", "ad_id", "ctx__hour"]
-MAX_STEP = 1.0
-"""Largest change of any own part in one Newton step: the first steps from zero can overshoot
-for an entity whose few rows all click."""
 
 
 @dataclass(frozen=True)
@@ -155,22 +152,6 @@ def _design(world: Any, parts: Parts, rows: Rows, side: str) -> np.ndarray:
     return np.column_stack([np.ones(len(rows.label)), world.scale * partner])
 
 
-def posterior_hessian(
-    group: np.ndarray, weight: np.ndarray, x: np.ndarray, n: int, precision: np.ndarray
-) -> np.ndarray:
-    """``[n, k, k]``: each entity's negative log-posterior Hessian, ``Σ w·x xᵀ`` over its rows
-    (``group``) plus the prior's ``precision`` on the diagonal."""
-    k = x.shape[1]
-    hessian = np.zeros((n, k, k))
-    for i in range(k):
-        for j in range(i, k):
-            hessian[:, i, j] = hessian[:, j, i] = np.bincount(
-                group, weight * x[:, i] * x[:, j], minlength=n
-            )
-    hessian[:, np.arange(k), np.arange(k)] += precision
-    return hessian
-
-
 def fit_side(
     world: Any,
     parts: Parts,
@@ -182,27 +163,14 @@ def fit_side(
     steps: int,
 ) -> np.ndarray:
     """The side's own parts (``[entities, 1 + d]``) at their posterior mode given ``rows``'
-    clicks, everything else of ``parts`` held fixed; ``own`` is the starting point."""
-    group = rows.index(side)
-    n = len(fields.bias(side))
+    clicks, everything else of ``parts`` held fixed (:func:`models.ranker.wide.random_slopes`,
+    ``steps`` Newton steps from ``own``)."""
+    from models.ranker.wide import random_slopes
+
     x = _design(world, parts, rows, side)
     base = logit(world, parts.with_side(side, fields.bias(side), fields.factor(side)), rows)
-    k = x.shape[1]
-    precision = 1.0 / prior
-    seen = np.bincount(group, minlength=n) > 0
-    for _ in range(steps):
-        eta = base + np.einsum("ij,ij->i", x, own[group])
-        p = 1.0 / (1.0 + np.exp(-eta))
-        residual, weight = rows.label - p, p * (1.0 - p)
-        grad = np.column_stack(
-            [np.bincount(group, residual * x[:, j], minlength=n) for j in range(k)]
-        )
-        grad -= own * precision
-        hessian = posterior_hessian(group, weight, x, n, precision)
-        own = own.copy()
-        step = np.linalg.solve(hessian[seen], grad[seen][..., None])[..., 0]
-        own[seen] += np.clip(step, -MAX_STEP, MAX_STEP)
-    return own
+    n = len(fields.bias(side))
+    return random_slopes(base, rows.index(side), x, rows.label, n, prior, start=own, steps=steps)
 
 
 def learned_parts(
@@ -228,11 +196,12 @@ def learned_parts(
 def ad_posterior_covariance(world: Any, parts: Parts, rows: Rows, prior: np.ndarray) -> np.ndarray:
     """``[ads, 1 + d, 1 + d]``: each ad's own [bias, factor] posterior covariance at ``parts``
     (Laplace: the inverse of the log posterior's Hessian; an ad without rows keeps its prior)."""
+    from models.ranker.wide import per_value_gram
+
     x = _design(world, parts, rows, "ad")
     p = 1.0 / (1.0 + np.exp(-logit(world, parts, rows)))
-    return np.linalg.inv(
-        posterior_hessian(rows.ad, p * (1.0 - p), x, len(parts.ad_bias), 1 / prior)
-    )
+    gram = per_value_gram(rows.ad, p * (1.0 - p), x, len(parts.ad_bias))
+    return np.linalg.inv(gram + np.diag(1 / prior))
 
 
 def posterior_mean_slates(

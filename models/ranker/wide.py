@@ -255,8 +255,8 @@ def named_tables(
 
 
 REFIT_STEPS = 6
-"""Newton steps of :func:`random_effects`: one weight per value, so each step is exact up to the
-curvature's change, and six leave the weights still to well under 1e-3."""
+"""Newton steps of :func:`random_slopes`: a small system per value, so each step is exact up to
+the curvature's change, and six leave the weights still to well under 1e-3."""
 MAX_EFFECT_STEP = 1.0
 """Largest change of one effect in one step: a value whose few rows all click must not jump
 from 0 far past its mode on the first step."""
@@ -267,14 +267,10 @@ def random_effects(
 ) -> np.ndarray:
     """One logit effect per value (``size`` of them) at its posterior mode under a Gaussian
     prior of ``variance``, given each row's ``offset`` logit, its ``value`` and its click: the
-    random effect of a GLMix-style model, by Newton steps (values without rows stay 0)."""
-    effect = np.zeros(size)
-    for _ in range(REFIT_STEPS):
-        p = 1.0 / (1.0 + np.exp(-(offset + effect[value])))
-        gradient = np.bincount(value, labels - p, minlength=size) - effect / variance
-        curvature = np.bincount(value, p * (1.0 - p), minlength=size) + 1.0 / variance
-        effect += np.clip(gradient / curvature, -MAX_EFFECT_STEP, MAX_EFFECT_STEP)
-    return effect
+    random effect of a GLMix-style model (:func:`random_slopes` on a column of ones; values
+    without rows stay 0)."""
+    ones = np.ones((len(value), 1))
+    return random_slopes(offset, value, ones, labels, size, [variance])[:, 0]
 
 
 def per_value_gram(value: np.ndarray, weight: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
@@ -296,6 +292,8 @@ def random_slopes(
     labels: np.ndarray,
     size: int,
     variances: Sequence[float],
+    start: np.ndarray | None = None,
+    steps: int = REFIT_STEPS,
 ) -> np.ndarray:
     """One effect vector per value (``size`` × ``features.shape[1]``) at its posterior mode
     under independent Gaussian priors of ``variances`` (one per column of ``features``), given
@@ -303,15 +301,16 @@ def random_slopes(
     value ``v`` has logit ``offset[r] + effect[v] · features[r]``. With a single column of ones
     this is :func:`random_effects`; with the FM's query vector beside the ones it is each ad's
     own taste vector (a GLMix per-item model) at its exact mode given the rest, where Adam gives
-    an ad seen a few dozen times a few dozen updates. Newton steps, every value's small system
-    solved at once; values without rows stay 0."""
+    an ad seen a few dozen times a few dozen updates. ``steps`` Newton steps from ``start``
+    (default zeros), every value's small system solved at once and each change clipped to
+    ``MAX_EFFECT_STEP``; values without rows go to (or stay at) 0, their prior's mode."""
     x = np.asarray(features, dtype=np.float64)
     width = x.shape[1]
     precision = 1.0 / np.asarray(variances, dtype=np.float64)
     if precision.shape != (width,):
         raise ValueError(f"{width} feature columns need {width} variances, got {len(variances)}")
-    effect = np.zeros((size, width))
-    for _ in range(REFIT_STEPS):
+    effect = np.zeros((size, width)) if start is None else np.array(start, dtype=np.float64)
+    for _ in range(steps):
         p = 1.0 / (1.0 + np.exp(-(offset + np.einsum("rk,rk->r", effect[value], x))))
         residual, weight = labels - p, p * (1.0 - p)
         gradient = (
